@@ -1,0 +1,220 @@
+"""Pure geometry of chunked convolutions and poolings (no Dask, no arrays).
+
+Everything here works on plain integers and tuples so it can be tested on its own.
+
+Per spatial axis, with kernel ``k``, stride ``s``, padding ``(p_lo, p_hi)``, dilation ``d``
+and input length ``L``::
+
+    L_out = floor((L + p_lo + p_hi - d*(k-1) - 1) / s) + 1
+
+Output index ``o`` reads padded-input indices ``[o*s, o*s + d*(k-1)]``, i.e. unpadded indices
+``[o*s - p_lo, o*s - p_lo + d*(k-1)]``.  An output chunk ``[o0, o1)`` therefore needs the
+unpadded input window ``[o0*s - p_lo, (o1-1)*s - p_lo + d*(k-1) + 1)``: its own tile plus an
+asymmetric halo, read from as many neighbouring input chunks as it reaches, with padding only
+where the window leaves the true image.
+
+Output chunking rule: output ``o`` belongs to the input chunk that holds the centre of its
+window, ``o*s - p_lo + d*(k-1)/2``.  For a 'same' convolution with stride 1 the output chunks
+are exactly the input chunks; with stride ``s`` they are the input chunks divided by ``s``.
+Output chunks that would be empty are dropped, so an output may have fewer chunks than its
+input (never more).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+__all__ = [
+    "AxisPlan",
+    "ChannelSegment",
+    "channel_segments",
+    "even_chunks",
+    "normalize_pair",
+    "output_chunks",
+    "output_length",
+    "plan_axis",
+    "resolve_padding",
+    "window",
+    "window_pieces",
+]
+
+
+def normalize_pair(value, name, *, minimum=1):
+    """Return ``value`` as a pair of ints, each ``>= minimum``.
+
+    Raises ``TypeError`` for non-integers and ``ValueError`` for values below ``minimum``,
+    naming the argument.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        if minimum == 1:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def resolve_padding(padding, kernel, stride, dilation):
+    """Padding as ``((ph_lo, ph_hi), (pw_lo, pw_hi))``.
+
+    ``padding`` is an int, a pair of ints, ``'valid'`` (no padding) or ``'same'`` (output
+    length equals input length; stride must be 1, as in PyTorch).  For 'same' an odd total
+    padding puts the extra element at the end, as PyTorch does.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0), (0, 0))
+        if padding == "same":
+            if tuple(stride) != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            out = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                out.append((total // 2, total - total // 2))
+            return tuple(out)
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = normalize_pair(padding, "padding", minimum=0)
+    return ((ph, ph), (pw, pw))
+
+
+def output_length(length, kernel, stride, pad, dilation):
+    """Output length along one axis; ``pad`` is ``(lo, hi)``.  May be <= 0 (caller rejects)."""
+    span = dilation * (kernel - 1) + 1
+    return (length + pad[0] + pad[1] - span) // stride + 1
+
+
+def output_chunks(in_chunks, kernel, stride, pad, dilation):
+    """Output chunks along one axis from the input chunks (see the module docstring)."""
+    length = sum(in_chunks)
+    n_out = output_length(length, kernel, stride, pad, dilation)
+    bounds = [0]
+    b = 0
+    for c in in_chunks[:-1]:
+        b += c
+        # first o whose window centre o*s - p_lo + d(k-1)/2 >= b, in exact integer arithmetic:
+        # o >= (2b + 2p_lo - d(k-1)) / 2s
+        num = 2 * b + 2 * pad[0] - dilation * (kernel - 1)
+        o = -((-num) // (2 * stride))  # ceil division
+        bounds.append(min(max(o, 0), n_out))
+    bounds.append(n_out)
+    return tuple(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo)
+
+
+def window(o0, o1, kernel, stride, pad, dilation):
+    """Unpadded input window ``[start, stop)`` read by outputs ``[o0, o1)`` along one axis."""
+    start = o0 * stride - pad[0]
+    stop = (o1 - 1) * stride - pad[0] + dilation * (kernel - 1) + 1
+    return start, stop
+
+
+def window_pieces(start, stop, in_chunks):
+    """Where the window ``[start, stop)`` comes from.
+
+    Returns ``(pad_before, pad_after, pieces)`` where ``pieces`` is a tuple of
+    ``(chunk_index, lo, hi)``: rows ``lo:hi`` of input chunk ``chunk_index``, in order.  The
+    pieces cover the part of the window inside ``[0, sum(in_chunks))``; ``pad_before`` and
+    ``pad_after`` count the window's elements outside the image (the padding).
+    """
+    length = sum(in_chunks)
+    pad_before = max(0, -start)
+    pad_after = max(0, stop - length)
+    lo, hi = max(start, 0), min(stop, length)
+    pieces = []
+    offset = 0
+    for j, c in enumerate(in_chunks):
+        a, b = max(lo, offset), min(hi, offset + c)
+        if a < b:
+            pieces.append((j, a - offset, b - offset))
+        offset += c
+    if lo >= hi:  # the window lies entirely in the padding
+        pad_before, pad_after = stop - start, 0
+    return pad_before, pad_after, tuple(pieces)
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """How one spatial axis of a chunked conv or pooling is computed.
+
+    Attributes
+    ----------
+    out_chunks : tuple of int
+        Output chunk lengths.
+    windows : tuple of (int, int)
+        Unpadded input window ``[start, stop)`` of each output chunk.
+    sources : tuple of (int, int, tuple)
+        ``window_pieces`` of each window: ``(pad_before, pad_after, pieces)``.
+    """
+
+    out_chunks: tuple
+    windows: tuple
+    sources: tuple
+
+    @property
+    def window_lengths(self):
+        return tuple(b - a for a, b in self.windows)
+
+
+def plan_axis(in_chunks, kernel, stride, pad, dilation):
+    """Output chunks, windows and window sources along one axis."""
+    out = output_chunks(tuple(in_chunks), kernel, stride, pad, dilation)
+    windows, sources = [], []
+    o0 = 0
+    for n in out:
+        w = window(o0, o0 + n, kernel, stride, pad, dilation)
+        windows.append(w)
+        sources.append(window_pieces(*w, in_chunks))
+        o0 += n
+    return AxisPlan(out, tuple(windows), tuple(sources))
+
+
+def even_chunks(length, pieces, name="pieces"):
+    """Split ``length`` into ``pieces`` chunks as even as possible (larger ones first)."""
+    if not isinstance(pieces, numbers.Integral) or isinstance(pieces, bool):
+        raise TypeError(f"{name} must be an int, got {pieces!r}")
+    if pieces < 1:
+        raise ValueError(f"{name} must be positive, got {pieces}")
+    if pieces > length:
+        raise ValueError(f"{name}={pieces} is more than the axis length {length}")
+    q, r = divmod(length, pieces)
+    return tuple(q + 1 if i < r else q for i in range(pieces))
+
+
+@dataclass(frozen=True)
+class ChannelSegment:
+    """A part of one (output-chunk, input-chunk) pair that lies in a single group.
+
+    ``o`` are rows local to the output-channel chunk, ``c`` channels local to the input
+    chunk of ``x`` and ``wc`` the matching columns of ``w`` (its axis 1, C/groups wide).
+    """
+
+    group: int
+    o: tuple
+    c: tuple
+    wc: tuple
+
+
+def channel_segments(o_range, c_range, out_channels, in_channels, groups):
+    """Segments linking output channels ``o_range`` to input channels ``c_range``.
+
+    With ``groups`` groups, output channel ``o`` reads input channels of group
+    ``o // (out_channels // groups)`` only.  Returns a tuple of :class:`ChannelSegment` (empty
+    when the two ranges share no group, i.e. the pair contributes nothing).
+    """
+    og, cg = out_channels // groups, in_channels // groups
+    (o0, o1), (c0, c1) = o_range, c_range
+    segs = []
+    for g in range(max(o0 // og, c0 // cg), min((o1 - 1) // og, (c1 - 1) // cg) + 1):
+        oa, ob = max(o0, g * og), min(o1, (g + 1) * og)
+        ca, cb = max(c0, g * cg), min(c1, (g + 1) * cg)
+        if oa < ob and ca < cb:
+            segs.append(
+                ChannelSegment(g, (oa - o0, ob - o0), (ca - c0, cb - c0), (ca - g * cg, cb - g * cg))
+            )
+    return tuple(segs)

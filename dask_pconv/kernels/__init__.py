@@ -1,0 +1,20 @@
+"""Per-block math.
+
+Every function takes and returns blocks of one array library and uses only that library's
+namespace (slicing, ``zeros``, ``matmul``, ``maximum``, ``where``), so the same code runs on
+NumPy blocks on CPUs and CuPy blocks on GPUs.  Inputs are *windows*: blocks that already hold
+their halo and padding, so no function here knows about chunks.
+"""
+
+from ._namespace import get_namespace
+from .conv import conv2d_forward, conv2d_grad_w, conv2d_grad_x
+from .pool import max_pool2d_backward, max_pool2d_forward
+
+__all__ = [
+    "conv2d_forward",
+    "conv2d_grad_w",
+    "conv2d_grad_x",
+    "get_namespace",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+]

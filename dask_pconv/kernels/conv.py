@@ -1,0 +1,95 @@
+"""Convolution of one window block: forward, grad-x (transposed conv) and grad-w.
+
+Shapes (one task):
+
+- ``x``: ``(N, C, Hw, Ww)`` window, halo and zero padding included;
+- ``W``: ``(O, C/groups, kh, kw)``;
+- ``gy`` and the output: ``(N, O, oH, oW)`` with ``oH = (Hw - dy*(kh-1) - 1) // sy + 1``.
+
+The window of ``oH`` outputs is exactly ``Hw = (oH-1)*sy + dy*(kh-1) + 1`` long, which is what
+the Dask-level ops hand in, so grad-x returns a block of the window's shape.
+"""
+
+from __future__ import annotations
+
+from ._namespace import get_namespace
+
+
+def _out_size(length, k, s, d):
+    return (length - d * (k - 1) - 1) // s + 1
+
+
+def _window_size(out, k, s, d):
+    return (out - 1) * s + d * (k - 1) + 1
+
+
+def _taps(kh, kw, oH, oW, stride, dilation):
+    """Slices of the window read by kernel tap (i, j), for every (i, j)."""
+    (sy, sx), (dy, dx) = stride, dilation
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, (
+                slice(i * dy, i * dy + sy * (oH - 1) + 1, sy),
+                slice(j * dx, j * dx + sx * (oW - 1) + 1, sx),
+            )
+
+
+def _im2col(x, kh, kw, oH, oW, stride, dilation):
+    xp = get_namespace(x)
+    N, C = x.shape[:2]
+    col = xp.empty((N, C, kh, kw, oH, oW), dtype=x.dtype)  # (N, C, kh, kw, oH, oW)
+    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
+        col[:, :, i, j] = x[:, :, sl_y, sl_x]
+    return col
+
+
+def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
+    """Cross-correlation of a padded window ``x`` with ``W`` (no padding added here)."""
+    xp = get_namespace(x, W)
+    N, C, Hw, Ww = x.shape
+    O, Cg, kh, kw = W.shape
+    G = groups
+    oH = _out_size(Hw, kh, stride[0], dilation[0])
+    oW = _out_size(Ww, kw, stride[1], dilation[1])
+    col = _im2col(x, kh, kw, oH, oW, stride, dilation)
+    col = col.reshape(N, G, Cg * kh * kw, oH * oW)  # (N, G, Cg*kh*kw, oH*oW)
+    Wm = W.reshape(1, G, O // G, Cg * kh * kw)  # (1, G, Og, Cg*kh*kw)
+    y = xp.matmul(Wm, col)  # (N, G, Og, oH*oW)
+    return y.reshape(N, O, oH, oW)
+
+
+def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1):
+    """Gradient with respect to the window: a transposed conv of ``gy`` with ``W``.
+
+    Returns ``(N, C, Hw, Ww)`` for the window that produced ``gy``.
+    """
+    xp = get_namespace(gy, W)
+    N, O, oH, oW = gy.shape
+    _, Cg, kh, kw = W.shape
+    G = groups
+    Hw = _window_size(oH, kh, stride[0], dilation[0])
+    Ww = _window_size(oW, kw, stride[1], dilation[1])
+    Wt = W.reshape(1, G, O // G, Cg * kh * kw).transpose(0, 1, 3, 2)  # (1, G, Cg*kh*kw, Og)
+    col = xp.matmul(Wt, gy.reshape(N, G, O // G, oH * oW))  # (N, G, Cg*kh*kw, oH*oW)
+    col = col.reshape(N, G * Cg, kh, kw, oH, oW)
+    gx = xp.zeros((N, G * Cg, Hw, Ww), dtype=col.dtype)
+    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
+        gx[:, :, sl_y, sl_x] += col[:, :, i, j]
+    return gx
+
+
+def conv2d_grad_w(x, gy, kernel_size, stride=(1, 1), dilation=(1, 1), groups=1):
+    """Gradient with respect to ``W`` from one window ``x`` and its ``gy``: ``(O, C/groups, kh, kw)``."""
+    xp = get_namespace(x, gy)
+    N, C, Hw, Ww = x.shape
+    _, O, oH, oW = gy.shape
+    kh, kw = kernel_size
+    G = groups
+    Cg = C // G
+    col = _im2col(x, kh, kw, oH, oW, stride, dilation)
+    col = col.reshape(N, G, Cg * kh * kw, oH * oW).transpose(1, 0, 3, 2)  # (G, N, oH*oW, K)
+    col = col.reshape(G, N * oH * oW, Cg * kh * kw)
+    g = gy.reshape(N, G, O // G, oH * oW).transpose(1, 2, 0, 3)  # (G, Og, N, oH*oW)
+    g = g.reshape(G, O // G, N * oH * oW)
+    gW = xp.matmul(g, col)  # (G, Og, Cg*kh*kw)
+    return gW.reshape(O, Cg, kh, kw)

@@ -1,0 +1,146 @@
+"""Graph builders shared by the ops: halo windows, tree sums and the scatter back to tiles.
+
+A *window array* is a virtual Dask array whose block ``(n, c, i, j)`` is the input window of
+output tile ``(i, j)``: the tile plus its halo, with padding at the true image edge.  Its
+chunks along H and W are the window lengths, so the windows overlap in the image but are
+disjoint blocks in the graph.  Each block depends only on the input blocks its window reaches.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from dask.array.core import Array
+from dask.highlevelgraph import HighLevelGraph
+
+from ..kernels import get_namespace
+
+SPLIT_EVERY = 4
+
+
+def _assemble(pieces, offsets_h, offsets_w, shape, fill, meta):
+    """Place ``pieces[a][b]`` at rows ``offsets_h[a]``, columns ``offsets_w[b]`` of a block
+    of ``shape`` filled with ``fill`` (the padding value)."""
+    xp = get_namespace(meta)
+    out = xp.full(shape, fill, dtype=meta.dtype)
+    for row, (y0, y1) in zip(pieces, offsets_h):
+        for piece, (x0, x1) in zip(row, offsets_w):
+            out[:, :, y0:y1, x0:x1] = piece
+    return out
+
+
+def _offsets(pad_before, pieces):
+    out, off = [], pad_before
+    for _, lo, hi in pieces:
+        out.append((off, off + hi - lo))
+        off += hi - lo
+    return tuple(out)
+
+
+def window_array(x, plan_h, plan_w, fill, name):
+    """The window array of ``x`` for the given :class:`~dask_pconv.geometry.AxisPlan` pair."""
+    dsk = {}
+    slice_name = name + "-slice"
+    chunks_h, chunks_w = x.chunks[2], x.chunks[3]
+    for n, Nn in enumerate(x.chunks[0]):
+        for c, Cc in enumerate(x.chunks[1]):
+            for i, (ph0, ph1, pcs_h) in enumerate(plan_h.sources):
+                for j, (pw0, pw1, pcs_w) in enumerate(plan_w.sources):
+                    key = (name, n, c, i, j)
+                    whole = (
+                        ph0 == ph1 == pw0 == pw1 == 0
+                        and len(pcs_h) == len(pcs_w) == 1
+                        and pcs_h[0][1:] == (0, chunks_h[pcs_h[0][0]])
+                        and pcs_w[0][1:] == (0, chunks_w[pcs_w[0][0]])
+                    )
+                    if whole:  # the window is one input block: no copy
+                        dsk[key] = (x.name, n, c, pcs_h[0][0], pcs_w[0][0])
+                        continue
+                    rows = []
+                    for jh, h0, h1 in pcs_h:
+                        row = []
+                        for jw, w0, w1 in pcs_w:
+                            src = (x.name, n, c, jh, jw)
+                            if (h0, h1) != (0, chunks_h[jh]) or (w0, w1) != (0, chunks_w[jw]):
+                                # ship only the strip a neighbour contributes, not its block
+                                sk = (slice_name, n, c, jh, jw, h0, h1, w0, w1)
+                                sl = (slice(None), slice(None), slice(h0, h1), slice(w0, w1))
+                                dsk[sk] = (operator.getitem, src, sl)
+                                src = sk
+                            row.append(src)
+                        rows.append(row)
+                    shape = (Nn, Cc, plan_h.window_lengths[i], plan_w.window_lengths[j])
+                    dsk[key] = (
+                        _assemble, rows, _offsets(ph0, pcs_h), _offsets(pw0, pcs_w),
+                        shape, fill, x._meta,
+                    )
+    chunks = (x.chunks[0], x.chunks[1], plan_h.window_lengths, plan_w.window_lengths)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
+    return Array(graph, name, chunks, meta=x._meta)
+
+
+def _sum(arrays):
+    out = arrays[0] + arrays[1]
+    for a in arrays[2:]:
+        out += a
+    return out
+
+
+def tree_sum(dsk, out_key, keys, split_every=SPLIT_EVERY):
+    """Add tasks to ``dsk`` that sum the blocks ``keys`` into ``out_key`` as a tree."""
+    keys = list(keys)
+    if not keys:
+        raise ValueError("tree_sum needs at least one key")
+    level = 0
+    while len(keys) > split_every:
+        nxt = []
+        for i in range(0, len(keys), split_every):
+            group = keys[i : i + split_every]
+            if len(group) == 1:
+                nxt.append(group[0])
+                continue
+            k = (out_key[0] + "-partial", level, i) + tuple(out_key[1:])
+            dsk[k] = (_sum, group)
+            nxt.append(k)
+        keys = nxt
+        level += 1
+    dsk[out_key] = (_sum, keys) if len(keys) > 1 else keys[0]
+
+
+def _scatter(shape, meta, parts):
+    """A block of ``shape``: the sum of window strips ``win[..., wy, wx]`` placed at ``ly, lx``."""
+    xp = get_namespace(meta)
+    out = xp.zeros(shape, dtype=meta.dtype)
+    for win, (wy0, wy1), (wx0, wx1), (ly0, ly1), (lx0, lx1) in parts:
+        out[:, :, ly0:ly1, lx0:lx1] += win[:, :, wy0:wy1, wx0:wx1]
+    return out
+
+
+def _contributions(plan, n_chunks):
+    """For each input chunk: ``(tile, (w0, w1), (lo, hi))`` of every window that reads it."""
+    out = [[] for _ in range(n_chunks)]
+    for t, (pad_before, _, pieces) in enumerate(plan.sources):
+        for (j, lo, hi), span in zip(pieces, _offsets(pad_before, pieces)):
+            out[j].append((t, span, (lo, hi)))
+    return out
+
+
+def scatter_windows(dsk, name, window_name, like, plan_h, plan_w, meta):
+    """Add tasks ``(name, n, c, i, j)`` adding window gradients back into the tiles of ``like``.
+
+    ``(window_name, n, c, th, tw)`` must be the gradient of window ``(th, tw)``; the strips
+    that overlap a tile are summed into it (halo strips go back to the neighbours they came
+    from, padding is dropped).  Inputs no window reads get zeros.
+    """
+    contrib_h = _contributions(plan_h, len(like.chunks[2]))
+    contrib_w = _contributions(plan_w, len(like.chunks[3]))
+    for n, Nn in enumerate(like.chunks[0]):
+        for c, Cc in enumerate(like.chunks[1]):
+            for i, Hh in enumerate(like.chunks[2]):
+                for j, Ww in enumerate(like.chunks[3]):
+                    parts = [
+                        [(window_name, n, c, th, tw), wy, wx, ly, lx]
+                        for th, wy, ly in contrib_h[i]
+                        for tw, wx, lx in contrib_w[j]
+                    ]
+                    dsk[(name, n, c, i, j)] = (_scatter, (Nn, Cc, Hh, Ww), meta, parts)

@@ -1,0 +1,285 @@
+"""Chunked 2-D convolution and its vector-Jacobian product as Dask graphs.
+
+Task keys are named by operator so the dashboard reads as the network does:
+``conv2d-halo`` (window assembly), ``conv2d-fwd`` (forward partials and their sum over
+input-channel chunks), ``conv2d-gx`` / ``conv2d-gxwin`` (grad-x windows and their scatter back
+into tiles) and ``conv2d-gw`` (grad-w partials and their tree sum).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from dask.array.core import Array
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from .. import geometry as geo
+from ..kernels import conv2d_forward, conv2d_grad_w, conv2d_grad_x, get_namespace
+from ._graph import scatter_windows, tree_sum, window_array
+from ._validate import as_dask, check_groups, check_kernel_fits
+
+
+class _ConvSetup:
+    """Validated arguments and the geometry shared by forward and backward."""
+
+    def __init__(self, x, w, stride, padding, dilation, groups):
+        x = as_dask(x, "x", 4)
+        w = as_dask(w, "w", 4)
+        self.groups = groups = check_groups(groups)
+        self.stride = geo.normalize_pair(stride, "stride")
+        self.dilation = geo.normalize_pair(dilation, "dilation")
+        N, C, H, W = x.shape
+        O, Cg, kh, kw = w.shape
+        self.kernel = (kh, kw)
+        if C % groups:
+            raise ValueError(f"groups={groups} does not divide the {C} input channels of x")
+        if O % groups:
+            raise ValueError(f"groups={groups} does not divide the {O} output channels of w")
+        if Cg * groups != C:
+            raise ValueError(
+                f"channel mismatch: x has {C} channels but w expects {Cg} x groups={groups} "
+                f"= {Cg * groups} (w has shape {w.shape})"
+            )
+        self.pads = geo.resolve_padding(padding, self.kernel, self.stride, self.dilation)
+        self.out_hw = tuple(
+            geo.output_length(n, k, s, p, d)
+            for n, k, s, p, d in zip((H, W), self.kernel, self.stride, self.pads, self.dilation)
+        )
+        check_kernel_fits((H, W), self.kernel, self.pads, self.dilation, self.out_hw)
+        # an output-channel split is w's chunking on axis 0; the other axes are needed whole
+        if any(len(c) > 1 for c in w.chunks[1:]):
+            w = w.rechunk({1: -1, 2: -1, 3: -1})
+        self.x, self.w = x, w
+        self.plan_h = geo.plan_axis(x.chunks[2], kh, self.stride[0], self.pads[0], self.dilation[0])
+        self.plan_w = geo.plan_axis(x.chunks[3], kw, self.stride[1], self.pads[1], self.dilation[1])
+        self.out_shape = (N, O) + self.out_hw
+        self.out_chunks = (x.chunks[0], w.chunks[0], self.plan_h.out_chunks, self.plan_w.out_chunks)
+        self.dtype = np.result_type(x.dtype, w.dtype)
+        self.meta = x._meta.astype(self.dtype)
+        # which (output-channel chunk, input-channel chunk) pairs meet, through which groups
+        o_ranges = _ranges(w.chunks[0])
+        c_ranges = _ranges(x.chunks[1])
+        self.pairs = [
+            [
+                (ci, _calls(geo.channel_segments(orng, crng, O, C, groups), O // groups, Cg))
+                for ci, crng in enumerate(c_ranges)
+            ]
+            for orng in o_ranges
+        ]
+        self.pairs = [[(ci, calls) for ci, calls in row if calls] for row in self.pairs]
+        self.token = tokenize(x, w, self.stride, self.pads, self.dilation, groups)
+
+    def windows(self):
+        return window_array(self.x, self.plan_h, self.plan_w, 0, f"conv2d-halo-{self.token}")
+
+
+def _ranges(chunks):
+    bounds = np.cumsum((0,) + tuple(chunks))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _calls(segments, og, cg):
+    """Kernel calls for one channel pair: ``(o, c, wc, groups)`` ranges.
+
+    Whole groups side by side become one grouped call; anything else is one call per segment.
+    """
+    if len(segments) > 1 and all(
+        s.o[1] - s.o[0] == og and s.wc == (0, cg) for s in segments
+    ):
+        s0, s1 = segments[0], segments[-1]
+        return ((( s0.o[0], s1.o[1]), (s0.c[0], s1.c[1]), (0, cg), len(segments)),)
+    return tuple((s.o, s.c, s.wc, 1) for s in segments)
+
+
+def _conv_pair(xw, W, calls, n_out, stride, dilation):
+    """Partial forward of one window and one output-channel chunk of ``W``: ``(N, O_chunk, oH, oW)``."""
+    out = None
+    for (o0, o1), (c0, c1), (w0, w1), groups in calls:
+        y = conv2d_forward(xw[:, c0:c1], W[o0:o1, w0:w1], stride, dilation, groups)
+        if o1 - o0 == n_out and len(calls) == 1:
+            return y
+        if out is None:
+            xp = get_namespace(y)
+            out = xp.zeros((y.shape[0], n_out) + y.shape[2:], dtype=y.dtype)
+        out[:, o0:o1] += y
+    return out
+
+
+def _gx_pair(gy, W, calls, n_in, stride, dilation):
+    """Grad of one window's ``n_in`` input channels from one output-channel chunk."""
+    out = None
+    for (o0, o1), (c0, c1), (w0, w1), groups in calls:
+        g = conv2d_grad_x(gy[:, o0:o1], W[o0:o1, w0:w1], stride, dilation, groups)
+        if c1 - c0 == n_in and len(calls) == 1:
+            return g
+        if out is None:
+            xp = get_namespace(g)
+            out = xp.zeros((g.shape[0], n_in) + g.shape[2:], dtype=g.dtype)
+        out[:, c0:c1] += g
+    return out
+
+
+def _gw_pair(xw, gy, calls, w_shape, stride, dilation):
+    """Grad-w of one window and one output-channel chunk: ``(O_chunk, C/groups, kh, kw)``."""
+    out = None
+    for (o0, o1), (c0, c1), (w0, w1), groups in calls:
+        g = conv2d_grad_w(xw[:, c0:c1], gy[:, o0:o1], w_shape[2:], stride, dilation, groups)
+        if len(calls) == 1 and g.shape == tuple(w_shape):
+            return g
+        if out is None:
+            xp = get_namespace(g)
+            out = xp.zeros(tuple(w_shape), dtype=g.dtype)
+        out[o0:o1, w0:w1] += g
+    return out
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation) of a chunked batch of images.
+
+    Same semantics as ``torch.nn.functional.conv2d``; the result equals the unsplit
+    convolution for any chunking of ``x`` and ``w``.
+
+    Parameters
+    ----------
+    x : dask.array.Array, shape (N, C, H, W)
+        Images, chunked any way on all four axes (a NumPy or CuPy array is wrapped as one
+        chunk).  Floating dtype.
+    w : array, shape (O, C/groups, kh, kw)
+        Filters: a NumPy/CuPy array or a Dask array.  Chunks of ``w`` on axis 0 split the
+        output channels (model parallelism); chunks on the other axes are merged.
+    b : array, shape (O,), optional
+        Bias.
+    stride, dilation : int or (int, int)
+        Positive.
+    padding : int, (int, int), 'same' or 'valid'
+        Zero padding on both sides of each spatial axis.  'same' keeps the size (stride 1
+        only); an odd total goes to the end, as in PyTorch.
+    groups : int
+        Grouped convolution; ``groups == C`` is depthwise.
+
+    Returns
+    -------
+    dask.array.Array, shape (N, O, oH, oW)
+        ``oH = floor((H + 2*ph - dy*(kh-1) - 1) / sy) + 1`` and likewise ``oW``.  Chunks: the
+        batch chunks of ``x``, the output-channel chunks of ``w``, and spatial chunks from the
+        tiles of ``x`` through the stride (output ``o`` belongs to the tile holding the centre
+        of its window; empty chunks are dropped).  Input-channel chunks of ``x`` are summed
+        away as a tree.
+
+    Notes
+    -----
+    Each output tile is computed from its input tile plus a halo taken from as many
+    neighbouring tiles as the kernel reaches; zeros are read only outside the image.
+    """
+    s = _ConvSetup(x, w, stride, padding, dilation, groups)
+    win = s.windows()
+    name = f"conv2d-fwd-{s.token}"
+    dsk = {}
+    for n in range(len(s.x.chunks[0])):
+        for oi, row in enumerate(s.pairs):
+            n_out = s.w.chunks[0][oi]
+            for i in range(len(s.plan_h.out_chunks)):
+                for j in range(len(s.plan_w.out_chunks)):
+                    keys = []
+                    for ci, calls in row:
+                        k = (name + "-part", ci, n, oi, i, j)
+                        dsk[k] = (
+                            _conv_pair, (win.name, n, ci, i, j), (s.w.name, oi, 0, 0, 0),
+                            calls, n_out, s.stride, s.dilation,
+                        )
+                        keys.append(k)
+                    tree_sum(dsk, (name, n, oi, i, j), keys)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[win, s.w])
+    y = Array(graph, name, s.out_chunks, meta=s.meta)
+    if b is not None:
+        b = as_dask(b, "b", 1)
+        if b.shape != (s.out_shape[1],):
+            raise ValueError(f"b must have shape ({s.out_shape[1]},), got {b.shape}")
+        y = y + b.rechunk((s.w.chunks[0],)).reshape(1, -1, 1, 1).astype(y.dtype, copy=False)
+    return y
+
+
+def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
+    """Vector-Jacobian product of :func:`conv2d`: gradients of ``<g_y, conv2d(x, w, b)>``.
+
+    Parameters
+    ----------
+    x, w, stride, padding, dilation, groups
+        As in :func:`conv2d`.
+    g_y : array, shape (N, O, oH, oW)
+        Gradient with respect to the output; rechunked to the output chunks of :func:`conv2d`
+        if it is chunked otherwise.
+
+    Returns
+    -------
+    g_x : dask.array.Array, shape (N, C, H, W)
+        Chunked like ``x``.  A transposed convolution of ``g_y`` with ``w``, computed per
+        output tile on its window and added back into the tiles the window came from; summed
+        over output-channel chunks.
+    g_w : dask.array.Array, shape (O, C/groups, kh, kw)
+        Chunked like ``w`` on axis 0, whole on the others; summed over batch chunks, tiles and
+        input-channel chunks as a tree.
+    g_b : dask.array.Array, shape (O,)
+        ``g_y.sum((0, 2, 3))``.
+    """
+    s = _ConvSetup(x, w, stride, padding, dilation, groups)
+    g_y = as_dask(g_y, "g_y", 4)
+    if g_y.shape != s.out_shape:
+        raise ValueError(f"g_y must have the output shape {s.out_shape}, got {g_y.shape}")
+    if g_y.chunks != s.out_chunks:
+        g_y = g_y.rechunk(s.out_chunks)
+    win = s.windows()
+    tok = tokenize(s.token, g_y)
+    dtype = np.result_type(s.dtype, g_y.dtype)
+    meta = s.x._meta.astype(dtype)
+    nN, nI, nJ = len(s.x.chunks[0]), len(s.plan_h.out_chunks), len(s.plan_w.out_chunks)
+
+    # g_x: per window, summed over output-channel chunks, then scattered back into tiles
+    gxw_name, gx_name = f"conv2d-gxwin-{tok}", f"conv2d-gx-{tok}"
+    by_c = {}
+    for oi, row in enumerate(s.pairs):
+        for ci, calls in row:
+            by_c.setdefault(ci, []).append((oi, calls))
+    dsk = {}
+    for n in range(nN):
+        for ci, n_in in enumerate(s.x.chunks[1]):
+            for i in range(nI):
+                for j in range(nJ):
+                    keys = []
+                    for oi, calls in by_c[ci]:
+                        k = (gxw_name + "-part", oi, n, ci, i, j)
+                        dsk[k] = (
+                            _gx_pair, (g_y.name, n, oi, i, j), (s.w.name, oi, 0, 0, 0),
+                            calls, n_in, s.stride, s.dilation,
+                        )
+                        keys.append(k)
+                    tree_sum(dsk, (gxw_name, n, ci, i, j), keys)
+    scatter_windows(dsk, gx_name, gxw_name, s.x, s.plan_h, s.plan_w, meta)
+    graph = HighLevelGraph.from_collections(gx_name, dsk, dependencies=[g_y, s.w])
+    g_x = Array(graph, gx_name, s.x.chunks, meta=meta)
+
+    # g_w: one partial per (window, output-channel chunk), tree-summed over batch, tiles, channels
+    gw_name = f"conv2d-gw-{tok}"
+    dsk = {}
+    for oi, row in enumerate(s.pairs):
+        w_shape = (s.w.chunks[0][oi],) + s.w.shape[1:]
+        keys = []
+        for n in range(nN):
+            for i in range(nI):
+                for j in range(nJ):
+                    for ci, calls in row:
+                        k = (gw_name + "-part", n, i, j, ci, oi)
+                        dsk[k] = (
+                            _gw_pair, (win.name, n, ci, i, j), (g_y.name, n, oi, i, j),
+                            calls, w_shape, s.stride, s.dilation,
+                        )
+                        keys.append(k)
+        tree_sum(dsk, (gw_name, oi, 0, 0, 0), keys)
+    graph = HighLevelGraph.from_collections(gw_name, dsk, dependencies=[win, g_y])
+    g_w = Array(graph, gw_name, s.w.chunks, meta=meta)
+
+    g_b = g_y.sum(axis=(0, 2, 3))
+    return g_x, g_w, g_b
+
+
+__all__ = ["conv2d", "conv2d_vjp"]

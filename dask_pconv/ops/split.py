@@ -1,0 +1,47 @@
+"""Rechunking into a given number of pieces per axis."""
+
+from __future__ import annotations
+
+from .. import geometry as geo
+from ._validate import as_dask
+
+
+def split(x, batch=None, channel=None, spatial=None):
+    """Rechunk ``x`` (N, C, H, W) into that many pieces per axis, as even as possible.
+
+    Parameters
+    ----------
+    x : array, shape (N, C, H, W)
+        A Dask array (or a NumPy/CuPy array, wrapped first).
+    batch, channel : int, optional
+        Number of pieces along N (data parallel) and C.  ``None`` keeps the axis as it is.
+    spatial : int or (int, int), optional
+        Number of tiles along (H, W); an int means the same on both.
+
+    Returns
+    -------
+    dask.array.Array
+        The same values, chunked ``(batch, channel, nh, nw)`` ways; the larger pieces come
+        first when an axis does not divide evenly.
+
+    Examples
+    --------
+    >>> import numpy as np, dask_pconv as dp
+    >>> x = dp.split(np.zeros((8, 3, 10, 10), "f4"), batch=2, spatial=(2, 3))
+    >>> x.chunks
+    ((4, 4), (3,), (5, 5), (4, 3, 3))
+    """
+    x = as_dask(x, "x", 4)
+    chunks = dict()
+    if batch is not None:
+        chunks[0] = geo.even_chunks(x.shape[0], batch, "batch")
+    if channel is not None:
+        chunks[1] = geo.even_chunks(x.shape[1], channel, "channel")
+    if spatial is not None:
+        nh, nw = geo.normalize_pair(spatial, "spatial")
+        chunks[2] = geo.even_chunks(x.shape[2], nh, "spatial")
+        chunks[3] = geo.even_chunks(x.shape[3], nw, "spatial")
+    return x.rechunk(chunks) if chunks else x
+
+
+__all__ = ["split"]
