@@ -1,0 +1,91 @@
+"""The pure geometry, tested on its own against brute force."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import partitions
+
+from dask_pconv import geometry as geo
+
+
+def test_output_length_formula():
+    assert geo.output_length(32, 3, 1, (1, 1), 1) == 32
+    assert geo.output_length(32, 3, 2, (1, 1), 1) == 16
+    assert geo.output_length(10, 3, 1, (0, 0), 3) == 4
+    assert geo.output_length(2, 5, 1, (0, 0), 1) <= 0
+
+
+def test_resolve_padding():
+    assert geo.resolve_padding("valid", (3, 3), (1, 1), (1, 1)) == ((0, 0), (0, 0))
+    assert geo.resolve_padding("same", (4, 3), (1, 1), (1, 2)) == ((1, 2), (2, 2))
+    assert geo.resolve_padding((1, 2), (3, 3), (2, 2), (1, 1)) == ((1, 1), (2, 2))
+    with pytest.raises(ValueError, match="strided"):
+        geo.resolve_padding("same", (3, 3), (2, 1), (1, 1))
+    with pytest.raises(ValueError, match="padding"):
+        geo.resolve_padding("full", (3, 3), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="padding"):
+        geo.resolve_padding(-1, (3, 3), (1, 1), (1, 1))
+
+
+@st.composite
+def axis_cases(draw):
+    L = draw(st.integers(1, 30))
+    k, s, d = draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pad = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
+    chunks = draw(partitions(L))
+    return L, chunks, k, s, pad, d
+
+
+@given(axis_cases())
+def test_plan_axis_against_brute_force(case):
+    L, chunks, k, s, pad, d = case
+    n_out = geo.output_length(L, k, s, pad, d)
+    if n_out < 1:
+        return
+    plan = geo.plan_axis(chunks, k, s, pad, d)
+    assert sum(plan.out_chunks) == n_out and all(c > 0 for c in plan.out_chunks)
+    assert len(plan.out_chunks) <= len(chunks)
+    o0 = 0
+    offsets = [sum(chunks[:j]) for j in range(len(chunks))]
+    for n, (start, stop), (pb, pa, pieces) in zip(plan.out_chunks, plan.windows, plan.sources):
+        # the window is exactly the union of what its outputs read
+        read = {o * s - pad[0] + t * d for o in range(o0, o0 + n) for t in range(k)}
+        assert min(read) == start and max(read) == stop - 1
+        # pieces + padding rebuild the window, in order, from real input indices only
+        idx = list(range(start, start + pb))
+        for j, lo, hi in pieces:
+            idx += [offsets[j] + t for t in range(lo, hi)]
+        idx += list(range(stop - pa, stop))
+        assert idx == list(range(start, stop))
+        assert all(0 <= offsets[j] + lo and offsets[j] + hi <= L for j, lo, hi in pieces)
+        assert all(i < 0 or i >= L for i in range(start, start + pb))
+        assert all(i < 0 or i >= L for i in range(stop - pa, stop))
+        o0 += n
+
+
+def test_same_conv_keeps_chunks_and_stride_divides_them():
+    chunks = (4, 4, 8, 3)
+    assert geo.output_chunks(chunks, 3, 1, (1, 1), 1) == chunks
+    assert geo.output_chunks(chunks, 5, 1, (4, 4), 2) == chunks
+    assert geo.output_chunks((4, 4, 8), 2, 2, (0, 0), 1) == (2, 2, 4)
+    assert geo.output_chunks((4, 4, 8), 3, 2, (1, 1), 1) == (2, 2, 4)
+
+
+def test_channel_segments():
+    # groups=1: one segment, everything
+    (s,) = geo.channel_segments((2, 5), (3, 7), 8, 10, 1)
+    assert (s.o, s.c, s.wc) == ((0, 3), (0, 4), (3, 7))
+    # depthwise: output chunk [2, 6) of 8 (multiplier 2) meets input chunk [1, 4) in groups 1, 2
+    segs = geo.channel_segments((2, 6), (1, 4), 8, 4, 4)
+    assert [(x.group, x.o, x.c, x.wc) for x in segs] == [(1, (0, 2), (0, 1), (0, 1)), (2, (2, 4), (1, 2), (0, 1))]
+    assert geo.channel_segments((0, 2), (2, 4), 4, 4, 2) == ()
+
+
+def test_even_chunks():
+    assert geo.even_chunks(10, 3) == (4, 3, 3)
+    with pytest.raises(ValueError):
+        geo.even_chunks(3, 4)
+    with pytest.raises(TypeError):
+        geo.normalize_pair(1.0, "stride")
+    with pytest.raises(ValueError, match="dilation"):
+        geo.normalize_pair((1, 0), "dilation")

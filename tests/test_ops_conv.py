@@ -1,0 +1,160 @@
+"""conv2d and conv2d_vjp against independent references, in every split and chunking."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import conv2d_ref, conv2d_vjp_ref
+from strategies import assert_close, conv_cases
+
+import dask_pconv as dp
+
+
+def _inputs(case):
+    x = da.from_array(case["x"], chunks=case["x_chunks"])
+    w = da.from_array(case["w"], chunks=(case["w_chunks"], -1, -1, -1))
+    return x, w
+
+
+def _kw(case):
+    return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
+@given(conv_cases())
+def test_conv2d_matches_reference(case):
+    x, w = _inputs(case)
+    y = dp.conv2d(x, w, case["b"], **_kw(case))
+    expected = conv2d_ref(case["x"], case["w"], case["b"], **_kw(case))
+    assert y.shape == expected.shape
+    assert y.dtype == case["dtype"]
+    out = y.compute()
+    assert out.dtype == case["dtype"]
+    assert_close(out, expected, case["dtype"])
+
+
+@given(conv_cases())
+def test_conv2d_vjp_matches_reference(case):
+    x, w = _inputs(case)
+    rng = np.random.default_rng(case["seed"] + 1)
+    y_shape = conv2d_ref(case["x"][:1, :, :, :], case["w"], **_kw(case)).shape
+    gy = rng.standard_normal((case["x"].shape[0],) + y_shape[1:]).astype(case["dtype"])
+    g_x, g_w, g_b = dp.conv2d_vjp(x, w, gy, **_kw(case))
+    assert g_x.chunks == x.chunks
+    assert g_w.chunks[0] == w.chunks[0]
+    ex, ew, eb = conv2d_vjp_ref(case["x"], case["w"], gy, **_kw(case))
+    gx, gw, gb = dask.compute(g_x, g_w, g_b)
+    assert_close(gx, ex, case["dtype"])
+    assert_close(gw, ew, case["dtype"])
+    assert_close(gb, eb, case["dtype"])
+
+
+@given(conv_cases(max_hw=8), st.integers(0, 2**16))
+def test_conv2d_vjp_dot_product(case, seed):
+    """<u, J v> == <J^T u, v> for x and w (conv is bilinear), with no reference involved."""
+    if case["dtype"] != np.float64:
+        return
+    x, w = _inputs(case)
+    rng = np.random.default_rng(seed)
+    vx = rng.standard_normal(case["x"].shape)
+    vw = rng.standard_normal(case["w"].shape)
+    y = dp.conv2d(x, w, **_kw(case))
+    u = rng.standard_normal(y.shape)
+    jvx = dp.conv2d(da.from_array(vx, chunks=case["x_chunks"]), w, **_kw(case))
+    jvw = dp.conv2d(x, vw, **_kw(case))
+    g_x, g_w, _ = dp.conv2d_vjp(x, w, u, **_kw(case))
+    jvx, jvw, g_x, g_w = dask.compute(jvx, jvw, g_x, g_w)
+    lhs_x, rhs_x = np.vdot(u, jvx), np.vdot(g_x, vx)
+    lhs_w, rhs_w = np.vdot(u, jvw), np.vdot(g_w, vw)
+    assert np.isclose(lhs_x, rhs_x, rtol=1e-10, atol=1e-10 * np.abs(u).sum())
+    assert np.isclose(lhs_w, rhs_w, rtol=1e-10, atol=1e-10 * np.abs(u).sum())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_split_gives_the_same_result(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6, 13, 11)).astype(dtype)
+    w = rng.standard_normal((8, 6, 3, 3)).astype(dtype)
+    ref = conv2d_ref(x, w, padding=1)
+    splits = [
+        dict(),
+        dict(batch=4),
+        dict(channel=3),
+        dict(spatial=(4, 3)),
+        dict(spatial=(13, 11)),  # chunks of size 1: smaller than the halo on one side
+        dict(batch=2, channel=2, spatial=(3, 2)),
+    ]
+    for w_chunks in [8, 3, 1]:
+        wd = da.from_array(w, chunks=(w_chunks, -1, -1, -1))
+        for s in splits:
+            y = dp.conv2d(dp.split(x, **s), wd, padding=1).compute()
+            assert_close(y, ref, dtype)
+
+
+def test_halo_wider_than_neighbour_chunks():
+    """Dilation 3 and a 5x5 kernel need a halo of 6: read from several size-1/2 neighbours."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 2, 17, 15))
+    w = rng.standard_normal((3, 2, 5, 5))
+    xd = da.from_array(x, chunks=(1, 1, (1, 2, 1, 1, 3, 1, 2, 2, 1, 1, 2), (2, 1, 1, 5, 1, 1, 2, 2)))
+    for stride in (1, 2, 3):
+        y = dp.conv2d(xd, w, stride=stride, padding=2, dilation=3).compute()
+        assert_close(y, conv2d_ref(x, w, stride=stride, padding=2, dilation=3), np.float64)
+        gy = rng.standard_normal(y.shape)
+        got = dask.compute(*dp.conv2d_vjp(xd, w, gy, stride=stride, padding=2, dilation=3))
+        for a, e in zip(got, conv2d_vjp_ref(x, w, gy, stride=stride, padding=2, dilation=3)):
+            assert_close(a, e, np.float64)
+
+
+def test_depthwise_with_misaligned_channel_chunks():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 6, 9, 9))
+    w = rng.standard_normal((12, 1, 3, 3))  # depthwise, multiplier 2
+    xd = da.from_array(x, chunks=(1, (1, 4, 1), 4, 5))
+    wd = da.from_array(w, chunks=((5, 3, 4), 1, 3, 3))
+    y = dp.conv2d(xd, wd, padding=1, groups=6).compute()
+    assert_close(y, conv2d_ref(x, w, padding=1, groups=6), np.float64)
+    gy = rng.standard_normal(y.shape)
+    got = dask.compute(*dp.conv2d_vjp(xd, wd, gy, padding=1, groups=6))
+    for a, e in zip(got, conv2d_vjp_ref(x, w, gy, padding=1, groups=6)):
+        assert_close(a, e, np.float64)
+
+
+def test_output_chunking_rule():
+    x = da.zeros((4, 3, 16, 12), chunks=(2, 3, (4, 4, 8), 6))
+    w = da.zeros((10, 3, 3, 3), chunks=(4, 3, 3, 3))
+    y = dp.conv2d(x, w, padding=1)  # 'same' size, stride 1: tiles are kept
+    assert y.chunks == ((2, 2), (4, 4, 2), (4, 4, 8), (6, 6))
+    y2 = dp.conv2d(x, w, padding=1, stride=2)  # tiles divided by the stride
+    assert y2.chunks == ((2, 2), (4, 4, 2), (2, 2, 4), (3, 3))
+    assert dp.conv2d(x, w).chunks[2:] == ((3, 4, 7), (5, 5))  # 'valid': windows centred
+
+
+def test_numpy_inputs_are_wrapped_and_result_is_lazy():
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3)), np.arange(4.0)
+    y = dp.conv2d(x, w, b, padding="same")
+    assert isinstance(y, da.Array)
+    assert_close(y.compute(), conv2d_ref(x, w, b, padding="same"), np.float64)
+
+
+def test_torch_oracle():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 4, 15, 12)).astype(np.float32)
+    w = rng.standard_normal((6, 2, 3, 4)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    kw = dict(stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=2)
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    yt = F.conv2d(xt, wt, torch.from_numpy(b), **kw)
+    gy = rng.standard_normal(tuple(yt.shape)).astype(np.float32)
+    yt.backward(torch.from_numpy(gy))
+    xd = dp.split(x, batch=2, channel=2, spatial=(3, 2))
+    wd = da.from_array(w, chunks=(4, 2, 3, 4))
+    assert_close(dp.conv2d(xd, wd, b, **kw).compute(), yt.detach().numpy(), np.float32)
+    g_x, g_w, g_b = dask.compute(*dp.conv2d_vjp(xd, wd, gy, **kw))
+    assert_close(g_x, xt.grad.numpy(), np.float32)
+    assert_close(g_w, wt.grad.numpy(), np.float32)
+    assert_close(g_b, gy.sum((0, 2, 3)), np.float32)
