@@ -214,7 +214,5 @@ def channel_segments(o_range, c_range, out_channels, in_channels, groups):
         oa, ob = max(o0, g * og), min(o1, (g + 1) * og)
         ca, cb = max(c0, g * cg), min(c1, (g + 1) * cg)
         if oa < ob and ca < cb:
-            segs.append(
-                ChannelSegment(g, (oa - o0, ob - o0), (ca - c0, cb - c0), (ca - g * cg, cb - g * cg))
-            )
+            segs.append(ChannelSegment(g, (oa - o0, ob - o0), (ca - c0, cb - c0), (ca - g * cg, cb - g * cg)))
     return tuple(segs)

@@ -61,14 +61,17 @@ def main(argv=None):
     big = da.from_array(photo[None], chunks=(1, 3, 128, 128))
     big = big.repeat(args.scale, axis=2).repeat(args.scale, axis=3)
     x = dp.split(big, spatial=(args.tiles, args.tiles))
-    print(f"image {image.shape[1]}x{image.shape[2]}x3, {w.shape[0]} filters {w.shape[2]}x{w.shape[3]}, "
-          f"chunks {x.chunks[2]} x {x.chunks[3]}")
+    print(
+        f"image {image.shape[1]}x{image.shape[2]}x3, {w.shape[0]} filters {w.shape[2]}x{w.shape[3]}, "
+        f"chunks {x.chunks[2]} x {x.chunks[3]}"
+    )
 
     if args.scheduler:
         client = Client(args.scheduler)
     else:
-        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0")
+        cluster = LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        )
         client = Client(cluster)
     with client:
         y = dp.conv2d(x, w, padding="same")

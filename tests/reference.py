@@ -41,8 +41,9 @@ def conv2d_ref(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
         ws = w[g * Og : (g + 1) * Og]
         for i in range(kh):
             for j in range(kw):
-                tap = xs[:, :, i * dy : i * dy + sy * (oH - 1) + 1 : sy,
-                         j * dx : j * dx + sx * (oW - 1) + 1 : sx]
+                tap = xs[
+                    :, :, i * dy : i * dy + sy * (oH - 1) + 1 : sy, j * dx : j * dx + sx * (oW - 1) + 1 : sx
+                ]
                 y[:, g * Og : (g + 1) * Og] += np.einsum("ncij,oc->noij", tap, ws[:, :, i, j])
     if b is not None:
         y += np.asarray(b, np.float64)[None, :, None, None]
@@ -63,8 +64,12 @@ def conv2d_vjp_ref(x, w, gy, stride=1, padding=0, dilation=1, groups=1):
         cs, os_ = slice(g * Cg, (g + 1) * Cg), slice(g * Og, (g + 1) * Og)
         for i in range(kh):
             for j in range(kw):
-                sl = (slice(None), cs, slice(i * dy, i * dy + sy * (oH - 1) + 1, sy),
-                      slice(j * dx, j * dx + sx * (oW - 1) + 1, sx))
+                sl = (
+                    slice(None),
+                    cs,
+                    slice(i * dy, i * dy + sy * (oH - 1) + 1, sy),
+                    slice(j * dx, j * dx + sx * (oW - 1) + 1, sx),
+                )
                 gxp[sl] += np.einsum("noij,oc->ncij", gy[:, os_], w[os_, :, i, j])
                 gw[os_, :, i, j] += np.einsum("noij,ncij->oc", gy[:, os_], xp[sl])
     H, W = x.shape[2:]
@@ -75,8 +80,7 @@ def _pool_windows(x, kernel_size, stride, padding):
     kh, kw = _pair(kernel_size)
     sy, sx = _pair(stride if stride is not None else kernel_size)
     ph, pw = _pair(padding)
-    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)),
-                constant_values=-np.inf)
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
     win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
     return xp, win[:, :, ::sy, ::sx], (kh, kw, sy, sx, ph, pw)
 

@@ -32,9 +32,7 @@ def conv_cases(draw, max_hw=10):
     if kind == "same":
         stride = (1, 1)
         padding = "same"
-        pads = tuple(
-            (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip((kh, kw), dilation)
-        )
+        pads = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip((kh, kw), dilation))
     elif kind == "valid":
         padding, pads = "valid", ((0, 0), (0, 0))
     elif kind == "int":
@@ -65,8 +63,17 @@ def conv_cases(draw, max_hw=10):
     if split in ("spatial", "mixed"):
         xc[2], xc[3] = draw(partitions(H, 5)), draw(partitions(W, 5))
     return dict(
-        x=x, w=w, b=b, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        x_chunks=tuple(xc), w_chunks=wc, dtype=dtype, seed=seed,
+        x=x,
+        w=w,
+        b=b,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        x_chunks=tuple(xc),
+        w_chunks=wc,
+        dtype=dtype,
+        seed=seed,
     )
 
 

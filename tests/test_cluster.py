@@ -5,20 +5,28 @@ import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
-from reference import conv2d_ref, conv2d_vjp_ref
-from strategies import assert_close
 
 import dask_pconv as dp
+
+from reference import conv2d_ref, conv2d_vjp_ref
+from strategies import assert_close
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, memory_limit="2GiB",
-    ) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit="2GiB",
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 

@@ -3,9 +3,10 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import partitions
 
 from dask_pconv import geometry as geo
+
+from strategies import partitions
 
 
 def test_output_length_formula():
@@ -77,7 +78,10 @@ def test_channel_segments():
     assert (s.o, s.c, s.wc) == ((0, 3), (0, 4), (3, 7))
     # depthwise: output chunk [2, 6) of 8 (multiplier 2) meets input chunk [1, 4) in groups 1, 2
     segs = geo.channel_segments((2, 6), (1, 4), 8, 4, 4)
-    assert [(x.group, x.o, x.c, x.wc) for x in segs] == [(1, (0, 2), (0, 1), (0, 1)), (2, (2, 4), (1, 2), (0, 1))]
+    assert [(x.group, x.o, x.c, x.wc) for x in segs] == [
+        (1, (0, 2), (0, 1), (0, 1)),
+        (2, (2, 4), (1, 2), (0, 1)),
+    ]
     assert geo.channel_segments((0, 2), (2, 4), 4, 4, 2) == ()
 
 

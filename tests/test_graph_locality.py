@@ -65,11 +65,13 @@ def test_each_tile_depends_only_on_its_window(kw, op):
             for j in range(x.numblocks[3]):
                 deps = _input_deps(dsk, (target.name, 1, 0, i, j), g_y.name)
                 tiles_h = {
-                    t for t in range(len(oh) - 1)
+                    t
+                    for t in range(len(oh) - 1)
                     if i in _blocks_reached(bh, oh[t] * s - p, (oh[t + 1] - 1) * s - p + d * (k - 1) + 1)
                 }
                 tiles_w = {
-                    t for t in range(len(ow) - 1)
+                    t
+                    for t in range(len(ow) - 1)
                     if j in _blocks_reached(bw, ow[t] * s - p, (ow[t + 1] - 1) * s - p + d * (k - 1) + 1)
                 }
                 expected = {(1, o, th, tw) for o in range(y.numblocks[1]) for th in tiles_h for tw in tiles_w}

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import conv2d_ref, conv2d_vjp_ref
-from strategies import assert_close, conv_cases
 
 import dask_pconv as dp
+
+from reference import conv2d_ref, conv2d_vjp_ref
+from strategies import assert_close, conv_cases
 
 
 def _inputs(case):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from reference import max_pool2d_ref, max_pool2d_vjp_ref
-from strategies import assert_close, partitions
 
 import dask_pconv as dp
+
+from reference import max_pool2d_ref, max_pool2d_vjp_ref
+from strategies import assert_close, partitions
 
 
 @st.composite

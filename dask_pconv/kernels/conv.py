@@ -28,9 +28,13 @@ def _taps(kh, kw, oH, oW, stride, dilation):
     (sy, sx), (dy, dx) = stride, dilation
     for i in range(kh):
         for j in range(kw):
-            yield i, j, (
-                slice(i * dy, i * dy + sy * (oH - 1) + 1, sy),
-                slice(j * dx, j * dx + sx * (oW - 1) + 1, sx),
+            yield (
+                i,
+                j,
+                (
+                    slice(i * dy, i * dy + sy * (oH - 1) + 1, sy),
+                    slice(j * dx, j * dx + sx * (oW - 1) + 1, sx),
+                ),
             )
 
 

@@ -71,8 +71,13 @@ def window_array(x, plan_h, plan_w, fill, name):
                         rows.append(row)
                     shape = (Nn, Cc, plan_h.window_lengths[i], plan_w.window_lengths[j])
                     dsk[key] = (
-                        _assemble, rows, _offsets(ph0, pcs_h), _offsets(pw0, pcs_w),
-                        shape, fill, x._meta,
+                        _assemble,
+                        rows,
+                        _offsets(ph0, pcs_h),
+                        _offsets(pw0, pcs_w),
+                        shape,
+                        fill,
+                        x._meta,
                     )
     chunks = (x.chunks[0], x.chunks[1], plan_h.window_lengths, plan_w.window_lengths)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])

@@ -16,17 +16,13 @@ def as_dask(a, name, ndim):
     """
     if not isinstance(a, da.Array):
         if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim")):
-            raise TypeError(
-                f"{name} must be a Dask, NumPy or CuPy array, got {type(a).__name__}"
-            )
+            raise TypeError(f"{name} must be a Dask, NumPy or CuPy array, got {type(a).__name__}")
         a = da.from_array(a, chunks=a.shape or (), asarray=False)
     if a.ndim != ndim:
         layout = {4: " (N, C, H, W)", 1: ""}.get(ndim, "")
         raise ValueError(f"{name} must be {ndim}-D{layout}, got shape {a.shape}")
     if any(isinstance(c, float) and math.isnan(c) for cs in a.chunks for c in cs):
-        raise ValueError(
-            f"{name} has unknown (nan) chunk sizes; call {name}.compute_chunk_sizes() first"
-        )
+        raise ValueError(f"{name} has unknown (nan) chunk sizes; call {name}.compute_chunk_sizes() first")
     if 0 in a.shape:
         raise ValueError(f"{name} must not be empty, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):

@@ -83,11 +83,9 @@ def _calls(segments, og, cg):
 
     Whole groups side by side become one grouped call; anything else is one call per segment.
     """
-    if len(segments) > 1 and all(
-        s.o[1] - s.o[0] == og and s.wc == (0, cg) for s in segments
-    ):
+    if len(segments) > 1 and all(s.o[1] - s.o[0] == og and s.wc == (0, cg) for s in segments):
         s0, s1 = segments[0], segments[-1]
-        return ((( s0.o[0], s1.o[1]), (s0.c[0], s1.c[1]), (0, cg), len(segments)),)
+        return (((s0.o[0], s1.o[1]), (s0.c[0], s1.c[1]), (0, cg), len(segments)),)
     return tuple((s.o, s.c, s.wc, 1) for s in segments)
 
 
@@ -184,8 +182,13 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                     for ci, calls in row:
                         k = (name + "-part", ci, n, oi, i, j)
                         dsk[k] = (
-                            _conv_pair, (win.name, n, ci, i, j), (s.w.name, oi, 0, 0, 0),
-                            calls, n_out, s.stride, s.dilation,
+                            _conv_pair,
+                            (win.name, n, ci, i, j),
+                            (s.w.name, oi, 0, 0, 0),
+                            calls,
+                            n_out,
+                            s.stride,
+                            s.dilation,
                         )
                         keys.append(k)
                     tree_sum(dsk, (name, n, oi, i, j), keys)
@@ -249,8 +252,13 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
                     for oi, calls in by_c[ci]:
                         k = (gxw_name + "-part", oi, n, ci, i, j)
                         dsk[k] = (
-                            _gx_pair, (g_y.name, n, oi, i, j), (s.w.name, oi, 0, 0, 0),
-                            calls, n_in, s.stride, s.dilation,
+                            _gx_pair,
+                            (g_y.name, n, oi, i, j),
+                            (s.w.name, oi, 0, 0, 0),
+                            calls,
+                            n_in,
+                            s.stride,
+                            s.dilation,
                         )
                         keys.append(k)
                     tree_sum(dsk, (gxw_name, n, ci, i, j), keys)
@@ -270,8 +278,13 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
                     for ci, calls in row:
                         k = (gw_name + "-part", n, i, j, ci, oi)
                         dsk[k] = (
-                            _gw_pair, (win.name, n, ci, i, j), (g_y.name, n, oi, i, j),
-                            calls, w_shape, s.stride, s.dilation,
+                            _gw_pair,
+                            (win.name, n, ci, i, j),
+                            (g_y.name, n, oi, i, j),
+                            calls,
+                            w_shape,
+                            s.stride,
+                            s.dilation,
                         )
                         keys.append(k)
         tree_sum(dsk, (gw_name, oi, 0, 0, 0), keys)

@@ -22,13 +22,9 @@ def _setup(x, kernel_size, stride, padding):
     stride = kernel if stride is None else geo.normalize_pair(stride, "stride")
     pad = geo.normalize_pair(padding, "padding", minimum=0)
     if any(p > k // 2 for p, k in zip(pad, kernel)):
-        raise ValueError(
-            f"padding {pad} must be at most half of kernel_size {kernel} (as in PyTorch)"
-        )
+        raise ValueError(f"padding {pad} must be at most half of kernel_size {kernel} (as in PyTorch)")
     pads = ((pad[0], pad[0]), (pad[1], pad[1]))
-    out_hw = tuple(
-        geo.output_length(n, k, s, p, 1) for n, k, s, p in zip(x.shape[2:], kernel, stride, pads)
-    )
+    out_hw = tuple(geo.output_length(n, k, s, p, 1) for n, k, s, p in zip(x.shape[2:], kernel, stride, pads))
     check_kernel_fits(x.shape[2:], kernel, pads, (1, 1), out_hw)
     plan_h = geo.plan_axis(x.chunks[2], kernel[0], stride[0], pads[0], 1)
     plan_w = geo.plan_axis(x.chunks[3], kernel[1], stride[1], pads[1], 1)
@@ -88,7 +84,11 @@ def max_pool2d_vjp(x, g_y, kernel_size, stride=None, padding=0):
     gwin, name = f"max_pool2d-gxwin-{tok}", f"max_pool2d-gx-{tok}"
     dsk = {
         (gwin, n, c, i, j): (
-            max_pool2d_backward, (win.name, n, c, i, j), (g_y.name, n, c, i, j), kernel, stride
+            max_pool2d_backward,
+            (win.name, n, c, i, j),
+            (g_y.name, n, c, i, j),
+            kernel,
+            stride,
         )
         for n in range(len(x.chunks[0]))
         for c in range(len(x.chunks[1]))
