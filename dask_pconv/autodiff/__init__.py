@@ -1,0 +1,45 @@
+"""Reverse-mode autodiff over Dask arrays: a tape (:mod:`.tape`) that knows nothing about
+the primitives, and one VJP rule per primitive (:mod:`.rules`)."""
+
+from . import rules
+from .rules import (
+    accuracy,
+    add,
+    batch_norm,
+    conv2d,
+    dropout,
+    flatten,
+    linear,
+    max_pool2d,
+    mean,
+    mul,
+    relu,
+    reshape,
+    softmax_cross_entropy,
+)
+from .rules import sum as sum_
+from .tape import Tensor, defvjp, defvjp_all, grad, primitive, rule_names
+
+__all__ = [
+    "Tensor",
+    "accuracy",
+    "add",
+    "batch_norm",
+    "conv2d",
+    "defvjp",
+    "defvjp_all",
+    "dropout",
+    "flatten",
+    "grad",
+    "linear",
+    "max_pool2d",
+    "mean",
+    "mul",
+    "primitive",
+    "relu",
+    "reshape",
+    "rule_names",
+    "rules",
+    "softmax_cross_entropy",
+    "sum_",
+]

@@ -1,0 +1,201 @@
+"""The differentiable primitives and their VJP rules, registered one next to the other.
+
+A primitive is a Dask-level op from :mod:`dask_pconv.ops`; its rule gets the forward's answer
+and arguments and returns a function of the output gradient ``g``.  Identical sub-expressions
+(BatchNorm statistics, dropout masks, halo windows) get identical Dask keys in the forward and
+backward graphs, so they are computed once.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+
+from .. import ops
+from ..ops import nn
+from .tape import defvjp, defvjp_all, primitive
+
+__all__ = [
+    "accuracy",
+    "add",
+    "batch_norm",
+    "conv2d",
+    "dropout",
+    "flatten",
+    "linear",
+    "max_pool2d",
+    "mean",
+    "mul",
+    "relu",
+    "reshape",
+    "softmax_cross_entropy",
+    "sum",
+]
+
+
+def _unbroadcast(g, shape):
+    """Sum ``g`` down to ``shape`` (the inverse of NumPy broadcasting)."""
+    if not hasattr(g, "ndim"):
+        return g
+    while g.ndim > len(shape):
+        g = g.sum(axis=0)
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+def _shape(a):
+    return getattr(a, "shape", ())
+
+
+# -- convolution and pooling ---------------------------------------------------------------
+@primitive
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    return ops.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _conv2d_vjp(ans, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    def vjp(g):
+        g_x, g_w, g_b = ops.conv2d_vjp(x, w, g, stride, padding, dilation, groups)
+        return g_x, g_w, (g_b if b is not None else None)
+
+    return vjp
+
+
+defvjp_all(conv2d, _conv2d_vjp)
+
+
+@primitive
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    return ops.max_pool2d(x, kernel_size, stride, padding)
+
+
+defvjp(max_pool2d, lambda ans, x, k, s=None, p=0: lambda g: ops.max_pool2d_vjp(x, g, k, s, p))
+
+
+# -- elementwise and normalisation ---------------------------------------------------------
+@primitive
+def relu(x):
+    return nn.relu(x)
+
+
+defvjp(relu, lambda ans, x: lambda g: nn.relu_vjp(x, g))
+
+
+@primitive
+def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5):
+    return nn.batch_norm(x, gamma, beta, mean, var, eps)
+
+
+def _batch_norm_vjp(ans, x, gamma, beta, mean=None, var=None, eps=2e-5):
+    def vjp(g):
+        return nn.batch_norm_vjp(x, gamma, g, mean, var, eps) + (None, None)
+
+    return vjp
+
+
+defvjp_all(batch_norm, _batch_norm_vjp)
+
+
+@primitive
+def dropout(x, ratio, seed, step, layer):
+    return nn.dropout(x, ratio, seed, step, layer)
+
+
+defvjp(
+    dropout,
+    lambda ans, x, ratio, seed, step, layer: lambda g: (
+        g * nn.dropout_mask(x, ratio, seed, step, layer) if ratio else g
+    ),
+)
+
+
+@primitive
+def add(a, b):
+    return a + b
+
+
+defvjp(
+    add,
+    lambda ans, a, b: lambda g: _unbroadcast(g, _shape(a)),
+    lambda ans, a, b: lambda g: _unbroadcast(g, _shape(b)),
+)
+
+
+@primitive
+def mul(a, b):
+    return a * b
+
+
+defvjp(
+    mul,
+    lambda ans, a, b: lambda g: _unbroadcast(g * b, _shape(a)),
+    lambda ans, a, b: lambda g: _unbroadcast(g * a, _shape(b)),
+)
+
+
+# -- shapes and reductions -----------------------------------------------------------------
+@primitive
+def reshape(x, shape):
+    return x.reshape(shape)
+
+
+defvjp(reshape, lambda ans, x, shape: lambda g: g.reshape(x.shape).rechunk(x.chunks))
+
+
+def flatten(x):
+    """(N, ...) -> (N, prod(...)), as a :func:`reshape`."""
+    return reshape(x, (x.shape[0], int(np.prod(x.shape[1:]))))
+
+
+@primitive
+def sum(x, axis=None):  # noqa: A001 - mirrors numpy's name on purpose
+    return x.sum(axis=axis)
+
+
+def _expand(g, x, axis):
+    if axis is None:
+        return da.broadcast_to(g, x.shape, chunks=x.chunks)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    g = da.expand_dims(g, tuple(a % x.ndim for a in axes))
+    return da.broadcast_to(g, x.shape, chunks=x.chunks)
+
+
+defvjp(sum, lambda ans, x, axis=None: lambda g: _expand(g, x, axis))
+
+
+@primitive
+def mean(x, axis=None):
+    return x.mean(axis=axis)
+
+
+def _count(x, axis):
+    if axis is None:
+        return x.size
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return int(np.prod([x.shape[a] for a in axes]))
+
+
+defvjp(mean, lambda ans, x, axis=None: lambda g: _expand(g / _count(x, axis), x, axis))
+
+
+# -- the head ------------------------------------------------------------------------------
+@primitive
+def linear(x, W):
+    return nn.linear(x, W)
+
+
+defvjp_all(linear, lambda ans, x, W: lambda g: nn.linear_vjp(x, W, g))
+
+
+@primitive
+def softmax_cross_entropy(z, t):
+    return nn.softmax_cross_entropy(z, t)
+
+
+defvjp(softmax_cross_entropy, lambda ans, z, t: lambda g: nn.softmax_cross_entropy_vjp(z, t, g), None)
+
+
+def accuracy(z, t):
+    """A metric, not differentiable: accepts tensors or arrays and returns a lazy scalar."""
+    z = getattr(z, "value", z)
+    return nn.accuracy(z, t)

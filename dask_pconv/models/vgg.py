@@ -1,0 +1,238 @@
+"""Chainer's CIFAR VGG16 with BatchNorm (``examples/cifar/models/VGG.py``), as a config list.
+
+3x3 convs, pad 1, no bias, each followed by BatchNorm and ReLU: 64,64 | 128,128 | 256x3 |
+512x3 | 512x3, a 2x2 max-pool after each block, dropout after each non-final conv of a block
+(0.3 in block 1, 0.4 elsewhere); then dropout 0.5, Linear 512->512 (no bias), BatchNorm, ReLU,
+dropout 0.5, Linear 512->n_classes (no bias).
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+
+from .. import autodiff as ad
+from ..geometry import even_chunks
+
+__all__ = ["VGG16", "VGG16_CONFIG"]
+
+#: (block, [(out_channels, dropout after this conv or None), ...]); a 2x2 pool ends each block
+VGG16_CONFIG = (
+    (1, ((64, 0.3), (64, None))),
+    (2, ((128, 0.4), (128, None))),
+    (3, ((256, 0.4), (256, 0.4), (256, None))),
+    (4, ((512, 0.4), (512, 0.4), (512, None))),
+    (5, ((512, 0.4), (512, 0.4), (512, None))),
+)
+BN_EPS = 2e-5  # Chainer's BatchNormalization default
+BN_DECAY = 0.9
+
+
+def _lecun_normal(rng, shape, fan_in, dtype):
+    """Chainer's default initializer: N(0, 1/fan_in)."""
+    return (rng.standard_normal(shape) * np.sqrt(1.0 / fan_in)).astype(dtype)
+
+
+class VGG16:
+    """VGG16-BN for 32x32 images (Chainer's CIFAR example), trained as Dask graphs.
+
+    Parameters
+    ----------
+    n_classes : int
+    in_channels : int
+    width : float
+        Scales every channel count (0.25 for quick CPU runs); at least 1 channel each.
+    seed : int
+        Seeds the initial weights (Chainer's LeCun normal; BatchNorm gamma 1, beta 0).
+    dtype : numpy dtype
+        float32 (default) or float64.
+    channel_split : int
+        Split every conv's and fc1's output channels into this many chunks (model
+        parallelism, ChainerMN's layout but exact).  1 keeps them whole.
+
+    Attributes
+    ----------
+    params : dict
+        Trainable parameters, name -> array, in forward order, PyTorch layouts: conv
+        ``blockB_I.conv.W`` (O, C, 3, 3), BatchNorm ``*.gamma``/``*.beta`` (C,), linear
+        ``fc1.W`` (512, 512) and ``fc2.W`` (n_classes, 512) as (out, in).
+    state : dict
+        BatchNorm running statistics ``*.avg_mean``/``*.avg_var``, kept apart from ``params``.
+    """
+
+    def __init__(self, n_classes=10, in_channels=3, width=1.0, seed=0, dtype=np.float32, channel_split=1):
+        if not (isinstance(n_classes, int) and n_classes >= 2):
+            raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
+        if not (isinstance(in_channels, int) and in_channels >= 1):
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if not width > 0:
+            raise ValueError(f"width must be positive, got {width!r}")
+        self.n_classes, self.in_channels, self.width, self.seed = n_classes, in_channels, width, seed
+        self.dtype = np.dtype(dtype)
+        self.channel_split = int(channel_split)
+        rng = np.random.default_rng(seed)
+        ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
+        self.layers = []  # (kind, name, extra)
+        params, state = {}, {}
+        c_in = in_channels
+        for block, convs in VGG16_CONFIG:
+            for i, (c, drop) in enumerate(convs, 1):
+                name = f"block{block}_{i}"
+                c_out = ch(c)
+                params[f"{name}.conv.W"] = _lecun_normal(rng, (c_out, c_in, 3, 3), c_in * 9, self.dtype)
+                params[f"{name}.bn.gamma"] = np.ones(c_out, self.dtype)
+                params[f"{name}.bn.beta"] = np.zeros(c_out, self.dtype)
+                state[f"{name}.bn.avg_mean"] = np.zeros(c_out, self.dtype)
+                state[f"{name}.bn.avg_var"] = np.ones(c_out, self.dtype)
+                self.layers.append(("block", name, None))
+                if drop:
+                    self.layers.append(("dropout", name, drop))
+                c_in = c_out
+            self.layers.append(("pool", f"pool{block}", None))
+        hidden = ch(512)
+        self.layers.append(("dropout", "fc1", 0.5))
+        params["fc1.W"] = _lecun_normal(rng, (hidden, c_in), c_in, self.dtype)
+        params["bn_fc1.gamma"] = np.ones(hidden, self.dtype)
+        params["bn_fc1.beta"] = np.zeros(hidden, self.dtype)
+        state["bn_fc1.avg_mean"] = np.zeros(hidden, self.dtype)
+        state["bn_fc1.avg_var"] = np.ones(hidden, self.dtype)
+        self.layers.append(("fc_bn_relu", "fc1", None))
+        self.layers.append(("dropout", "fc2", 0.5))
+        params["fc2.W"] = _lecun_normal(rng, (n_classes, hidden), hidden, self.dtype)
+        self.layers.append(("fc", "fc2", None))
+        self.params, self.state = params, state
+
+    # -- parameters ------------------------------------------------------------------------
+    @property
+    def n_params(self):
+        return int(sum(np.prod(v.shape) for v in self.params.values()))
+
+    def load_params(self, mapping, state=None):
+        """Replace the parameters (and optionally the BatchNorm state) from a mapping.
+
+        Names and shapes must match exactly; a clear ``KeyError``/``ValueError`` otherwise.
+        """
+        for target, new, what in ((self.params, mapping, "params"), (self.state, state, "state")):
+            if new is None:
+                continue
+            missing = sorted(set(target) - set(new))
+            extra = sorted(set(new) - set(target))
+            if missing or extra:
+                raise KeyError(f"{what} names do not match: missing {missing}, unexpected {extra}")
+            for k, v in new.items():
+                if tuple(v.shape) != tuple(target[k].shape):
+                    raise ValueError(f"{what}[{k!r}] has shape {tuple(v.shape)}, expected {target[k].shape}")
+            for k, v in new.items():
+                target[k] = v if isinstance(v, da.Array) else np.asarray(v, dtype=self.dtype)
+
+    def _out_chunks(self, n):
+        s = min(self.channel_split, n)
+        return even_chunks(n, s) if s > 1 else (n,)
+
+    def _as_dask(self, name, value):
+        """A parameter as a Dask array chunked for the channel split (output channels)."""
+        lead = self._out_chunks(value.shape[0])
+        if name.startswith("fc2"):
+            lead = (value.shape[0],)
+        chunks = (lead,) + tuple((n,) for n in value.shape[1:])
+        if isinstance(value, da.Array):
+            return value if value.chunks == chunks else value.rechunk(chunks)
+        return da.from_array(value, chunks=chunks, name=False)
+
+    def dask_params(self):
+        """The parameters as Dask arrays chunked for ``channel_split``."""
+        return {k: self._as_dask(k, v) for k, v in self.params.items()}
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x, train=True, dropout=True, step=0, params=None):
+        """Logits (a :class:`~dask_pconv.autodiff.Tensor` of shape (N, n_classes)) and the
+        lazily updated BatchNorm state (training mode) or the current one (evaluation)."""
+        p = params if params is not None else {k: ad.Tensor(v, name=k) for k, v in self.dask_params().items()}
+        if isinstance(x, np.ndarray):
+            x = da.from_array(x, chunks=x.shape)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {x.shape}")
+        h = ad.Tensor(x.astype(self.dtype, copy=False))
+        new_state = {}
+
+        def bn(h, name):
+            gamma, beta = p[f"{name}.gamma"], p[f"{name}.beta"]
+            if not train:
+                return ad.batch_norm(
+                    h, gamma, beta, self._stat(name, "avg_mean", h), self._stat(name, "avg_var", h), eps=BN_EPS
+                )
+            from ..ops.nn import batch_norm_stats
+
+            mean, var = batch_norm_stats(h.value)
+            m = h.value.size // h.value.shape[1]
+            adjust = m / max(m - 1.0, 1.0)  # Chainer keeps the unbiased variance
+            old_m, old_v = self._stat(name, "avg_mean", h), self._stat(name, "avg_var", h)
+            new_state[f"{name}.avg_mean"] = BN_DECAY * old_m + (1 - BN_DECAY) * mean
+            new_state[f"{name}.avg_var"] = BN_DECAY * old_v + (1 - BN_DECAY) * adjust * var
+            return ad.batch_norm(h, gamma, beta, eps=BN_EPS)
+
+        for li, (kind, name, extra) in enumerate(self.layers):
+            if kind == "block":
+                h = ad.conv2d(h, p[f"{name}.conv.W"], padding=1)
+                h = ad.relu(bn(h, f"{name}.bn"))
+            elif kind == "pool":
+                h = ad.max_pool2d(h, 2, 2)
+            elif kind == "dropout":
+                if train and dropout:
+                    h = ad.dropout(h, extra, self.seed, step, li)
+            elif kind == "fc_bn_relu":
+                h = ad.flatten(h)
+                h = ad.relu(bn(ad.linear(h, p[f"{name}.W"]), "bn_fc1"))
+            elif kind == "fc":
+                h = ad.linear(h, p[f"{name}.W"])
+        state = new_state if train else {}
+        return h, state
+
+    def _stat(self, bn_name, which, h):
+        v = self.state[f"{bn_name}.{which}"]
+        v = v if isinstance(v, da.Array) else da.from_array(v, chunks=-1, name=False)
+        return v.rechunk((h.value.chunks[1],))
+
+    def forward_backward_aux(self, x, t, train=True, dropout=True, step=0):
+        """``(loss, grads, aux)``: like :meth:`forward_backward` plus ``aux['accuracy']``
+        (lazy scalar), ``aux['state']`` (updated BatchNorm statistics) and ``aux['logits']``."""
+        p = {k: ad.Tensor(v, name=k) for k, v in self.dask_params().items()}
+        z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p)
+        t = t if isinstance(t, da.Array) else da.from_array(np.asarray(t), chunks=(z.value.chunks[0],))
+        if t.chunks[0] != z.value.chunks[0]:
+            t = t.rechunk((z.value.chunks[0],))
+        loss = ad.softmax_cross_entropy(z, t)
+        grads = ad.grad(loss, p)
+        aux = {"accuracy": ad.accuracy(z, t), "state": state, "logits": z.value}
+        return loss.value, grads, aux
+
+    def forward_backward(self, x, t, train=True, dropout=True, step=0):
+        """Lazy loss and gradients for a batch.
+
+        Parameters
+        ----------
+        x : dask.array.Array, shape (N, in_channels, 32, 32)
+            Any chunking: batch, channel, spatial or a mix.
+        t : array of int, shape (N,)
+            Labels.
+        train : bool
+            BatchNorm uses batch statistics (True) or the running ones (False).
+        dropout : bool
+            Apply dropout (only when ``train``); masks come from ``(seed, step, layer)``.
+        step : int
+            Training step, for the dropout masks.
+
+        Returns
+        -------
+        loss : dask.array.Array
+            Mean softmax cross-entropy, a 0-d array.
+        grads : dict
+            Name -> Dask array, keyed and shaped like :attr:`params`.
+        """
+        loss, grads, _ = self.forward_backward_aux(x, t, train, dropout, step)
+        return loss, grads
+
+    def predict(self, x):
+        """Logits in evaluation mode (running BatchNorm statistics, no dropout): lazy (N, K)."""
+        z, _ = self.forward(x, train=False)
+        return z.value

@@ -1,0 +1,37 @@
+"""An independent dense reference of the VGG16 forward/backward in PyTorch (dropout off)."""
+
+import numpy as np
+
+
+def torch_loss_and_grads(model, x, t, train=True):
+    import torch
+    import torch.nn.functional as F
+
+    p = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in model.params.items()}
+    h = torch.tensor(x)
+    for kind, name, _ in model.layers:
+        if kind == "block":
+            h = F.conv2d(h, p[f"{name}.conv.W"], padding=1)
+            mean = torch.tensor(np.asarray(model.state[f"{name}.bn.avg_mean"]))
+            var = torch.tensor(np.asarray(model.state[f"{name}.bn.avg_var"]))
+            h = F.batch_norm(
+                h, None if train else mean, None if train else var,
+                p[f"{name}.bn.gamma"], p[f"{name}.bn.beta"], training=train, eps=2e-5,
+            )
+            h = F.relu(h)
+        elif kind == "pool":
+            h = F.max_pool2d(h, 2, 2)
+        elif kind == "fc_bn_relu":
+            h = h.flatten(1) @ p["fc1.W"].T
+            mean = torch.tensor(np.asarray(model.state["bn_fc1.avg_mean"]))
+            var = torch.tensor(np.asarray(model.state["bn_fc1.avg_var"]))
+            h = F.batch_norm(
+                h, None if train else mean, None if train else var,
+                p["bn_fc1.gamma"], p["bn_fc1.beta"], training=train, eps=2e-5,
+            )
+            h = F.relu(h)
+        elif kind == "fc":
+            h = h @ p["fc2.W"].T
+    loss = F.cross_entropy(h, torch.tensor(t))
+    loss.backward()
+    return loss.item(), {k: v.grad.numpy() for k, v in p.items()}
