@@ -1,0 +1,263 @@
+"""The training loop: one Dask graph per step (forward, backward, optimizer update), the
+parameters persisted on the workers, only scalars back to the client; Chainer-style log
+report, plots and per-epoch checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from .data import epoch_batches, to_dask
+from .optim import MomentumSGD
+
+__all__ = ["LOG_KEYS", "Trainer", "load_checkpoint", "save_checkpoint"]
+
+LOG_KEYS = (
+    "epoch",
+    "main/loss",
+    "validation/main/loss",
+    "main/accuracy",
+    "validation/main/accuracy",
+    "elapsed_time",
+)
+
+
+def save_checkpoint(path, params, state, velocities, meta):
+    """Write an ``.npz`` atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    arrays = {}
+    for prefix, group in (("param", params), ("state", state), ("velocity", velocities)):
+        for k, v in group.items():
+            arrays[f"{prefix}/{k}"] = np.asarray(v)
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``."""
+    out = {"param": {}, "state": {}, "velocity": {}}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            for key in f.files:
+                if key == "meta":
+                    continue
+                prefix, _, name = key.partition("/")
+                if prefix not in out:
+                    raise ValueError(f"unexpected entry {key!r}")
+                out[prefix][name] = f[key]
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable or malformed: {e}") from e
+    return out["param"], out["state"], out["velocity"], meta
+
+
+def _format_row(values):
+    return "".join(f"{v:<{max(len(k), 12) + 2}}" for k, v in zip(LOG_KEYS, values))
+
+
+class Trainer:
+    """Trains a model (e.g. :class:`~dask_pconv.models.VGG16`) on the active Dask scheduler.
+
+    Parameters
+    ----------
+    model
+        Has ``params``, ``state``, ``dask_params()``, ``forward_backward_aux`` and ``predict``.
+    train_set, val_set : dask_pconv.data.Dataset
+    batch_size : int
+    split : dict
+        From :func:`dask_pconv.data.parse_split`; ``channel`` sets ``model.channel_split``.
+    optimizer : MomentumSGD
+    seed : int
+        Shuffling per epoch and dropout masks.
+    out : path, optional
+        Folder for ``log.json``, ``loss.png``, ``accuracy.png`` and ``checkpoint_epoch_E.npz``.
+    dropout : bool
+    progress : bool
+        A progress bar per epoch (tqdm, on stderr).
+    """
+
+    def __init__(self, model, train_set, val_set, *, batch_size=64, split=None, optimizer=None,
+                 seed=0, out=None, dropout=True, progress=True, stream=None):
+        if batch_size < 1 or batch_size > len(train_set.t):
+            raise ValueError(f"batch_size must be in [1, {len(train_set.t)}], got {batch_size}")
+        self.model, self.train_set, self.val_set = model, train_set, val_set
+        self.batch_size, self.split = batch_size, dict(split or {})
+        if "channel" in self.split:
+            model.channel_split = self.split["channel"]
+        self.opt = optimizer or MomentumSGD()
+        self.seed, self.dropout, self.progress = seed, dropout, progress
+        self.out = Path(out) if out is not None else None
+        self.stream = stream or sys.stdout
+        self.epoch, self.step = 0, 0
+        self.velocities = None
+        self.log = []
+        self.tasks_per_step = None
+        self._elapsed = 0.0
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def checkpoint_path(self, epoch):
+        return self.out / f"checkpoint_epoch_{epoch}.npz"
+
+    def save(self):
+        params, state, vel = dask.compute(self.model.params, self.model.state, self.velocities)
+        meta = {"epoch": self.epoch, "step": self.step, "seed": self.seed, "log": self.log,
+                "elapsed": self._elapsed}
+        save_checkpoint(self.checkpoint_path(self.epoch), params, state, vel, meta)
+
+    def latest_checkpoint(self):
+        if self.out is None or not self.out.is_dir():
+            return None
+        found = []
+        for p in self.out.glob("checkpoint_epoch_*.npz"):
+            try:
+                found.append((int(p.stem.rsplit("_", 1)[1]), p))
+            except ValueError:
+                continue
+        return max(found)[1] if found else None
+
+    def resume(self, path=None):
+        """Continue from ``path`` or the newest checkpoint in ``out``; False if there is none."""
+        path = path or self.latest_checkpoint()
+        if path is None:
+            return False
+        params, state, vel, meta = load_checkpoint(path)
+        self.model.load_params(params, state)
+        self.velocities = {k: v for k, v in vel.items()}
+        if set(self.velocities) != set(self.model.params):
+            raise ValueError(f"checkpoint {path} has velocities for other parameters")
+        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self.log, self._elapsed = list(meta["log"]), float(meta.get("elapsed", 0.0))
+        return True
+
+    def _split_for(self, n):
+        """The split for a batch of ``n`` (a short last batch gets at most ``n`` pieces)."""
+        split = dict(self.split)
+        if "batch" in split:
+            split["batch"] = min(split["batch"], n)
+        return split
+
+    # -- one step --------------------------------------------------------------------------
+    def train_step(self, x, t):
+        """One graph: forward, backward, update; persists the new parameters, returns
+        ``(loss, accuracy)`` as floats."""
+        m = self.model
+        xd, td = to_dask(x, t, self.split)
+        params = m.dask_params()
+        if self.velocities is None:
+            self.velocities = self.opt.init_state(params)
+        vel = {k: m._as_dask(k, v) for k, v in self.velocities.items()}
+        loss, grads, aux = m.forward_backward_aux(xd, td, train=True, dropout=self.dropout, step=self.step)
+        new_p, new_v = self.opt.update(params, grads, vel)
+        outs = (new_p, new_v, aux["state"], loss, aux["accuracy"])
+        if self.tasks_per_step is None:
+            self.tasks_per_step = _count_tasks(outs)
+        new_p, new_v, new_state, loss, acc = dask.persist(*outs)
+        m.params, self.velocities = new_p, new_v
+        m.state.update(new_state)
+        self.step += 1
+        loss, acc = dask.compute(loss, acc)
+        return float(loss), float(acc)
+
+    def evaluate(self, dataset):
+        """Mean loss and accuracy in evaluation mode over ``dataset`` (one graph)."""
+        from .ops.nn import accuracy, softmax_cross_entropy
+
+        n = len(dataset.t)
+        parts = []
+        for i in range(0, n, self.batch_size):
+            x, t = dataset.x[i : i + self.batch_size], dataset.t[i : i + self.batch_size]
+            xd, td = to_dask(x, t, self._split_for(len(t)))
+            z = self.model.predict(xd)
+            parts.append((softmax_cross_entropy(z, td) * len(td), accuracy(z, td) * len(td)))
+        (parts,) = dask.compute(parts)
+        return sum(p[0] for p in parts) / n, sum(p[1] for p in parts) / n
+
+    # -- epochs ----------------------------------------------------------------------------
+    def run(self, epochs):
+        """Train until ``epochs`` epochs are done (continuing from a resumed epoch)."""
+        from tqdm.auto import tqdm
+
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if not self.log:
+            print(_format_row(LOG_KEYS), file=self.stream, flush=True)
+        n = len(self.train_set.t)
+        while self.epoch < epochs:
+            t0 = time.perf_counter()
+            batches = epoch_batches(n, self.batch_size, self.epoch, self.seed)
+            losses, accs = [], []
+            bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not self.progress,
+                       leave=False, file=sys.stderr, unit="step")
+            for idx in bar:
+                loss, acc = self.train_step(self.train_set.x[idx], self.train_set.t[idx])
+                losses.append(loss)
+                accs.append(acc)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+            bar.close()
+            val_loss, val_acc = self.evaluate(self.val_set)
+            self.epoch += 1
+            self._elapsed += time.perf_counter() - t0
+            entry = {
+                "epoch": self.epoch,
+                "iteration": self.step,
+                "main/loss": float(np.mean(losses)),
+                "main/accuracy": float(np.mean(accs)),
+                "validation/main/loss": float(val_loss),
+                "validation/main/accuracy": float(val_acc),
+                "elapsed_time": round(self._elapsed, 3),
+                "tasks_per_step": self.tasks_per_step,
+            }
+            self.log.append(entry)
+            print(_format_row([_fmt(entry[k]) for k in LOG_KEYS]), file=self.stream, flush=True)
+            if self.out is not None:
+                self.save()
+                self.write_log()
+        return self.log
+
+    def write_log(self):
+        (self.out / "log.json").write_text(json.dumps(self.log, indent=2))
+        _plot(self.log, ["main/loss", "validation/main/loss"], self.out / "loss.png", "loss")
+        _plot(self.log, ["main/accuracy", "validation/main/accuracy"], self.out / "accuracy.png", "accuracy")
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _count_tasks(collections):
+    from dask.highlevelgraph import HighLevelGraph
+
+    flat = [c for group in collections for c in (group.values() if isinstance(group, dict) else [group])]
+    (opt,) = [dask.optimize(*flat)]
+    graphs = [c.__dask_graph__() for c in opt]
+    return len(HighLevelGraph.merge(*graphs).to_dict()) if graphs else 0
+
+
+def _plot(log, keys, path, ylabel):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [e["epoch"] for e in log]
+    for k in keys:
+        ax.plot(epochs, [e[k] for e in log], marker="o", label=k)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
