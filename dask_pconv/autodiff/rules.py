@@ -82,13 +82,13 @@ defvjp(relu, lambda ans, x: lambda g: nn.relu_vjp(x, g))
 
 
 @primitive
-def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5):
-    return nn.batch_norm(x, gamma, beta, mean, var, eps)
+def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
+    return nn.batch_norm(x, gamma, beta, mean, var, eps, relu)
 
 
-def _batch_norm_vjp(ans, x, gamma, beta, mean=None, var=None, eps=2e-5):
+def _batch_norm_vjp(ans, x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
     def vjp(g):
-        return nn.batch_norm_vjp(x, gamma, g, mean, var, eps) + (None, None)
+        return nn.batch_norm_vjp(x, gamma, g, mean, var, eps, relu, y=ans) + (None, None)
 
     return vjp
 
@@ -101,12 +101,8 @@ def dropout(x, ratio, seed, step, layer):
     return nn.dropout(x, ratio, seed, step, layer)
 
 
-defvjp(
-    dropout,
-    lambda ans, x, ratio, seed, step, layer: lambda g: (
-        g * nn.dropout_mask(x, ratio, seed, step, layer) if ratio else g
-    ),
-)
+# the mask depends only on (seed, step, layer) and the element index: apply it to g
+defvjp(dropout, lambda ans, x, ratio, seed, step, layer: lambda g: nn.dropout(g, ratio, seed, step, layer))
 
 
 @primitive

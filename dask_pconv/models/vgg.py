@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import autodiff as ad
 from ..geometry import even_chunks
+from ..ops.nn import batch_norm_stats
 
 __all__ = ["VGG16", "VGG16_CONFIG"]
 
@@ -155,26 +156,24 @@ class VGG16:
         h = ad.Tensor(x.astype(self.dtype, copy=False))
         new_state = {}
 
-        def bn(h, name):
+        def bn_relu(h, name):
             gamma, beta = p[f"{name}.gamma"], p[f"{name}.beta"]
-            if not train:
-                return ad.batch_norm(
-                    h, gamma, beta, self._stat(name, "avg_mean", h), self._stat(name, "avg_var", h), eps=BN_EPS
-                )
-            from ..ops.nn import batch_norm_stats
-
-            mean, var = batch_norm_stats(h.value)
-            m = h.value.size // h.value.shape[1]
-            adjust = m / max(m - 1.0, 1.0)  # Chainer keeps the unbiased variance
             old_m, old_v = self._stat(name, "avg_mean", h), self._stat(name, "avg_var", h)
-            new_state[f"{name}.avg_mean"] = BN_DECAY * old_m + (1 - BN_DECAY) * mean
-            new_state[f"{name}.avg_var"] = BN_DECAY * old_v + (1 - BN_DECAY) * adjust * var
-            return ad.batch_norm(h, gamma, beta, eps=BN_EPS)
+            if not train:
+                return ad.batch_norm(h, gamma, beta, old_m, old_v, eps=BN_EPS, relu=True)
+            stats = batch_norm_stats(h.value)  # the same graph keys as inside batch_norm
+            count, mean = stats[0], stats[1]
+            var = stats[2] / count
+            adjust = count / da.maximum(count - 1.0, 1.0)  # Chainer keeps the unbiased variance
+            dt = old_m.dtype
+            new_state[f"{name}.avg_mean"] = (BN_DECAY * old_m + (1 - BN_DECAY) * mean).astype(dt)
+            new_state[f"{name}.avg_var"] = (BN_DECAY * old_v + (1 - BN_DECAY) * adjust * var).astype(dt)
+            return ad.batch_norm(h, gamma, beta, eps=BN_EPS, relu=True)
 
         for li, (kind, name, extra) in enumerate(self.layers):
             if kind == "block":
                 h = ad.conv2d(h, p[f"{name}.conv.W"], padding=1)
-                h = ad.relu(bn(h, f"{name}.bn"))
+                h = bn_relu(h, f"{name}.bn")
             elif kind == "pool":
                 h = ad.max_pool2d(h, 2, 2)
             elif kind == "dropout":
@@ -182,7 +181,7 @@ class VGG16:
                     h = ad.dropout(h, extra, self.seed, step, li)
             elif kind == "fc_bn_relu":
                 h = ad.flatten(h)
-                h = ad.relu(bn(ad.linear(h, p[f"{name}.W"]), "bn_fc1"))
+                h = bn_relu(ad.linear(h, p[f"{name}.W"]), "bn_fc1")
             elif kind == "fc":
                 h = ad.linear(h, p[f"{name}.W"])
         state = new_state if train else {}

@@ -91,8 +91,12 @@ def _sum(arrays):
     return out
 
 
-def tree_sum(dsk, out_key, keys, split_every=SPLIT_EVERY):
-    """Add tasks to ``dsk`` that sum the blocks ``keys`` into ``out_key`` as a tree."""
+def tree_sum(dsk, out_key, keys, split_every=SPLIT_EVERY, combine=None):
+    """Add tasks to ``dsk`` that sum the blocks ``keys`` into ``out_key`` as a tree.
+
+    ``combine`` (a function of a list of blocks) replaces the sum.
+    """
+    combine = combine or _sum
     keys = list(keys)
     if not keys:
         raise ValueError("tree_sum needs at least one key")
@@ -105,11 +109,11 @@ def tree_sum(dsk, out_key, keys, split_every=SPLIT_EVERY):
                 nxt.append(group[0])
                 continue
             k = (out_key[0] + "-partial", level, i) + tuple(out_key[1:])
-            dsk[k] = (_sum, group)
+            dsk[k] = (combine, group)
             nxt.append(k)
         keys = nxt
         level += 1
-    dsk[out_key] = (_sum, keys) if len(keys) > 1 else keys[0]
+    dsk[out_key] = (combine, keys) if len(keys) > 1 else keys[0]
 
 
 def _scatter(shape, meta, parts):

@@ -5,10 +5,18 @@ Dask's tree reductions, so BatchNorm statistics are global over (N, H, W) for an
 
 from __future__ import annotations
 
+import functools
+from itertools import product
+
 import dask.array as da
 import numpy as np
+from dask.array.core import Array
+from dask.array.utils import meta_from_array
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
-from ..kernels import get_namespace
+from ..kernels import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats, dropout_block
+from ._graph import tree_sum
 
 __all__ = [
     "accuracy",
@@ -16,7 +24,6 @@ __all__ = [
     "batch_norm_stats",
     "batch_norm_vjp",
     "dropout",
-    "dropout_mask",
     "linear",
     "linear_vjp",
     "relu",
@@ -36,62 +43,95 @@ def relu_vjp(x, g):
     return da.where(x > 0, g, g.dtype.type(0))
 
 
-def _bn_axes(x):
+def _bn_index(x):
     if x.ndim == 4:
-        return (0, 2, 3)
+        return "nchw"
     if x.ndim == 2:
-        return (0,)
+        return "nc"
     raise ValueError(f"batch_norm expects (N, C) or (N, C, H, W), got shape {x.shape}")
 
 
-def _per_channel(v, x):
-    """A (C,) vector shaped and chunked to broadcast against ``x``'s channel axis."""
-    v = v if isinstance(v, da.Array) else da.from_array(v, chunks=-1)
-    v = v.rechunk((x.chunks[1],)).astype(x.dtype, copy=False)
-    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+def _per_channel(v, x, dtype=None):
+    """A (C,) vector as a Dask array chunked like ``x``'s channel axis."""
+    v = v if isinstance(v, da.Array) else da.from_array(np.asarray(v), chunks=-1)
+    v = v.rechunk((x.chunks[1],))
+    return v.astype(dtype or x.dtype, copy=False)
+
+
+def _per_channel_reduce(name, func, blocks, rows, channel=()):
+    """``(rows, C)`` float64: ``func`` on the matching blocks of the arrays ``blocks`` (all
+    chunked alike, channels on axis 1) and the channel chunk's block of each ``(k, C)`` array in
+    ``channel``, combined per channel chunk as a tree over the other axes."""
+    x = blocks[0]
+    dsk = {}
+    part = name + "-part"
+    for idx in product(*(range(n) for n in x.numblocks)):
+        per_c = tuple((a.name, 0, idx[1]) for a in channel)
+        dsk[(part,) + idx] = (func,) + tuple((a.name,) + idx for a in blocks) + per_c
+    for c in range(x.numblocks[1]):
+        keys = [(part,) + idx for idx in product(*(range(n) for n in x.numblocks)) if idx[1] == c]
+        tree_sum(dsk, (name, 0, c), keys, combine=combine_stats if rows == 3 else None)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[*blocks, *channel])
+    meta = meta_from_array(x._meta, ndim=2, dtype=np.float64)
+    return Array(graph, name, ((rows,), x.chunks[1]), meta=meta)
 
 
 def batch_norm_stats(x):
-    """Batch mean and (biased) variance per channel over N (and H, W): two lazy (C,) arrays."""
-    axes = _bn_axes(x)
-    mean = x.mean(axis=axes)
-    var = ((x - _per_channel(mean, x)) ** 2).mean(axis=axes)
-    return mean, var
+    """Batch statistics per channel over N (and H, W) across all chunks, as a lazy ``(3, C)``
+    float64 array of ``(count, mean, M2)`` (merged exactly, in a tree)."""
+    _bn_index(x)
+    return _per_channel_reduce(f"batch_norm-stats-{tokenize(x)}", bn_partial_stats, [x], rows=3)
 
 
-def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5):
-    """``gamma * (x - mean) / sqrt(var + eps) + beta`` per channel.
-
-    With ``mean``/``var`` None (training) they are the batch statistics over N, H, W across all
-    chunks; otherwise (evaluation) the given running statistics.  ``eps`` defaults to
-    Chainer's 2e-5.
-    """
+def _stats(x, mean, var):
     if mean is None:
-        mean, var = batch_norm_stats(x)
-    invstd = 1.0 / da.sqrt(_per_channel(var, x) + eps)
-    return (x - _per_channel(mean, x)) * (invstd * _per_channel(gamma, x)) + _per_channel(beta, x)
+        return batch_norm_stats(x)
+    mean = _per_channel(mean, x, np.float64)
+    var = _per_channel(var, x, np.float64)
+    return da.stack([da.ones_like(mean), mean, var])  # count 1, M2 = var
 
 
-def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5):
+def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
+    """``gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, then ReLU if ``relu``.
+
+    With ``mean``/``var`` None (training) they are the batch statistics over N (and H, W)
+    across all chunks, biased variance; otherwise (evaluation) the given running statistics.
+    ``eps`` defaults to Chainer's 2e-5.  One task per block, plus a tree for the statistics.
+    """
+    ind = _bn_index(x)
+    stats = _stats(x, mean, var)
+    return da.blockwise(
+        bn_forward, ind, x, ind, stats, "z" + ind[1], _per_channel(gamma, x), "c",
+        _per_channel(beta, x), "c", eps=eps, relu=relu, dtype=x.dtype, meta=x._meta,
+        concatenate=True, name=f"batch_norm-fwd-{tokenize(x, stats, gamma, beta, eps, relu)}",
+    )
+
+
+def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=None):
     """Gradients ``(g_x, g_gamma, g_beta)`` of :func:`batch_norm`.
 
-    In training mode (statistics from the batch) ``g_x`` includes the paths through the mean
-    and the variance: ``g_x = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat))``.
+    In training mode ``g_x`` includes the paths through the batch mean and variance:
+    ``g_x = gamma * invstd * (g' - mean(g') - xhat * mean(g' * xhat))`` with ``g'`` the
+    gradient through the ReLU (``y``, the forward output, gives its mask).
     """
-    axes = _bn_axes(x)
+    ind = _bn_index(x)
     train = mean is None
-    if train:
-        mean, var = batch_norm_stats(x)
-    invstd = 1.0 / da.sqrt(_per_channel(var, x) + eps)
-    xhat = (x - _per_channel(mean, x)) * invstd
-    g_beta = g.sum(axis=axes)
-    g_gamma = (g * xhat).sum(axis=axes)
-    scale = invstd * _per_channel(gamma, x)
-    if not train:
-        return g * scale, g_gamma, g_beta
-    m = np.prod([x.shape[a] for a in axes])
-    g_x = scale * (g - _per_channel(g_beta / m, x) - xhat * _per_channel(g_gamma / m, x))
-    return g_x, g_gamma, g_beta
+    stats = _stats(x, mean, var)
+    if relu and y is None:
+        y = batch_norm(x, gamma, None if train else 0, mean, var, eps, relu)
+    y = x if y is None else y
+    g = g if g.chunks == x.chunks else g.rechunk(x.chunks)
+    name = f"batch_norm-gsum-{tokenize(x, y, g, stats, eps, relu)}"
+    partial = functools.partial(bn_backward_partial, eps=eps, relu=relu)
+    sums = _per_channel_reduce(name, partial, [x, y, g], rows=2, channel=[stats])
+    count = x.size // x.shape[1]
+    g_x = da.blockwise(
+        bn_backward, ind, x, ind, y, ind, g, ind, stats, "z" + ind[1], sums, "s" + ind[1],
+        _per_channel(gamma, x), "c", count=count, eps=eps, relu=relu, train=train,
+        dtype=x.dtype, meta=x._meta, concatenate=True,
+        name=f"batch_norm-gx-{tokenize(name, gamma, train)}",
+    )
+    return g_x, sums[1].astype(x.dtype), sums[0].astype(x.dtype)
 
 
 def linear(x, W):
@@ -109,52 +149,27 @@ def linear_vjp(x, W, g):
     return g_x, g_W
 
 
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(z):
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-def _mask_block(like, ratio, key, shape, block_info=None):
-    """Keep-mask scaled by 1/(1-ratio) for one block, from the *global* element indices.
-
-    Each element's random number is a hash of (key, its flat index in the whole array), so the
-    mask does not depend on the chunking and a recomputed task gives the same mask.
-    """
-    xp = get_namespace(like)
-    loc = block_info[0]["array-location"]
-    flat = None
-    for ax, (lo, hi) in enumerate(loc):
-        stride = int(np.prod(shape[ax + 1 :]))
-        idx = xp.arange(lo, hi, dtype=xp.uint64) * np.uint64(stride)
-        idx = idx.reshape((-1,) + (1,) * (len(shape) - ax - 1))
-        flat = idx if flat is None else flat + idx
-    with np.errstate(over="ignore"):
-        h = _splitmix64(flat + np.uint64(key))
-    u = (h >> np.uint64(11)).astype(xp.float64) * (1.0 / 2**53)  # uniform in [0, 1)
-    scale = like.dtype.type(1.0 / (1.0 - ratio))
-    return xp.where(u >= ratio, scale, like.dtype.type(0)).astype(like.dtype)
-
-
-def dropout_mask(x, ratio, seed, step, layer):
-    """The (lazy) scaled keep-mask of :func:`dropout`, a pure function of
-    ``(seed, step, layer)`` and each element's global index (so of its block too)."""
-    key = np.random.SeedSequence([seed, step, layer]).generate_state(1, dtype=np.uint64)[0]
-    return x.map_blocks(
-        _mask_block, ratio, int(key), x.shape, dtype=x.dtype, name=f"dropout-mask-{seed}-{step}-{layer}"
-    )
+def _dropout_map(x, ratio, key, shape, block_info=None):
+    return dropout_block(x, ratio, key, shape, block_info[0]["array-location"])
 
 
 def dropout(x, ratio, seed, step, layer):
-    """Inverted dropout: zero each element with probability ``ratio``, scale the rest."""
+    """Inverted dropout: zero each element with probability ``ratio``, scale the rest by
+    ``1/(1-ratio)``.
+
+    The mask is a pure function of ``(seed, step, layer)`` and each element's global index
+    (hence of its block), so it does not depend on the chunking and a task recomputed after a
+    lost worker gives the same mask.  Applying the same call to a gradient gives the VJP.
+    """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"dropout ratio must be in [0, 1), got {ratio}")
     if ratio == 0.0:
         return x
-    return x * dropout_mask(x, ratio, seed, step, layer)
+    key = int(np.random.SeedSequence([seed, step, layer]).generate_state(1, dtype=np.uint64)[0])
+    return x.map_blocks(
+        _dropout_map, ratio, key, x.shape, dtype=x.dtype, meta=x._meta,
+        name=f"dropout-{tokenize(x, ratio, key)}",
+    )
 
 
 def _onehot(t, n_classes, dtype):
