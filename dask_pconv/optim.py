@@ -29,8 +29,10 @@ class MomentumSGD:
 
     def init_state(self, params):
         """Zero velocities shaped and chunked like ``params`` (name -> array)."""
-        return {k: da.zeros_like(v) if isinstance(v, da.Array) else da.zeros(v.shape, v.dtype)
-                for k, v in params.items()}
+        return {
+            k: da.zeros_like(v) if isinstance(v, da.Array) else da.zeros(v.shape, v.dtype)
+            for k, v in params.items()
+        }
 
     def update(self, params, grads, velocities):
         """Lazy ``(new_params, new_velocities)``; chunks follow the parameters."""

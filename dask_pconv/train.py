@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import dask
@@ -57,7 +58,7 @@ def load_checkpoint(path):
                 if prefix not in out:
                     raise ValueError(f"unexpected entry {key!r}")
                 out[prefix][name] = f[key]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"checkpoint {path} is unreadable or malformed: {e}") from e
     return out["param"], out["state"], out["velocity"], meta
 
@@ -87,8 +88,21 @@ class Trainer:
         A progress bar per epoch (tqdm, on stderr).
     """
 
-    def __init__(self, model, train_set, val_set, *, batch_size=64, split=None, optimizer=None,
-                 seed=0, out=None, dropout=True, progress=True, stream=None):
+    def __init__(
+        self,
+        model,
+        train_set,
+        val_set,
+        *,
+        batch_size=64,
+        split=None,
+        optimizer=None,
+        seed=0,
+        out=None,
+        dropout=True,
+        progress=True,
+        stream=None,
+    ):
         if batch_size < 1 or batch_size > len(train_set.t):
             raise ValueError(f"batch_size must be in [1, {len(train_set.t)}], got {batch_size}")
         self.model, self.train_set, self.val_set = model, train_set, val_set
@@ -111,8 +125,13 @@ class Trainer:
 
     def save(self):
         params, state, vel = dask.compute(self.model.params, self.model.state, self.velocities)
-        meta = {"epoch": self.epoch, "step": self.step, "seed": self.seed, "log": self.log,
-                "elapsed": self._elapsed}
+        meta = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.seed,
+            "log": self.log,
+            "elapsed": self._elapsed,
+        }
         save_checkpoint(self.checkpoint_path(self.epoch), params, state, vel, meta)
 
     def latest_checkpoint(self):
@@ -197,8 +216,14 @@ class Trainer:
             t0 = time.perf_counter()
             batches = epoch_batches(n, self.batch_size, self.epoch, self.seed)
             losses, accs = [], []
-            bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{epochs}", disable=not self.progress,
-                       leave=False, file=sys.stderr, unit="step")
+            bar = tqdm(
+                batches,
+                desc=f"epoch {self.epoch + 1}/{epochs}",
+                disable=not self.progress,
+                leave=False,
+                file=sys.stderr,
+                unit="step",
+            )
             for idx in bar:
                 loss, acc = self.train_step(self.train_set.x[idx], self.train_set.t[idx])
                 losses.append(loss)

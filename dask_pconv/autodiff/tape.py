@@ -105,9 +105,7 @@ def _vjps(node, g):
     for i, t in node.parents:
         maker = makers[i] if i < len(makers) else None
         if maker is None:
-            raise NotImplementedError(
-                f"no VJP rule registered for argument {i} of primitive '{node.prim}'"
-            )
+            raise NotImplementedError(f"no VJP rule registered for argument {i} of primitive '{node.prim}'")
         out.append((t, maker(node.ans, *node.args, **node.kwargs)(g)))
     return out
 

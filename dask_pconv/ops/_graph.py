@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import operator
 
-from dask.array.core import Array
-from dask.highlevelgraph import HighLevelGraph
-
 from ..kernels import get_namespace
 
 SPLIT_EVERY = 4
@@ -37,51 +34,72 @@ def _offsets(pad_before, pieces):
     return tuple(out)
 
 
-def window_array(x, plan_h, plan_w, fill, name):
-    """The window array of ``x`` for the given :class:`~dask_pconv.geometry.AxisPlan` pair."""
-    dsk = {}
-    slice_name = name + "-slice"
-    chunks_h, chunks_w = x.chunks[2], x.chunks[3]
-    for n, Nn in enumerate(x.chunks[0]):
-        for c, Cc in enumerate(x.chunks[1]):
-            for i, (ph0, ph1, pcs_h) in enumerate(plan_h.sources):
-                for j, (pw0, pw1, pcs_w) in enumerate(plan_w.sources):
-                    key = (name, n, c, i, j)
-                    whole = (
-                        ph0 == ph1 == pw0 == pw1 == 0
-                        and len(pcs_h) == len(pcs_w) == 1
-                        and pcs_h[0][1:] == (0, chunks_h[pcs_h[0][0]])
-                        and pcs_w[0][1:] == (0, chunks_w[pcs_w[0][0]])
-                    )
-                    if whole:  # the window is one input block: no copy
-                        dsk[key] = (x.name, n, c, pcs_h[0][0], pcs_w[0][0])
-                        continue
-                    rows = []
-                    for jh, h0, h1 in pcs_h:
-                        row = []
-                        for jw, w0, w1 in pcs_w:
-                            src = (x.name, n, c, jh, jw)
-                            if (h0, h1) != (0, chunks_h[jh]) or (w0, w1) != (0, chunks_w[jw]):
-                                # ship only the strip a neighbour contributes, not its block
-                                sk = (slice_name, n, c, jh, jw, h0, h1, w0, w1)
-                                sl = (slice(None), slice(None), slice(h0, h1), slice(w0, w1))
-                                dsk[sk] = (operator.getitem, src, sl)
-                                src = sk
-                            row.append(src)
-                        rows.append(row)
-                    shape = (Nn, Cc, plan_h.window_lengths[i], plan_w.window_lengths[j])
-                    dsk[key] = (
-                        _assemble,
-                        rows,
-                        _offsets(ph0, pcs_h),
-                        _offsets(pw0, pcs_w),
-                        shape,
-                        fill,
-                        x._meta,
-                    )
-    chunks = (x.chunks[0], x.chunks[1], plan_h.window_lengths, plan_w.window_lengths)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
-    return Array(graph, name, chunks, meta=x._meta)
+def _pad(block, ph0, ph1, pw0, pw1, fill):
+    """``block`` with ``fill`` rows/columns added at the image edge (the padding)."""
+    xp = get_namespace(block)
+    N, C, H, W = block.shape
+    out = xp.full((N, C, H + ph0 + ph1, W + pw0 + pw1), fill, dtype=block.dtype)
+    out[:, :, ph0 : ph0 + H, pw0 : pw0 + W] = block
+    return out
+
+
+class Windows:
+    """The input window of every output tile ``(n, c, i, j)``: its tile plus its halo, with
+    padding at the true image edge, as a task (or key) consumers embed.
+
+    A window inside one input block is that block (padded inside the consumer's task, so no
+    extra task); a window that reaches neighbours is assembled by a task of its own
+    (``dsk``) from strips sliced off the neighbours, so only the strips travel between
+    workers.  Either way it depends only on the input blocks the window reaches.
+    """
+
+    def __init__(self, x, plan_h, plan_w, fill, name):
+        self.x, self.plan_h, self.plan_w, self.name = x, plan_h, plan_w, name
+        self.dsk = {}
+        self.tasks = {}
+        slice_name = name + "-slice"
+        chunks_h, chunks_w = x.chunks[2], x.chunks[3]
+        for n, Nn in enumerate(x.chunks[0]):
+            for c, Cc in enumerate(x.chunks[1]):
+                for i, (ph0, ph1, pcs_h) in enumerate(plan_h.sources):
+                    for j, (pw0, pw1, pcs_w) in enumerate(plan_w.sources):
+                        single = (
+                            len(pcs_h) == len(pcs_w) == 1
+                            and pcs_h[0][1:] == (0, chunks_h[pcs_h[0][0]])
+                            and pcs_w[0][1:] == (0, chunks_w[pcs_w[0][0]])
+                        )
+                        if single:
+                            src = (x.name, n, c, pcs_h[0][0], pcs_w[0][0])
+                            pads = (ph0, ph1, pw0, pw1)
+                            self.tasks[n, c, i, j] = (_pad, src, *pads, fill) if any(pads) else src
+                            continue
+                        rows = []
+                        for jh, h0, h1 in pcs_h:
+                            row = []
+                            for jw, w0, w1 in pcs_w:
+                                src = (x.name, n, c, jh, jw)
+                                if (h0, h1) != (0, chunks_h[jh]) or (w0, w1) != (0, chunks_w[jw]):
+                                    sk = (slice_name, n, c, jh, jw, h0, h1, w0, w1)
+                                    sl = (slice(None), slice(None), slice(h0, h1), slice(w0, w1))
+                                    self.dsk[sk] = (operator.getitem, src, sl)
+                                    src = sk
+                                row.append(src)
+                            rows.append(row)
+                        shape = (Nn, Cc, plan_h.window_lengths[i], plan_w.window_lengths[j])
+                        key = (name, n, c, i, j)
+                        self.dsk[key] = (
+                            _assemble,
+                            rows,
+                            _offsets(ph0, pcs_h),
+                            _offsets(pw0, pcs_w),
+                            shape,
+                            fill,
+                            x._meta,
+                        )
+                        self.tasks[n, c, i, j] = key
+
+    def __getitem__(self, idx):
+        return self.tasks[idx]
 
 
 def _sum(arrays):
@@ -91,15 +109,22 @@ def _sum(arrays):
     return out
 
 
-def tree_sum(dsk, out_key, keys, split_every=SPLIT_EVERY, combine=None):
-    """Add tasks to ``dsk`` that sum the blocks ``keys`` into ``out_key`` as a tree.
+def tree_sum(dsk, out_key, parts, split_every=SPLIT_EVERY, combine=None):
+    """Add tasks to ``dsk`` that sum ``parts`` into ``out_key`` as a tree.
 
-    ``combine`` (a function of a list of blocks) replaces the sum.
+    ``parts`` is a list of ``(key, task)``: each part's task is added under its key, except a
+    lone part, whose task becomes ``out_key`` itself (no alias task).  ``combine`` (a function
+    of a list of blocks) replaces the sum.
     """
     combine = combine or _sum
-    keys = list(keys)
-    if not keys:
-        raise ValueError("tree_sum needs at least one key")
+    parts = list(parts)
+    if not parts:
+        raise ValueError("tree_sum needs at least one part")
+    if len(parts) == 1:
+        dsk[out_key] = parts[0][1]
+        return
+    dsk.update(parts)
+    keys = [k for k, _ in parts]
     level = 0
     while len(keys) > split_every:
         nxt = []
@@ -134,12 +159,18 @@ def _contributions(plan, n_chunks):
     return out
 
 
-def scatter_windows(dsk, name, window_name, like, plan_h, plan_w, meta):
+def window_reach(plan_h, plan_w, i, j):
+    """How many input tiles window ``(i, j)`` reads."""
+    return len(plan_h.sources[i][2]) * len(plan_w.sources[j][2])
+
+
+def scatter_windows(dsk, name, window, like, plan_h, plan_w, meta):
     """Add tasks ``(name, n, c, i, j)`` adding window gradients back into the tiles of ``like``.
 
-    ``(window_name, n, c, th, tw)`` must be the gradient of window ``(th, tw)``; the strips
-    that overlap a tile are summed into it (halo strips go back to the neighbours they came
-    from, padding is dropped).  Inputs no window reads get zeros.
+    ``window(n, c, th, tw)`` gives the key (or, for a window that reaches one tile only, the
+    task) of the gradient of window ``(th, tw)``; the strips that overlap a tile are summed
+    into it (halo strips go back to the neighbours they came from, padding is dropped).
+    Inputs no window reads get zeros.
     """
     contrib_h = _contributions(plan_h, len(like.chunks[2]))
     contrib_w = _contributions(plan_w, len(like.chunks[3]))
@@ -148,7 +179,7 @@ def scatter_windows(dsk, name, window_name, like, plan_h, plan_w, meta):
             for i, Hh in enumerate(like.chunks[2]):
                 for j, Ww in enumerate(like.chunks[3]):
                     parts = [
-                        [(window_name, n, c, th, tw), wy, wx, ly, lx]
+                        [window(n, c, th, tw), wy, wx, ly, lx]
                         for th, wy, ly in contrib_h[i]
                         for tw, wx, lx in contrib_w[j]
                     ]

@@ -15,7 +15,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
 from ..kernels import conv2d_forward, conv2d_grad_w, conv2d_grad_x, get_namespace
-from ._graph import scatter_windows, tree_sum, window_array
+from ._graph import Windows, scatter_windows, tree_sum, window_reach
 from ._validate import as_dask, check_groups, check_kernel_fits
 
 
@@ -70,7 +70,7 @@ class _ConvSetup:
         self.token = tokenize(x, w, self.stride, self.pads, self.dilation, groups)
 
     def windows(self):
-        return window_array(self.x, self.plan_h, self.plan_w, 0, f"conv2d-halo-{self.token}")
+        return Windows(self.x, self.plan_h, self.plan_w, 0, f"conv2d-halo-{self.token}")
 
 
 def _ranges(chunks):
@@ -172,27 +172,22 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     s = _ConvSetup(x, w, stride, padding, dilation, groups)
     win = s.windows()
     name = f"conv2d-fwd-{s.token}"
-    dsk = {}
+    dsk = dict(win.dsk)
     for n in range(len(s.x.chunks[0])):
         for oi, row in enumerate(s.pairs):
             n_out = s.w.chunks[0][oi]
             for i in range(len(s.plan_h.out_chunks)):
                 for j in range(len(s.plan_w.out_chunks)):
-                    keys = []
-                    for ci, calls in row:
-                        k = (name + "-part", ci, n, oi, i, j)
-                        dsk[k] = (
-                            _conv_pair,
-                            (win.name, n, ci, i, j),
-                            (s.w.name, oi, 0, 0, 0),
-                            calls,
-                            n_out,
-                            s.stride,
-                            s.dilation,
+                    w_key = (s.w.name, oi, 0, 0, 0)
+                    parts = [
+                        (
+                            (name + "-part", ci, n, oi, i, j),
+                            (_conv_pair, win[n, ci, i, j], w_key, calls, n_out, s.stride, s.dilation),
                         )
-                        keys.append(k)
-                    tree_sum(dsk, (name, n, oi, i, j), keys)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[win, s.w])
+                        for ci, calls in row
+                    ]
+                    tree_sum(dsk, (name, n, oi, i, j), parts)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[s.x, s.w])
     y = Array(graph, name, s.out_chunks, meta=s.meta)
     if b is not None:
         b = as_dask(b, "b", 1)
@@ -244,51 +239,53 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
         for ci, calls in row:
             by_c.setdefault(ci, []).append((oi, calls))
     dsk = {}
+    nested = {}  # a window gradient read by one tile only and made by one task: embed it there
     for n in range(nN):
         for ci, n_in in enumerate(s.x.chunks[1]):
             for i in range(nI):
                 for j in range(nJ):
-                    keys = []
-                    for oi, calls in by_c[ci]:
-                        k = (gxw_name + "-part", oi, n, ci, i, j)
-                        dsk[k] = (
-                            _gx_pair,
-                            (g_y.name, n, oi, i, j),
-                            (s.w.name, oi, 0, 0, 0),
-                            calls,
-                            n_in,
-                            s.stride,
-                            s.dilation,
+                    parts = [
+                        (
+                            (gxw_name + "-part", oi, n, ci, i, j),
+                            (
+                                _gx_pair,
+                                (g_y.name, n, oi, i, j),
+                                (s.w.name, oi, 0, 0, 0),
+                                calls,
+                                n_in,
+                                s.stride,
+                                s.dilation,
+                            ),
                         )
-                        keys.append(k)
-                    tree_sum(dsk, (gxw_name, n, ci, i, j), keys)
-    scatter_windows(dsk, gx_name, gxw_name, s.x, s.plan_h, s.plan_w, meta)
+                        for oi, calls in by_c[ci]
+                    ]
+                    if len(parts) == 1 and window_reach(s.plan_h, s.plan_w, i, j) == 1:
+                        nested[n, ci, i, j] = parts[0][1]
+                    else:
+                        tree_sum(dsk, (gxw_name, n, ci, i, j), parts)
+    scatter_windows(
+        dsk, gx_name, lambda *idx: nested.get(idx, (gxw_name, *idx)), s.x, s.plan_h, s.plan_w, meta
+    )
     graph = HighLevelGraph.from_collections(gx_name, dsk, dependencies=[g_y, s.w])
     g_x = Array(graph, gx_name, s.x.chunks, meta=meta)
 
     # g_w: one partial per (window, output-channel chunk), tree-summed over batch, tiles, channels
     gw_name = f"conv2d-gw-{tok}"
-    dsk = {}
+    dsk = dict(win.dsk)
     for oi, row in enumerate(s.pairs):
         w_shape = (s.w.chunks[0][oi],) + s.w.shape[1:]
-        keys = []
-        for n in range(nN):
-            for i in range(nI):
-                for j in range(nJ):
-                    for ci, calls in row:
-                        k = (gw_name + "-part", n, i, j, ci, oi)
-                        dsk[k] = (
-                            _gw_pair,
-                            (win.name, n, ci, i, j),
-                            (g_y.name, n, oi, i, j),
-                            calls,
-                            w_shape,
-                            s.stride,
-                            s.dilation,
-                        )
-                        keys.append(k)
-        tree_sum(dsk, (gw_name, oi, 0, 0, 0), keys)
-    graph = HighLevelGraph.from_collections(gw_name, dsk, dependencies=[win, g_y])
+        parts = [
+            (
+                (gw_name + "-part", n, i, j, ci, oi),
+                (_gw_pair, win[n, ci, i, j], (g_y.name, n, oi, i, j), calls, w_shape, s.stride, s.dilation),
+            )
+            for n in range(nN)
+            for i in range(nI)
+            for j in range(nJ)
+            for ci, calls in row
+        ]
+        tree_sum(dsk, (gw_name, oi, 0, 0, 0), parts)
+    graph = HighLevelGraph.from_collections(gw_name, dsk, dependencies=[s.x, g_y])
     g_w = Array(graph, gw_name, s.w.chunks, meta=meta)
 
     g_b = g_y.sum(axis=(0, 2, 3))

@@ -15,7 +15,14 @@ from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from ..kernels import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats, dropout_block
+from ..kernels import (
+    bn_backward,
+    bn_backward_partial,
+    bn_forward,
+    bn_partial_stats,
+    combine_stats,
+    dropout_block,
+)
 from ._graph import tree_sum
 
 __all__ = [
@@ -65,12 +72,16 @@ def _per_channel_reduce(name, func, blocks, rows, channel=()):
     x = blocks[0]
     dsk = {}
     part = name + "-part"
-    for idx in product(*(range(n) for n in x.numblocks)):
-        per_c = tuple((a.name, 0, idx[1]) for a in channel)
-        dsk[(part,) + idx] = (func,) + tuple((a.name,) + idx for a in blocks) + per_c
     for c in range(x.numblocks[1]):
-        keys = [(part,) + idx for idx in product(*(range(n) for n in x.numblocks)) if idx[1] == c]
-        tree_sum(dsk, (name, 0, c), keys, combine=combine_stats if rows == 3 else None)
+        parts = [
+            (
+                (part,) + idx,
+                (func,) + tuple((a.name,) + idx for a in blocks) + tuple((a.name, 0, c) for a in channel),
+            )
+            for idx in product(*(range(n) for n in x.numblocks))
+            if idx[1] == c
+        ]
+        tree_sum(dsk, (name, 0, c), parts, combine=combine_stats if rows == 3 else None)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[*blocks, *channel])
     meta = meta_from_array(x._meta, ndim=2, dtype=np.float64)
     return Array(graph, name, ((rows,), x.chunks[1]), meta=meta)
@@ -88,7 +99,7 @@ def _stats(x, mean, var):
         return batch_norm_stats(x)
     mean = _per_channel(mean, x, np.float64)
     var = _per_channel(var, x, np.float64)
-    return da.stack([da.ones_like(mean), mean, var])  # count 1, M2 = var
+    return da.stack([da.ones_like(mean), mean, var]).rechunk({0: 3})  # count 1, M2 = var
 
 
 def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
@@ -101,9 +112,22 @@ def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
     ind = _bn_index(x)
     stats = _stats(x, mean, var)
     return da.blockwise(
-        bn_forward, ind, x, ind, stats, "z" + ind[1], _per_channel(gamma, x), "c",
-        _per_channel(beta, x), "c", eps=eps, relu=relu, dtype=x.dtype, meta=x._meta,
-        concatenate=True, name=f"batch_norm-fwd-{tokenize(x, stats, gamma, beta, eps, relu)}",
+        bn_forward,
+        ind,
+        x,
+        ind,
+        stats,
+        "z" + ind[1],
+        _per_channel(gamma, x),
+        "c",
+        _per_channel(beta, x),
+        "c",
+        eps=eps,
+        relu=relu,
+        dtype=x.dtype,
+        meta=x._meta,
+        concatenate=True,
+        name=f"batch_norm-fwd-{tokenize(x, stats, gamma, beta, eps, relu)}",
     )
 
 
@@ -126,9 +150,27 @@ def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=Non
     sums = _per_channel_reduce(name, partial, [x, y, g], rows=2, channel=[stats])
     count = x.size // x.shape[1]
     g_x = da.blockwise(
-        bn_backward, ind, x, ind, y, ind, g, ind, stats, "z" + ind[1], sums, "s" + ind[1],
-        _per_channel(gamma, x), "c", count=count, eps=eps, relu=relu, train=train,
-        dtype=x.dtype, meta=x._meta, concatenate=True,
+        bn_backward,
+        ind,
+        x,
+        ind,
+        y,
+        ind,
+        g,
+        ind,
+        stats,
+        "z" + ind[1],
+        sums,
+        "s" + ind[1],
+        _per_channel(gamma, x),
+        "c",
+        count=count,
+        eps=eps,
+        relu=relu,
+        train=train,
+        dtype=x.dtype,
+        meta=x._meta,
+        concatenate=True,
         name=f"batch_norm-gx-{tokenize(name, gamma, train)}",
     )
     return g_x, sums[1].astype(x.dtype), sums[0].astype(x.dtype)
@@ -167,7 +209,12 @@ def dropout(x, ratio, seed, step, layer):
         return x
     key = int(np.random.SeedSequence([seed, step, layer]).generate_state(1, dtype=np.uint64)[0])
     return x.map_blocks(
-        _dropout_map, ratio, key, x.shape, dtype=x.dtype, meta=x._meta,
+        _dropout_map,
+        ratio,
+        key,
+        x.shape,
+        dtype=x.dtype,
+        meta=x._meta,
         name=f"dropout-{tokenize(x, ratio, key)}",
     )
 

@@ -12,7 +12,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
 from ..kernels import max_pool2d_backward, max_pool2d_forward
-from ._graph import scatter_windows, window_array
+from ._graph import Windows, scatter_windows, window_reach
 from ._validate import as_dask, check_kernel_fits
 
 
@@ -29,7 +29,7 @@ def _setup(x, kernel_size, stride, padding):
     plan_h = geo.plan_axis(x.chunks[2], kernel[0], stride[0], pads[0], 1)
     plan_w = geo.plan_axis(x.chunks[3], kernel[1], stride[1], pads[1], 1)
     token = tokenize(x, kernel, stride, pads)
-    win = window_array(x, plan_h, plan_w, float("-inf"), f"max_pool2d-halo-{token}")
+    win = Windows(x, plan_h, plan_w, float("-inf"), f"max_pool2d-halo-{token}")
     return x, kernel, stride, plan_h, plan_w, win, token
 
 
@@ -54,14 +54,17 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     """
     x, kernel, stride, plan_h, plan_w, win, token = _setup(x, kernel_size, stride, padding)
     name = f"max_pool2d-fwd-{token}"
-    dsk = {
-        (name, n, c, i, j): (max_pool2d_forward, (win.name, n, c, i, j), kernel, stride)
-        for n in range(len(x.chunks[0]))
-        for c in range(len(x.chunks[1]))
-        for i in range(len(plan_h.out_chunks))
-        for j in range(len(plan_w.out_chunks))
-    }
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[win])
+    dsk = dict(win.dsk)
+    dsk.update(
+        {
+            (name, n, c, i, j): (max_pool2d_forward, win[n, c, i, j], kernel, stride)
+            for n in range(len(x.chunks[0]))
+            for c in range(len(x.chunks[1]))
+            for i in range(len(plan_h.out_chunks))
+            for j in range(len(plan_w.out_chunks))
+        }
+    )
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
     chunks = (x.chunks[0], x.chunks[1], plan_h.out_chunks, plan_w.out_chunks)
     return Array(graph, name, chunks, meta=x._meta)
 
@@ -82,22 +85,20 @@ def max_pool2d_vjp(x, g_y, kernel_size, stride=None, padding=0):
         g_y = g_y.rechunk(out_chunks)
     tok = tokenize(token, g_y)
     gwin, name = f"max_pool2d-gxwin-{tok}", f"max_pool2d-gx-{tok}"
-    dsk = {
-        (gwin, n, c, i, j): (
-            max_pool2d_backward,
-            (win.name, n, c, i, j),
-            (g_y.name, n, c, i, j),
-            kernel,
-            stride,
-        )
-        for n in range(len(x.chunks[0]))
-        for c in range(len(x.chunks[1]))
-        for i in range(len(plan_h.out_chunks))
-        for j in range(len(plan_w.out_chunks))
-    }
+    dsk = dict(win.dsk)
+    nested = {}  # a window read by one tile only: its gradient is computed inside that tile's task
+    for n in range(len(x.chunks[0])):
+        for c in range(len(x.chunks[1])):
+            for i in range(len(plan_h.out_chunks)):
+                for j in range(len(plan_w.out_chunks)):
+                    task = (max_pool2d_backward, win[n, c, i, j], (g_y.name, n, c, i, j), kernel, stride)
+                    if window_reach(plan_h, plan_w, i, j) == 1:
+                        nested[n, c, i, j] = task
+                    else:
+                        dsk[(gwin, n, c, i, j)] = task
     meta = x._meta.astype(g_y.dtype)
-    scatter_windows(dsk, name, gwin, x, plan_h, plan_w, meta)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[win, g_y])
+    scatter_windows(dsk, name, lambda *idx: nested.get(idx, (gwin, *idx)), x, plan_h, plan_w, meta)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x, g_y])
     return Array(graph, name, x.chunks, meta=meta)
 
 

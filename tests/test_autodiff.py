@@ -1,0 +1,152 @@
+"""Every VJP rule against finite differences (float64), plus the tape's own behaviour."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from dask_pconv import autodiff as ad
+
+from strategies import assert_close
+
+RNG = np.random.default_rng(0)
+X4 = RNG.standard_normal((4, 3, 7, 6))
+W = RNG.standard_normal((5, 3, 3, 3))
+GAMMA, BETA = RNG.random(3) + 0.5, RNG.standard_normal(3)
+MEAN, VAR = RNG.standard_normal(3), RNG.random(3) + 0.5
+X2 = RNG.standard_normal((6, 5))
+LIN = RNG.standard_normal((4, 5))
+T = np.array([0, 3, 1, 3, 2, 0])
+CH4 = (2, (1, 2), (4, 3), (2, 4))
+
+
+def d(a, chunks=None):
+    return da.from_array(a, chunks=chunks or a.shape)
+
+
+CASES = {
+    "conv2d": (lambda x, w: ad.conv2d(x, w, padding=1, stride=(2, 1)), [d(X4, CH4), d(W, (3, 3, 3, 3))]),
+    "conv2d grouped dilated": (
+        lambda x, w: ad.conv2d(x, w, padding=2, dilation=2, groups=3),
+        [d(X4, CH4), d(RNG.standard_normal((6, 1, 3, 2)))],
+    ),
+    "max_pool2d": (lambda x: ad.max_pool2d(x, 3, 2, 1), [d(X4, CH4)]),
+    "relu": (ad.relu, [d(X4, CH4)]),
+    "batch_norm train": (lambda x, g, b: ad.batch_norm(x, g, b), [d(X4, CH4), d(GAMMA), d(BETA)]),
+    "batch_norm train relu": (
+        lambda x, g, b: ad.batch_norm(x, g, b, relu=True),
+        [d(X4, CH4), d(GAMMA, 2), d(BETA, 1)],
+    ),
+    "batch_norm eval": (
+        lambda x, g, b: ad.batch_norm(x, g, b, d(MEAN), d(VAR), relu=True),
+        [d(X4, CH4), d(GAMMA), d(BETA)],
+    ),
+    "batch_norm 2-D": (lambda x, g, b: ad.batch_norm(x, g, b), [d(X2, (4, 2)), d(X2[0] + 2), d(X2[1])]),
+    "dropout": (lambda x: ad.dropout(x, 0.3, 0, 1, 2), [d(X4, CH4)]),
+    "linear": (ad.linear, [d(X2, (4, 2)), d(LIN, (3, 5))]),
+    "flatten": (ad.flatten, [d(X4, CH4)]),
+    "reshape": (lambda x: ad.reshape(x, (4, 3, 42)), [d(X4, CH4)]),
+    "add broadcast": (ad.add, [d(X4, CH4), d(GAMMA.reshape(1, 3, 1, 1))]),
+    "mul broadcast": (ad.mul, [d(X4, CH4), d(X4[:1, :, :, :1])]),
+    "sum": (lambda x: ad.sum_(x, axis=(0, 2)), [d(X4, CH4)]),
+    "mean": (lambda x: ad.mean(x, axis=1), [d(X4, CH4)]),
+    "softmax_cross_entropy": (lambda z: ad.softmax_cross_entropy(z, d(T, 4)), [d(X2, (4, 2))]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vjp_matches_finite_differences(name):
+    """<u, (f(x + e v) - f(x - e v)) / 2e> equals <J^T u, v> summed over all inputs."""
+    f, inputs = CASES[name]
+    rng = np.random.default_rng(1)
+    tensors = [ad.Tensor(a) for a in inputs]
+    out = f(*tensors)
+    u = rng.standard_normal(out.shape)
+    u_d = da.from_array(u, chunks=out.value.chunks) if out.value.ndim else da.from_array(u)
+    grads = ad.grad(out, tensors, g=u_d)
+    vs = [rng.standard_normal(a.shape) for a in inputs]
+    eps = 1e-6
+    plus = f(*[ad.Tensor(a + eps * v) for a, v in zip(inputs, vs)]).value
+    minus = f(*[ad.Tensor(a - eps * v) for a, v in zip(inputs, vs)]).value
+    grads, plus, minus = dask.compute(grads, plus, minus)
+    jvp = np.vdot(u, (plus - minus) / (2 * eps))
+    vjp = sum(np.vdot(g, v) for g, v in zip(grads, vs))
+    assert np.isclose(jvp, vjp, rtol=1e-6, atol=1e-8), (jvp, vjp)
+    for g, a in zip(grads, inputs):
+        assert g.shape == a.shape
+
+
+def test_gradients_do_not_depend_on_the_chunking():
+    def net(x, w, g, b, lin):
+        h = ad.conv2d(x, w, padding=1)
+        h = ad.batch_norm(h, g, b, relu=True)
+        h = ad.max_pool2d(h, 2)
+        h = ad.dropout(h, 0.4, 7, 3, 1)
+        return ad.softmax_cross_entropy(ad.linear(ad.flatten(h), lin), d(T[:4], 2))
+
+    lin = RNG.standard_normal((4, 5 * 3 * 3))
+    g5, b5 = RNG.random(5) + 0.5, RNG.standard_normal(5)
+    results = []
+    for xc, wc in [(X4.shape, 5), (CH4, 2), ((1, 1, 2, 1), 1)]:
+        ts = [ad.Tensor(a) for a in (d(X4, xc), d(W, (wc, 3, 3, 3)), d(g5), d(b5), d(lin))]
+        loss = net(*ts)
+        results.append(dask.compute(loss.value, ad.grad(loss, ts)))
+    for loss, grads in results[1:]:
+        assert_close(loss, results[0][0], np.float64)
+        for g, g0 in zip(grads, results[0][1]):
+            assert_close(g, g0, np.float64)
+
+
+def test_missing_rule_names_the_primitive():
+    @ad.primitive
+    def cube(x):
+        return x**3
+
+    x = ad.Tensor(d(X2))
+    with pytest.raises(NotImplementedError, match="'cube'"):
+        ad.grad(ad.sum_(cube(x)), [x])
+
+
+def test_no_rule_for_labels_argument():
+    z = ad.Tensor(d(X2))
+    t = ad.Tensor(d(T))
+    with pytest.raises(NotImplementedError, match="argument 1 of primitive 'softmax_cross_entropy'"):
+        ad.grad(ad.softmax_cross_entropy(z, t), [z])
+
+
+def test_unused_input_gets_none_and_reuse_accumulates():
+    x, y = ad.Tensor(d(X2)), ad.Tensor(d(X2))
+    out = ad.sum_(x * x + x)
+    gx, gy = ad.grad(out, [x, y])
+    assert gy is None
+    np.testing.assert_allclose(gx.compute(), 2 * X2 + 1)
+
+
+def test_registered_rules():
+    names = set(ad.rule_names())
+    expected = {
+        "conv2d",
+        "max_pool2d",
+        "relu",
+        "batch_norm",
+        "dropout",
+        "linear",
+        "reshape",
+        "add",
+        "mul",
+        "sum",
+        "mean",
+        "softmax_cross_entropy",
+    }
+    assert expected <= names
+
+
+def test_dropout_mask_is_a_pure_function_of_seed_step_layer_and_index():
+    x = np.ones((4, 3, 8, 8))
+    a = ad.dropout.raw(d(x, (1, 1, 3, 5)), 0.5, 0, 1, 2).compute()
+    b = ad.dropout.raw(d(x, (4, 3, 8, 8)), 0.5, 0, 1, 2).compute()
+    c = ad.dropout.raw(d(x), 0.5, 0, 2, 2).compute()
+    np.testing.assert_array_equal(a, b)  # chunking does not matter
+    assert not np.array_equal(a, c)  # the step does
+    assert set(np.unique(a)) == {0.0, 2.0}
+    assert 0.4 < (a == 0).mean() < 0.6

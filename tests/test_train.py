@@ -1,0 +1,137 @@
+"""The training loop: loss falls on a LocalCluster, checkpoints resume exactly, the CLI."""
+
+import io
+import json
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from dask_pconv import cli
+from dask_pconv.data import synthetic
+from dask_pconv.models import VGG16
+from dask_pconv.optim import MomentumSGD
+from dask_pconv.train import LOG_KEYS, Trainer, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return synthetic(n=80, n_classes=4, seed=1, val_fraction=0.25)
+
+
+@pytest.mark.cluster
+def test_steps_on_local_cluster_lower_the_loss(small_data):
+    train, val = small_data
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c,
+        Client(c),
+    ):
+        m = VGG16(n_classes=4, width=0.125, seed=0)
+        tr = Trainer(
+            m,
+            train,
+            val,
+            batch_size=20,
+            split={"batch": 2},
+            dropout=False,
+            progress=False,
+            optimizer=MomentumSGD(lr=0.01),
+        )
+        x, t = train.x[:20], train.t[:20]
+        losses = [tr.train_step(x, t)[0] for _ in range(6)]
+        assert losses[-1] < 0.7 * losses[0], losses
+        assert all(isinstance(v, dask.array.Array) for v in m.params.values())  # persisted on workers
+        assert tr.tasks_per_step > 0
+
+
+def _trainer(data, out, **kw):
+    train, val = data
+    m = VGG16(n_classes=4, width=0.0625, seed=2)
+    return Trainer(
+        m, train, val, batch_size=20, split={"batch": 2}, out=out, progress=False, stream=io.StringIO(), **kw
+    )
+
+
+def test_resume_reaches_the_same_parameters(small_data, tmp_path):
+    full = _trainer(small_data, tmp_path / "full")
+    full.run(2)
+    part = _trainer(small_data, tmp_path / "part")
+    part.run(1)
+    again = _trainer(small_data, tmp_path / "part")
+    assert again.resume()
+    assert (again.epoch, again.step) == (1, 3)
+    again.run(2)
+    p_full, p_again = dask.compute(full.model.params, again.model.params)
+    for k in p_full:
+        np.testing.assert_array_equal(p_full[k], p_again[k])
+    assert [e["main/loss"] for e in again.log] == [e["main/loss"] for e in full.log]
+
+
+def test_outputs_log_plots_and_checkpoints(small_data, tmp_path):
+    tr = _trainer(small_data, tmp_path)
+    tr.run(2)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert set(LOG_KEYS) <= set(log[0])
+    for png in ("loss.png", "accuracy.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    params, state, vel, meta = load_checkpoint(tmp_path / "checkpoint_epoch_2.npz")
+    assert meta["epoch"] == 2 and meta["step"] == 6
+    assert set(params) == set(tr.model.params) and set(state) == set(tr.model.state)
+    header = tr.stream.getvalue().splitlines()[0]
+    assert header.split() == list(LOG_KEYS)
+    with np.load(tmp_path / "checkpoint_epoch_2.npz", allow_pickle=False) as f:
+        assert "param/fc2.W" in f.files
+
+
+def test_corrupt_checkpoint_is_a_clear_error(small_data, tmp_path):
+    tr = _trainer(small_data, tmp_path)
+    tr.run(1)
+    path = tmp_path / "checkpoint_epoch_1.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="checkpoint .* unreadable or malformed"):
+        _trainer(small_data, tmp_path).resume()
+
+
+@pytest.mark.cluster
+def test_cli_trains_and_writes_outputs(tmp_path, capsys):
+    rc = cli.main(
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--width",
+            "0.0625",
+            "--batch-size",
+            "128",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--dashboard",
+            "",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "validation/main/accuracy" in out and "tasks per step" in out
+    assert (tmp_path / "checkpoint_epoch_1.npz").exists() and (tmp_path / "log.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--split", "diagonal:2"], "split"),
+        (["--epochs", "0"], "positive integer"),
+        (["--width", "-1"], "positive number"),
+        (["--dataset", "mnist"], "invalid choice"),
+        (["--model", "resnet"], "invalid choice"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
