@@ -49,7 +49,8 @@ def load_checkpoint(path):
     """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``."""
     out = {"param": {}, "state": {}, "velocity": {}}
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # our own handle: np.load leaks its file when the zip is corrupt
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
             for key in f.files:
                 if key == "meta":
@@ -170,6 +171,15 @@ class Trainer:
     def train_step(self, x, t):
         """One graph: forward, backward, update; persists the new parameters, returns
         ``(loss, accuracy)`` as floats."""
+        loss, acc = dask.compute(*self.submit_step(x, t))
+        return float(loss), float(acc)
+
+    def submit_step(self, x, t):
+        """Build the step's graph and hand it to the scheduler (``persist``) without waiting.
+
+        Returns the persisted ``(loss, accuracy)`` 0-d arrays.  The next step's graph can be
+        built while this one runs: its parameters are this step's persisted results.
+        """
         m = self.model
         xd, td = to_dask(x, t, self.split)
         params = m.dask_params()
@@ -185,8 +195,7 @@ class Trainer:
         m.params, self.velocities = new_p, new_v
         m.state.update(new_state)
         self.step += 1
-        loss, acc = dask.compute(loss, acc)
-        return float(loss), float(acc)
+        return loss, acc
 
     def evaluate(self, dataset):
         """Mean loss and accuracy in evaluation mode over ``dataset`` (one graph)."""
@@ -216,6 +225,7 @@ class Trainer:
             t0 = time.perf_counter()
             batches = epoch_batches(n, self.batch_size, self.epoch, self.seed)
             losses, accs = [], []
+            pending = None
             bar = tqdm(
                 batches,
                 desc=f"epoch {self.epoch + 1}/{epochs}",
@@ -225,10 +235,14 @@ class Trainer:
                 unit="step",
             )
             for idx in bar:
-                loss, acc = self.train_step(self.train_set.x[idx], self.train_set.t[idx])
-                losses.append(loss)
-                accs.append(acc)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+                # submit step k, then fetch step k-1's scalars: the client builds the next graph
+                # while the workers run the previous one
+                submitted = self.submit_step(self.train_set.x[idx], self.train_set.t[idx])
+                if pending is not None:
+                    self._record(pending, losses, accs, bar)
+                pending = submitted
+            if pending is not None:
+                self._record(pending, losses, accs, bar)
             bar.close()
             val_loss, val_acc = self.evaluate(self.val_set)
             self.epoch += 1
@@ -249,6 +263,13 @@ class Trainer:
                 self.save()
                 self.write_log()
         return self.log
+
+    @staticmethod
+    def _record(pending, losses, accs, bar):
+        loss, acc = (float(v) for v in dask.compute(*pending))
+        losses.append(loss)
+        accs.append(acc)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
 
     def write_log(self):
         (self.out / "log.json").write_text(json.dumps(self.log, indent=2))

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import autodiff as ad
 from ..geometry import even_chunks
-from ..ops.nn import batch_norm_stats
+from ..ops.nn import batch_norm_running_update, batch_norm_stats
 
 __all__ = ["VGG16", "VGG16_CONFIG"]
 
@@ -162,12 +162,8 @@ class VGG16:
             if not train:
                 return ad.batch_norm(h, gamma, beta, old_m, old_v, eps=BN_EPS, relu=True)
             stats = batch_norm_stats(h.value)  # the same graph keys as inside batch_norm
-            count, mean = stats[0], stats[1]
-            var = stats[2] / count
-            adjust = count / da.maximum(count - 1.0, 1.0)  # Chainer keeps the unbiased variance
-            dt = old_m.dtype
-            new_state[f"{name}.avg_mean"] = (BN_DECAY * old_m + (1 - BN_DECAY) * mean).astype(dt)
-            new_state[f"{name}.avg_var"] = (BN_DECAY * old_v + (1 - BN_DECAY) * adjust * var).astype(dt)
+            new_m, new_v = batch_norm_running_update(stats, old_m, old_v, BN_DECAY)
+            new_state[f"{name}.avg_mean"], new_state[f"{name}.avg_var"] = new_m, new_v
             return ad.batch_norm(h, gamma, beta, eps=BN_EPS, relu=True)
 
         for li, (kind, name, extra) in enumerate(self.layers):

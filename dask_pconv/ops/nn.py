@@ -22,12 +22,14 @@ from ..kernels import (
     bn_partial_stats,
     combine_stats,
     dropout_block,
+    get_namespace,
 )
 from ._graph import tree_sum
 
 __all__ = [
     "accuracy",
     "batch_norm",
+    "batch_norm_running_update",
     "batch_norm_stats",
     "batch_norm_vjp",
     "dropout",
@@ -173,7 +175,57 @@ def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=Non
         concatenate=True,
         name=f"batch_norm-gx-{tokenize(name, gamma, train)}",
     )
-    return g_x, sums[1].astype(x.dtype), sums[0].astype(x.dtype)
+    return g_x, _row(sums, 1, x.dtype), _row(sums, 0, x.dtype)
+
+
+def _take_row(block, i, dtype):
+    return block[i].astype(dtype)
+
+
+def _row(a, i, dtype):
+    """Row ``i`` of a per-channel ``(k, C)`` array as a blockwise op (so it fuses into its
+    consumers, unlike slicing)."""
+    return a.map_blocks(
+        _take_row, i, dtype, drop_axis=0, dtype=dtype, meta=meta_from_array(a._meta, ndim=1, dtype=dtype)
+    )
+
+
+def _running(stats, old_mean, old_var, decay, which):
+    count, mean = stats[0], stats[1]
+    if which == "mean":
+        return (decay * old_mean + (1 - decay) * mean).astype(old_mean.dtype)
+    unbiased = stats[2] / get_namespace(stats).maximum(count - 1.0, 1.0)  # Chainer's m/(m-1)
+    return (decay * old_var + (1 - decay) * unbiased).astype(old_var.dtype)
+
+
+def batch_norm_running_update(stats, mean, var, decay=0.9):
+    """Chainer's running statistics after a training step: ``decay * old + (1 - decay) *
+    batch``, with the unbiased batch variance.  ``stats`` is :func:`batch_norm_stats`'s
+    ``(3, C)``; returns the new ``(mean, var)``, chunked like ``stats``'s channels."""
+    mean = mean if isinstance(mean, da.Array) else da.from_array(np.asarray(mean), chunks=-1)
+    var = var if isinstance(var, da.Array) else da.from_array(np.asarray(var), chunks=-1)
+    mean, var = mean.rechunk((stats.chunks[1],)), var.rechunk((stats.chunks[1],))
+    out = []
+    for which in ("mean", "var"):
+        out.append(
+            da.blockwise(
+                _running,
+                "c",
+                stats,
+                "zc",
+                mean,
+                "c",
+                var,
+                "c",
+                decay=decay,
+                which=which,
+                dtype=mean.dtype,
+                meta=mean._meta,
+                concatenate=True,
+                name=f"batch_norm-running-{which}-{tokenize(stats, mean, var, decay)}",
+            )
+        )
+    return tuple(out)
 
 
 def linear(x, W):
