@@ -39,7 +39,8 @@ def main(argv=None):
     split = parse_split(args.split)
     with connect(n_workers=args.workers, threads_per_worker=1) as client:
         print(
-            f"{dataset}, VGG16 width {args.width}, split {split}, {args.workers} workers: {client.dashboard_link}"
+            f"{dataset}, VGG16 width {args.width}, split {split}, {args.workers} workers, "
+            f"dashboard {client.dashboard_link}"
         )
         trainer = Trainer(
             model,
