@@ -9,6 +9,13 @@ from hypothesis import strategies as st
 
 import dask_pconv as dp
 
+try:
+    import torch  # noqa: F401
+
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+
 from reference import conv2d_ref, conv2d_vjp_ref
 from strategies import assert_close, conv_cases
 
@@ -23,8 +30,17 @@ def _kw(case):
     return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
 
 
-@given(conv_cases())
-def test_conv2d_matches_reference(case):
+KERNELS = ["numpy", pytest.param("torch", marks=pytest.mark.skipif(not HAVE_TORCH, reason="no torch"))]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@given(case=conv_cases())
+def test_conv2d_matches_reference(kernel, case):
+    with dask.config.set({"pconv.conv-kernel": kernel}):
+        _check_conv2d(case)
+
+
+def _check_conv2d(case):
     x, w = _inputs(case)
     y = dp.conv2d(x, w, case["b"], **_kw(case))
     expected = conv2d_ref(case["x"], case["w"], case["b"], **_kw(case))
@@ -35,8 +51,14 @@ def test_conv2d_matches_reference(case):
     assert_close(out, expected, case["dtype"])
 
 
-@given(conv_cases())
-def test_conv2d_vjp_matches_reference(case):
+@pytest.mark.parametrize("kernel", KERNELS)
+@given(case=conv_cases())
+def test_conv2d_vjp_matches_reference(kernel, case):
+    with dask.config.set({"pconv.conv-kernel": kernel}):
+        _check_conv2d_vjp(case)
+
+
+def _check_conv2d_vjp(case):
     x, w = _inputs(case)
     rng = np.random.default_rng(case["seed"] + 1)
     y_shape = conv2d_ref(case["x"][:1, :, :, :], case["w"], **_kw(case)).shape
@@ -159,3 +181,9 @@ def test_torch_oracle():
     assert_close(g_x, xt.grad.numpy(), np.float32)
     assert_close(g_w, wt.grad.numpy(), np.float32)
     assert_close(g_b, gy.sum((0, 2, 3)), np.float32)
+
+
+def test_unknown_kernel_config_is_an_error():
+    with dask.config.set({"pconv.conv-kernel": "fortran"}):
+        with pytest.raises(ValueError, match="pconv.conv-kernel"):
+            dp.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3))).compute()

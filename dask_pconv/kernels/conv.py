@@ -12,6 +12,7 @@ the Dask-level ops hand in, so grad-x returns a block of the window's shape.
 
 from __future__ import annotations
 
+from . import _torch
 from ._namespace import get_namespace
 
 
@@ -49,6 +50,8 @@ def _im2col(x, kh, kw, oH, oW, stride, dilation):
 
 def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     """Cross-correlation of a padded window ``x`` with ``W`` (no padding added here)."""
+    if _torch.use_torch(x, W):
+        return _torch.conv2d_forward(x, W, stride, dilation, groups)
     xp = get_namespace(x, W)
     N, C, Hw, Ww = x.shape
     O, Cg, kh, kw = W.shape
@@ -67,6 +70,8 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1):
 
     Returns ``(N, C, Hw, Ww)`` for the window that produced ``gy``.
     """
+    if _torch.use_torch(gy, W):
+        return _torch.conv2d_grad_x(gy, W, stride, dilation, groups)
     xp = get_namespace(gy, W)
     N, O, oH, oW = gy.shape
     _, Cg, kh, kw = W.shape
@@ -84,6 +89,8 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1):
 
 def conv2d_grad_w(x, gy, kernel_size, stride=(1, 1), dilation=(1, 1), groups=1):
     """Gradient with respect to ``W`` from one window ``x`` and its ``gy``: ``(O, C/groups, kh, kw)``."""
+    if _torch.use_torch(x, gy):
+        return _torch.conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups)
     xp = get_namespace(x, gy)
     N, C, Hw, Ww = x.shape
     _, O, oH, oW = gy.shape

@@ -50,6 +50,9 @@ class VGG16:
     channel_split : int
         Split every conv's and fc1's output channels into this many chunks (model
         parallelism, ChainerMN's layout but exact).  1 keeps them whole.
+    image_size : int
+        Input height and width, a multiple of 32 (32 for CIFAR; fc1 takes the flattened
+        ``(image_size/32)**2`` positions of the last block).
 
     Attributes
     ----------
@@ -61,13 +64,18 @@ class VGG16:
         BatchNorm running statistics ``*.avg_mean``/``*.avg_var``, kept apart from ``params``.
     """
 
-    def __init__(self, n_classes=10, in_channels=3, width=1.0, seed=0, dtype=np.float32, channel_split=1):
+    def __init__(
+        self, n_classes=10, in_channels=3, width=1.0, seed=0, dtype=np.float32, channel_split=1, image_size=32
+    ):
         if not (isinstance(n_classes, int) and n_classes >= 2):
             raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
         if not (isinstance(in_channels, int) and in_channels >= 1):
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         if not width > 0:
             raise ValueError(f"width must be positive, got {width!r}")
+        if not (isinstance(image_size, int) and image_size >= 32 and image_size % 32 == 0):
+            raise ValueError(f"image_size must be a multiple of 32 (five 2x2 pools), got {image_size!r}")
+        self.image_size = image_size
         self.n_classes, self.in_channels, self.width, self.seed = n_classes, in_channels, width, seed
         self.dtype = np.dtype(dtype)
         self.channel_split = int(channel_split)
@@ -92,7 +100,8 @@ class VGG16:
             self.layers.append(("pool", f"pool{block}", None))
         hidden = ch(512)
         self.layers.append(("dropout", "fc1", 0.5))
-        params["fc1.W"] = _lecun_normal(rng, (hidden, c_in), c_in, self.dtype)
+        fc_in = c_in * (image_size // 32) ** 2  # 1x1 after the pools at 32x32 (the CIFAR net)
+        params["fc1.W"] = _lecun_normal(rng, (hidden, fc_in), fc_in, self.dtype)
         params["bn_fc1.gamma"] = np.ones(hidden, self.dtype)
         params["bn_fc1.beta"] = np.zeros(hidden, self.dtype)
         state["bn_fc1.avg_mean"] = np.zeros(hidden, self.dtype)
@@ -151,8 +160,9 @@ class VGG16:
         p = params if params is not None else {k: ad.Tensor(v, name=k) for k, v in self.dask_params().items()}
         if isinstance(x, np.ndarray):
             x = da.from_array(x, chunks=x.shape)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {x.shape}")
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must be (N, {', '.join(map(str, expected))}), got shape {x.shape}")
         h = ad.Tensor(x.astype(self.dtype, copy=False))
         new_state = {}
 

@@ -1,0 +1,139 @@
+"""3. One VGG16 training step (forward, backward, momentum SGD) on a LocalCluster of 2 workers
+x 1 thread, against a PyTorch CPU step of the same network (2 threads), float32.
+
+Reports the step time (median of the timed steps, after a warm-up step), the ratio to
+PyTorch, the number of tasks in a step's graph, and the scheduler overhead per step: wall time
+minus the busiest worker's compute time, from the task stream.
+
+    python benchmarks/bench_vgg_step.py --json vgg_step.json
+"""
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+from distributed import Client, LocalCluster, get_task_stream
+
+from dask_pconv.data import Dataset
+from dask_pconv.models import VGG16
+from dask_pconv.optim import MomentumSGD
+from dask_pconv.train import Trainer
+
+from _common import table, write_json
+
+CASES = [
+    ("batch 64, 32x32, batch:2", 64, 32, {"batch": 2}),
+    ("batch 16, 128x128, spatial:2x2", 16, 128, {"spatial": (2, 2)}),
+]
+
+
+def torch_step_time(model, x, t, steps):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(2)
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    vel = {k: torch.zeros_like(v) for k, v in p.items()}
+    tx, tt = torch.from_numpy(x), torch.from_numpy(t)
+
+    def step():
+        h = tx
+        for kind, name, extra in model.layers:
+            if kind == "block":
+                h = F.conv2d(h, p[f"{name}.conv.W"], padding=1)
+                h = F.relu(
+                    F.batch_norm(h, None, None, p[f"{name}.bn.gamma"], p[f"{name}.bn.beta"], True, 0.1, 2e-5)
+                )
+            elif kind == "pool":
+                h = F.max_pool2d(h, 2)
+            elif kind == "dropout":
+                h = F.dropout(h, extra, True)
+            elif kind == "fc_bn_relu":
+                h = h.flatten(1) @ p["fc1.W"].T
+                h = F.relu(F.batch_norm(h, None, None, p["bn_fc1.gamma"], p["bn_fc1.beta"], True, 0.1, 2e-5))
+            elif kind == "fc":
+                h = h @ p["fc2.W"].T
+        loss = F.cross_entropy(h, tt)
+        for v in p.values():
+            v.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for k, v in p.items():
+                vel[k].mul_(0.9).sub_(0.05 * (v.grad + 5e-4 * v))
+                v.add_(vel[k])
+        return loss.item()
+
+    step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run(steps=3, width=1.0, cases=CASES):
+    rows = []
+    rng = np.random.default_rng(0)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        for label, n, size, split in cases:
+            x = rng.random((n, 3, size, size), dtype=np.float32)
+            t = rng.integers(0, 10, n)
+            data = Dataset(x, t, 10, "random")
+            model = VGG16(width=width, image_size=size)
+            tr = Trainer(
+                model,
+                data,
+                data,
+                batch_size=n,
+                split=split,
+                progress=False,
+                optimizer=MomentumSGD(0.05, 0.9, 5e-4),
+            )
+            tr.train_step(x, t)  # warm-up: parameters move to the workers
+            walls, overheads = [], []
+            for _ in range(steps):
+                with get_task_stream() as ts:
+                    t0 = time.perf_counter()
+                    tr.train_step(x, t)
+                    wall = time.perf_counter() - t0
+                busy = defaultdict(float)
+                for d in ts.data:
+                    for s in d["startstops"]:
+                        if s["action"] == "compute":
+                            busy[d["worker"]] += s["stop"] - s["start"]
+                walls.append(wall)
+                overheads.append(wall - max(busy.values()))
+            row = {
+                "case": label,
+                "dask_pconv step s": float(np.median(walls)),
+                "tasks per step": tr.tasks_per_step,
+                "overhead s": float(np.median(overheads)),
+            }
+            try:
+                row["torch step s"] = torch_step_time(model, x, t, steps)
+                row["ratio"] = row["dask_pconv step s"] / row["torch step s"]
+            except ImportError:
+                pass
+            rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rows = run(args.steps, args.width)
+    table(rows, ["case", "dask_pconv step s", "torch step s", "ratio", "tasks per step", "overhead s"])
+    write_json(args.json, "vgg_step", rows, width=args.width)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
