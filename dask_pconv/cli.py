@@ -15,6 +15,16 @@ from .data import DATASETS, load_dataset, parse_split
 __all__ = ["main"]
 
 
+#: per-dataset defaults for --lr and --dropout: Chainer's CIFAR recipe for cifar10; for the small
+#: sets at width 0.25 its dropout keeps VGG16 near chance for 10 epochs and lr 0.05 leaves the
+#: validation accuracy swinging by +-5 points between epochs (both measured, also in PyTorch)
+RECIPES = {
+    "cifar10": {"lr": 0.05, "dropout": True},
+    "digits": {"lr": 0.02, "dropout": False},
+    "synthetic": {"lr": 0.02, "dropout": False},
+}
+
+
 def _positive_int(text):
     try:
         v = int(text)
@@ -56,7 +66,12 @@ def build_parser():
     tr.add_argument("--data-dir", default=None, help="folder with CIFAR-10's python batches")
     tr.add_argument("--epochs", type=_positive_int, default=5)
     tr.add_argument("--batch-size", type=_positive_int, default=64)
-    tr.add_argument("--lr", type=_positive_float, default=0.05)
+    tr.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default: 0.05 for cifar10 as Chainer's example, 0.02 for digits/synthetic)",
+    )
     tr.add_argument("--momentum", type=float, default=0.9)
     tr.add_argument("--weight-decay", type=float, default=5e-4)
     tr.add_argument(
@@ -94,7 +109,9 @@ def train_command(args, stream=None):
 
     stream = stream or sys.stdout
     train_set, val_set = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
-    dropout = args.dropout if args.dropout is not None else args.dataset == "cifar10"
+    recipe = RECIPES[args.dataset]
+    dropout = args.dropout if args.dropout is not None else recipe["dropout"]
+    lr = args.lr if args.lr is not None else recipe["lr"]
     model = VGG16(
         n_classes=train_set.n_classes,
         in_channels=train_set.x.shape[1],
@@ -102,7 +119,7 @@ def train_command(args, stream=None):
         seed=args.seed,
         dtype=args.dtype,
     )
-    opt = MomentumSGD(args.lr, args.momentum, args.weight_decay)
+    opt = MomentumSGD(lr, args.momentum, args.weight_decay)
     client = connect(
         args.scheduler,
         n_workers=args.workers,
@@ -128,6 +145,7 @@ def train_command(args, stream=None):
         print(
             f"VGG16 width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
             f"{len(train_set)} train / {len(val_set)} validation; split {args.split or 'none'}; "
+            f"lr {lr}, dropout {'on' if dropout else 'off'}; "
             f"{len(client.scheduler_info()['workers'])} workers; dashboard {client.dashboard_link}",
             file=stream,
         )

@@ -57,9 +57,7 @@ def conv2d_grad_x(gy, W, stride, dilation, groups):
     dt = np.result_type(gy.dtype, W.dtype)
     with torch.no_grad():
         # the window is exactly (oH - 1) * s + d * (k - 1) + 1 long: no output padding needed
-        gx = torch.nn.functional.conv_transpose2d(
-            _t(gy, dt), _t(W, dt), None, stride, 0, 0, groups, dilation
-        )
+        gx = torch.nn.functional.conv_transpose2d(_t(gy, dt), _t(W, dt), None, stride, 0, 0, groups, dilation)
     return gx.numpy()
 
 
@@ -71,7 +69,16 @@ def conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups):
         tx, tg = _t(x, dt), _t(gy, dt)
         w_shape = (O, C // groups) + tuple(kernel_size)
         _, gw, _ = torch.ops.aten.convolution_backward(
-            tg, tx, torch.empty(w_shape, dtype=tx.dtype), None, list(stride), [0, 0],
-            list(dilation), False, [0, 0], groups, [False, True, False],
+            tg,
+            tx,
+            torch.empty(w_shape, dtype=tx.dtype),
+            None,
+            list(stride),
+            [0, 0],
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [False, True, False],
         )
     return gw.numpy()
