@@ -295,12 +295,14 @@ def _plot(log, keys, path, ylabel):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [e["epoch"] for e in log]
     for k in keys:
         ax.plot(epochs, [e[k] for e in log], marker="o", label=k)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend()
