@@ -21,6 +21,22 @@ def best_of(fn, repeat=5, warmup=1):
     return min(times)
 
 
+def interleaved(fns, repeat=5, warmup=1):
+    """Median wall time of each function in ``fns`` (name -> callable), timed round-robin so
+    that drifts of the machine's speed hit all of them alike (medians: on this shared 2-core
+    machine single runs vary by up to 2x, and minima reward lucky outliers)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def machine():
     info = {
         "python": platform.python_version(),

@@ -7,12 +7,15 @@ their halo and padding, so no function here knows about chunks.
 """
 
 from ._namespace import get_namespace
+from ._window import Padded, materialize
 from .conv import conv2d_forward, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block
 from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats
 from .pool import max_pool2d_backward, max_pool2d_forward
 
 __all__ = [
+    "Padded",
+    "materialize",
     "bn_backward",
     "bn_backward_partial",
     "bn_forward",

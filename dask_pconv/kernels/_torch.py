@@ -1,9 +1,12 @@
 """Optional faster CPU conv kernels: PyTorch's (oneDNN) reached zero-copy via ``torch.from_numpy``.
 
-Used only for NumPy blocks, only when PyTorch is importable, and only when the
-``pconv.conv-kernel`` config is ``"auto"`` (the default) or ``"torch"``; ``"numpy"`` forces the
-im2col kernels.  Results agree with the im2col kernels to floating-point rounding (the tests
-run both).  PyTorch is never a dependency of the package.
+Used only for NumPy blocks and only when PyTorch is importable.  The ``pconv.conv-kernel``
+config picks: ``"numpy"`` forces the im2col kernels, ``"torch"`` forces PyTorch's, and
+``"auto"`` (the default) takes PyTorch's unless the contraction is short (``C/groups * kh * kw``
+below ``MIN_TORCH_K``): with few input channels PyTorch's CPU kernel is slow and the im2col
+kernels are about 4x faster (benchmarks/bench_kernels.py, 3->64 channels at 2048x2048).
+Results agree with the im2col kernels to floating-point rounding (the tests run both).
+PyTorch is never a dependency of the package.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import functools
 import dask
 import numpy as np
 
+from ._window import Padded
+
 CONFIG_KEY = "pconv.conv-kernel"
 CHOICES = ("auto", "numpy", "torch")
+MIN_TORCH_K = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,16 +32,20 @@ def _torch():
     return torch
 
 
-def use_torch(*arrays):
-    """True when these blocks should go through PyTorch's kernels."""
+def use_torch(*arrays, k):
+    """True when these blocks should go through PyTorch's kernels; ``k`` is the contraction
+    length ``C/groups * kh * kw``."""
     choice = dask.config.get(CONFIG_KEY, "auto")
     if choice not in CHOICES:
         raise ValueError(f"config {CONFIG_KEY!r} must be one of {CHOICES}, got {choice!r}")
+    arrays = [getattr(a, "block", a) for a in arrays]  # a Padded window: its block decides
     if choice == "numpy" or not all(type(a) is np.ndarray for a in arrays):
         return False
     if _torch() is None:
         if choice == "torch":
             raise ImportError(f"config {CONFIG_KEY!r} is 'torch' but PyTorch is not installed")
+        return False
+    if choice == "auto" and k < MIN_TORCH_K:
         return False
     return all(a.dtype in (np.float32, np.float64) for a in arrays)
 
@@ -44,27 +54,66 @@ def _t(a, dtype):
     return _torch().from_numpy(np.ascontiguousarray(a, dtype=dtype))
 
 
+def _unpad(x):
+    """``(array, padding)``: a symmetric zero-padded window goes to PyTorch unpadded."""
+    pad = x.symmetric() if isinstance(x, Padded) else (0, 0)
+    if pad is None:
+        return x.materialize(), (0, 0)
+    return getattr(x, "block", x), pad
+
+
 def conv2d_forward(x, W, stride, dilation, groups):
     torch = _torch()
     dt = np.result_type(x.dtype, W.dtype)
+    x, pad = _unpad(x)
     with torch.no_grad():
-        y = torch.nn.functional.conv2d(_t(x, dt), _t(W, dt), None, stride, 0, dilation, groups)
+        y = torch.nn.functional.conv2d(_t(x, dt), _t(W, dt), None, stride, pad, dilation, groups)
     return y.numpy()
 
 
-def conv2d_grad_x(gy, W, stride, dilation, groups):
+def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
     torch = _torch()
     dt = np.result_type(gy.dtype, W.dtype)
+    N, _, oH, oW = gy.shape
+    _, Cg, kh, kw = W.shape
+    # the window is exactly (oH - 1) * s + d * (k - 1) + 1 long
+    Hw = (oH - 1) * stride[0] + dilation[0] * (kh - 1) + 1
+    Ww = (oW - 1) * stride[1] + dilation[1] * (kw - 1) + 1
+    pad, after = (0, 0), None
+    if crop is not None:
+        (y0, y1), (x0, x1) = crop
+        if y0 == Hw - y1 and x0 == Ww - x1:  # a symmetric crop is PyTorch's padding
+            pad = (y0, x0)
+        else:
+            after = crop
+    shape = (N, Cg * groups, Hw - 2 * pad[0], Ww - 2 * pad[1])
     with torch.no_grad():
-        # the window is exactly (oH - 1) * s + d * (k - 1) + 1 long: no output padding needed
-        gx = torch.nn.functional.conv_transpose2d(_t(gy, dt), _t(W, dt), None, stride, 0, 0, groups, dilation)
-    return gx.numpy()
+        tw = _t(W, dt)
+        gx, _, _ = torch.ops.aten.convolution_backward(
+            _t(gy, dt),
+            torch.empty(shape, dtype=tw.dtype),
+            tw,
+            None,
+            list(stride),
+            list(pad),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [True, False, False],
+        )  # only the input's shape is read
+    gx = gx.numpy()
+    if after is not None:
+        (y0, y1), (x0, x1) = after
+        gx = gx[:, :, y0:y1, x0:x1]
+    return gx
 
 
 def conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups):
     torch = _torch()
     dt = np.result_type(x.dtype, gy.dtype)
     O, C = gy.shape[1], x.shape[1]
+    x, pad = _unpad(x)
     with torch.no_grad():
         tx, tg = _t(x, dt), _t(gy, dt)
         w_shape = (O, C // groups) + tuple(kernel_size)
@@ -74,7 +123,7 @@ def conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups):
             torch.empty(w_shape, dtype=tx.dtype),
             None,
             list(stride),
-            [0, 0],
+            list(pad),
             list(dilation),
             False,
             [0, 0],

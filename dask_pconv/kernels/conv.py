@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import _torch
 from ._namespace import get_namespace
+from ._window import materialize
 
 
 def _out_size(length, k, s, d):
@@ -50,8 +51,9 @@ def _im2col(x, kh, kw, oH, oW, stride, dilation):
 
 def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     """Cross-correlation of a padded window ``x`` with ``W`` (no padding added here)."""
-    if _torch.use_torch(x, W):
+    if _torch.use_torch(x, W, k=W[0].size):
         return _torch.conv2d_forward(x, W, stride, dilation, groups)
+    x = materialize(x)
     xp = get_namespace(x, W)
     N, C, Hw, Ww = x.shape
     O, Cg, kh, kw = W.shape
@@ -65,13 +67,14 @@ def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     return y.reshape(N, O, oH, oW)
 
 
-def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1):
+def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
     """Gradient with respect to the window: a transposed conv of ``gy`` with ``W``.
 
-    Returns ``(N, C, Hw, Ww)`` for the window that produced ``gy``.
+    Returns ``(N, C, Hw, Ww)`` for the window that produced ``gy``, or with ``crop = ((y0, y1),
+    (x0, x1))`` only that part of it (a tile inside its padded window).
     """
-    if _torch.use_torch(gy, W):
-        return _torch.conv2d_grad_x(gy, W, stride, dilation, groups)
+    if _torch.use_torch(gy, W, k=W[0].size):
+        return _torch.conv2d_grad_x(gy, W, stride, dilation, groups, crop)
     xp = get_namespace(gy, W)
     N, O, oH, oW = gy.shape
     _, Cg, kh, kw = W.shape
@@ -84,13 +87,17 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1):
     gx = xp.zeros((N, G * Cg, Hw, Ww), dtype=col.dtype)
     for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
         gx[:, :, sl_y, sl_x] += col[:, :, i, j]
+    if crop is not None:
+        (y0, y1), (x0, x1) = crop
+        gx = gx[:, :, y0:y1, x0:x1]
     return gx
 
 
 def conv2d_grad_w(x, gy, kernel_size, stride=(1, 1), dilation=(1, 1), groups=1):
     """Gradient with respect to ``W`` from one window ``x`` and its ``gy``: ``(O, C/groups, kh, kw)``."""
-    if _torch.use_torch(x, gy):
+    if _torch.use_torch(x, gy, k=x.shape[1] // groups * kernel_size[0] * kernel_size[1]):
         return _torch.conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups)
+    x = materialize(x)
     xp = get_namespace(x, gy)
     N, C, Hw, Ww = x.shape
     _, O, oH, oW = gy.shape

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ._namespace import get_namespace
+from ._window import materialize
 from .conv import _out_size, _taps, _window_size
 
 
 def _argmax_taps(x, kernel_size, stride):
     """Max and the index ``i*kw + j`` of the first maximal tap (NaN counts as maximal)."""
+    x = materialize(x)
     xp = get_namespace(x)
     kh, kw = kernel_size
     oH = _out_size(x.shape[2], kh, stride[0], 1)
@@ -33,6 +35,7 @@ def max_pool2d_forward(x, kernel_size, stride):
 
 def max_pool2d_backward(x, gy, kernel_size, stride):
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
+    x = materialize(x)
     xp = get_namespace(x, gy)
     kh, kw = kernel_size
     _, idx = _argmax_taps(x, kernel_size, stride)

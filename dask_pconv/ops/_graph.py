@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 
-from ..kernels import get_namespace
+from ..kernels import Padded, get_namespace
 
 SPLIT_EVERY = 4
 
@@ -35,12 +35,9 @@ def _offsets(pad_before, pieces):
 
 
 def _pad(block, ph0, ph1, pw0, pw1, fill):
-    """``block`` with ``fill`` rows/columns added at the image edge (the padding)."""
-    xp = get_namespace(block)
-    N, C, H, W = block.shape
-    out = xp.full((N, C, H + ph0 + ph1, W + pw0 + pw1), fill, dtype=block.dtype)
-    out[:, :, ph0 : ph0 + H, pw0 : pw0 + W] = block
-    return out
+    """``block`` with ``fill`` rows/columns at the image edge, kept lazy (see
+    :class:`~dask_pconv.kernels.Padded`): the consumer task materialises it if it must."""
+    return Padded(block, (ph0, ph1, pw0, pw1), fill)
 
 
 class Windows:
@@ -164,13 +161,15 @@ def window_reach(plan_h, plan_w, i, j):
     return len(plan_h.sources[i][2]) * len(plan_w.sources[j][2])
 
 
-def scatter_windows(dsk, name, window, like, plan_h, plan_w, meta):
+def scatter_windows(dsk, name, window, like, plan_h, plan_w, meta, direct=None):
     """Add tasks ``(name, n, c, i, j)`` adding window gradients back into the tiles of ``like``.
 
     ``window(n, c, th, tw)`` gives the key (or, for a window that reaches one tile only, the
     task) of the gradient of window ``(th, tw)``; the strips that overlap a tile are summed
     into it (halo strips go back to the neighbours they came from, padding is dropped).
-    Inputs no window reads get zeros.
+    Inputs no window reads get zeros.  ``direct(n, c, th, tw, (wy0, wy1), (wx0, wx1))``, if
+    given, may return a task that makes a tile read by exactly one window directly (that
+    window's gradient cropped to the tile), or None.
     """
     contrib_h = _contributions(plan_h, len(like.chunks[2]))
     contrib_w = _contributions(plan_w, len(like.chunks[3]))
@@ -178,6 +177,12 @@ def scatter_windows(dsk, name, window, like, plan_h, plan_w, meta):
         for c, Cc in enumerate(like.chunks[1]):
             for i, Hh in enumerate(like.chunks[2]):
                 for j, Ww in enumerate(like.chunks[3]):
+                    if direct and len(contrib_h[i]) == len(contrib_w[j]) == 1:
+                        (th, wy, ly), (tw, wx, lx) = contrib_h[i][0], contrib_w[j][0]
+                        task = direct(n, c, th, tw, wy, wx) if (ly, lx) == ((0, Hh), (0, Ww)) else None
+                        if task is not None:
+                            dsk[(name, n, c, i, j)] = task
+                            continue
                     parts = [
                         [window(n, c, th, tw), wy, wx, ly, lx]
                         for th, wy, ly in contrib_h[i]

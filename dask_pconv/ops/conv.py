@@ -103,17 +103,22 @@ def _conv_pair(xw, W, calls, n_out, stride, dilation):
     return out
 
 
-def _gx_pair(gy, W, calls, n_in, stride, dilation):
-    """Grad of one window's ``n_in`` input channels from one output-channel chunk."""
+def _gx_pair(gy, W, calls, n_in, stride, dilation, crop=None):
+    """Grad of one window's ``n_in`` input channels from one output-channel chunk; with
+    ``crop = ((y0, y1), (x0, x1))`` only that part of the window."""
+    if len(calls) == 1 and calls[0][1][1] - calls[0][1][0] == n_in:
+        (o0, o1), _, (w0, w1), groups = calls[0]
+        return conv2d_grad_x(gy[:, o0:o1], W[o0:o1, w0:w1], stride, dilation, groups, crop)
     out = None
     for (o0, o1), (c0, c1), (w0, w1), groups in calls:
         g = conv2d_grad_x(gy[:, o0:o1], W[o0:o1, w0:w1], stride, dilation, groups)
-        if c1 - c0 == n_in and len(calls) == 1:
-            return g
         if out is None:
             xp = get_namespace(g)
             out = xp.zeros((g.shape[0], n_in) + g.shape[2:], dtype=g.dtype)
         out[:, c0:c1] += g
+    if crop is not None:
+        (y0, y1), (x0, x1) = crop
+        out = out[:, :, y0:y1, x0:x1]
     return out
 
 
@@ -263,8 +268,14 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
                         nested[n, ci, i, j] = parts[0][1]
                     else:
                         tree_sum(dsk, (gxw_name, n, ci, i, j), parts)
+
+    def direct(n, ci, i, j, wy, wx):
+        # a tile that is the interior of one window made by one task: compute just the tile
+        task = nested.get((n, ci, i, j))
+        return None if task is None else task + ((wy, wx),)
+
     scatter_windows(
-        dsk, gx_name, lambda *idx: nested.get(idx, (gxw_name, *idx)), s.x, s.plan_h, s.plan_w, meta
+        dsk, gx_name, lambda *idx: nested.get(idx, (gxw_name, *idx)), s.x, s.plan_h, s.plan_w, meta, direct
     )
     graph = HighLevelGraph.from_collections(gx_name, dsk, dependencies=[g_y, s.w])
     g_x = Array(graph, gx_name, s.x.chunks, meta=meta)
