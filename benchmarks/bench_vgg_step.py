@@ -12,6 +12,7 @@ import argparse
 import time
 from collections import defaultdict
 
+import dask
 import numpy as np
 from distributed import Client, LocalCluster, get_task_stream
 
@@ -33,7 +34,8 @@ def torch_step_time(model, x, t, steps):
     import torch.nn.functional as F
 
     torch.set_num_threads(2)
-    p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    (params,) = dask.compute(model.params)
+    p = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in params.items()}
     vel = {k: torch.zeros_like(v) for k, v in p.items()}
     tx, tt = torch.from_numpy(x), torch.from_numpy(t)
 
@@ -114,6 +116,7 @@ def run(steps=3, width=1.0, cases=CASES):
                 "tasks per step": tr.tasks_per_step,
                 "overhead s": float(np.median(overheads)),
             }
+            print(row, flush=True)
             try:
                 row["torch step s"] = torch_step_time(model, x, t, steps)
                 row["ratio"] = row["dask_pconv step s"] / row["torch step s"]
