@@ -30,7 +30,7 @@ def _kw(case):
     return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
 
 
-KERNELS = ["numpy", pytest.param("torch", marks=pytest.mark.skipif(not HAVE_TORCH, reason="no torch"))]
+KERNELS = ["numpy", "auto", pytest.param("torch", marks=pytest.mark.skipif(not HAVE_TORCH, reason="no torch"))]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
