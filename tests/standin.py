@@ -218,6 +218,7 @@ namespace = types.SimpleNamespace(
     exp=_fn("exp", np.exp),
     log=_fn("log", np.log),
     sqrt=_fn("sqrt", np.sqrt),
+    result_type=np.result_type,
     int32=np.int32,
     int64=np.int64,
     float32=np.float32,

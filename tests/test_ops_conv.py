@@ -30,7 +30,11 @@ def _kw(case):
     return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
 
 
-KERNELS = ["numpy", "auto", pytest.param("torch", marks=pytest.mark.skipif(not HAVE_TORCH, reason="no torch"))]
+KERNELS = [
+    "numpy",
+    "auto",
+    pytest.param("torch", marks=pytest.mark.skipif(not HAVE_TORCH, reason="no torch")),
+]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -187,3 +191,15 @@ def test_unknown_kernel_config_is_an_error():
     with dask.config.set({"pconv.conv-kernel": "fortran"}):
         with pytest.raises(ValueError, match="pconv.conv-kernel"):
             dp.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3))).compute()
+
+
+@given(case=conv_cases())
+def test_im2col_in_small_bands_matches_reference(case):
+    """Column bands of one output row (or less) must give the same result as one big matrix."""
+    from unittest import mock
+
+    from dask_pconv.kernels import conv as conv_kernels
+
+    with mock.patch.object(conv_kernels, "COL_BYTES", 1), dask.config.set({"pconv.conv-kernel": "numpy"}):
+        _check_conv2d(case)
+        _check_conv2d_vjp(case)

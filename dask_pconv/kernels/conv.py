@@ -82,6 +82,29 @@ def _correlate_single(x, W, stride, dilation):
     return out
 
 
+#: the im2col kernels build the column matrix in bands of output rows of about this size, so it
+#: stays in cache and is never a huge allocation (450 MB for one 2048x2048, 3-channel image)
+COL_BYTES = 4 * 2**20
+
+
+def _bands(N, oH, row_bytes):
+    """``(n0, n1, r0, r1)`` bands of images and output rows whose columns fit ``COL_BYTES``."""
+    rows = max(1, COL_BYTES // max(row_bytes, 1))
+    if rows >= oH:  # whole images: group several
+        per = max(1, rows // oH)
+        for n0 in range(0, N, per):
+            yield n0, min(N, n0 + per), 0, oH
+        return
+    for n in range(N):
+        for r0 in range(0, oH, rows):
+            yield n, n + 1, r0, min(oH, r0 + rows)
+
+
+def _band_rows(r0, r1, k, s, d):
+    """Window rows read by output rows ``[r0, r1)``."""
+    return slice(r0 * s, (r1 - 1) * s + d * (k - 1) + 1)
+
+
 def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     """Cross-correlation of a padded window ``x`` with ``W`` (no padding added here)."""
     if W.shape[:2] == (1, 1) and _single_channel_ok(x, W):
@@ -93,13 +116,17 @@ def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     N, C, Hw, Ww = x.shape
     O, Cg, kh, kw = W.shape
     G = groups
+    K = Cg * kh * kw
     oH = _out_size(Hw, kh, stride[0], dilation[0])
     oW = _out_size(Ww, kw, stride[1], dilation[1])
-    col = _im2col(x, kh, kw, oH, oW, stride, dilation)
-    col = col.reshape(N, G, Cg * kh * kw, oH * oW)  # (N, G, Cg*kh*kw, oH*oW)
-    Wm = W.reshape(1, G, O // G, Cg * kh * kw)  # (1, G, Og, Cg*kh*kw)
-    y = xp.matmul(Wm, col)  # (N, G, Og, oH*oW)
-    return y.reshape(N, O, oH, oW)
+    Wm = W.reshape(1, G, O // G, K)  # (1, G, Og, Cg*kh*kw)
+    y = xp.empty((N, O, oH, oW), dtype=xp.result_type(x.dtype, W.dtype))
+    for n0, n1, r0, r1 in _bands(N, oH, C * kh * kw * oW * x.dtype.itemsize):
+        xs = x[n0:n1, :, _band_rows(r0, r1, kh, stride[0], dilation[0])]
+        col = _im2col(xs, kh, kw, r1 - r0, oW, stride, dilation)
+        col = col.reshape(n1 - n0, G, K, (r1 - r0) * oW)  # (n, G, Cg*kh*kw, rows*oW)
+        y[n0:n1, :, r0:r1] = xp.matmul(Wm, col).reshape(n1 - n0, O, r1 - r0, oW)
+    return y
 
 
 def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
@@ -117,11 +144,14 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
     Hw = _window_size(oH, kh, stride[0], dilation[0])
     Ww = _window_size(oW, kw, stride[1], dilation[1])
     Wt = W.reshape(1, G, O // G, Cg * kh * kw).transpose(0, 1, 3, 2)  # (1, G, Cg*kh*kw, Og)
-    col = xp.matmul(Wt, gy.reshape(N, G, O // G, oH * oW))  # (N, G, Cg*kh*kw, oH*oW)
-    col = col.reshape(N, G * Cg, kh, kw, oH, oW)
-    gx = xp.zeros((N, G * Cg, Hw, Ww), dtype=col.dtype)
-    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
-        gx[:, :, sl_y, sl_x] += col[:, :, i, j]
+    gx = xp.zeros((N, G * Cg, Hw, Ww), dtype=xp.result_type(gy.dtype, W.dtype))
+    for n0, n1, r0, r1 in _bands(N, oH, G * Cg * kh * kw * oW * gx.dtype.itemsize):
+        n, rb = n1 - n0, r1 - r0
+        g = gy[n0:n1, :, r0:r1].reshape(n, G, O // G, rb * oW)
+        col = xp.matmul(Wt, g).reshape(n, G * Cg, kh, kw, rb, oW)  # (n, C, kh, kw, rows, oW)
+        band = gx[n0:n1, :, _band_rows(r0, r1, kh, stride[0], dilation[0])]
+        for i, j, (sl_y, sl_x) in _taps(kh, kw, rb, oW, stride, dilation):
+            band[:, :, sl_y, sl_x] += col[:, :, i, j]
     if crop is not None:
         (y0, y1), (x0, x1) = crop
         gx = gx[:, :, y0:y1, x0:x1]
@@ -139,10 +169,13 @@ def conv2d_grad_w(x, gy, kernel_size, stride=(1, 1), dilation=(1, 1), groups=1):
     kh, kw = kernel_size
     G = groups
     Cg = C // G
-    col = _im2col(x, kh, kw, oH, oW, stride, dilation)
-    col = col.reshape(N, G, Cg * kh * kw, oH * oW).transpose(1, 0, 3, 2)  # (G, N, oH*oW, K)
-    col = col.reshape(G, N * oH * oW, Cg * kh * kw)
-    g = gy.reshape(N, G, O // G, oH * oW).transpose(1, 2, 0, 3)  # (G, Og, N, oH*oW)
-    g = g.reshape(G, O // G, N * oH * oW)
-    gW = xp.matmul(g, col)  # (G, Og, Cg*kh*kw)
+    K = Cg * kh * kw
+    gW = xp.zeros((G, O // G, K), dtype=xp.result_type(x.dtype, gy.dtype))
+    for n0, n1, r0, r1 in _bands(N, oH, C * kh * kw * oW * x.dtype.itemsize):
+        n, rb = n1 - n0, r1 - r0
+        xs = x[n0:n1, :, _band_rows(r0, r1, kh, stride[0], dilation[0])]
+        col = _im2col(xs, kh, kw, rb, oW, stride, dilation)
+        col = col.reshape(n, G, K, rb * oW).transpose(1, 0, 3, 2).reshape(G, n * rb * oW, K)
+        g = gy[n0:n1, :, r0:r1].reshape(n, G, O // G, rb * oW).transpose(1, 2, 0, 3)  # (G, Og, n, P)
+        gW += xp.matmul(g.reshape(G, O // G, n * rb * oW), col)  # (G, Og, Cg*kh*kw)
     return gW.reshape(O, Cg, kh, kw)
