@@ -71,6 +71,17 @@ def conv2d_forward(x, W, stride, dilation, groups):
     return y.numpy()
 
 
+def _backward(gy, x, w, stride, pad, dilation, groups, which):
+    """One output of PyTorch's conv backward: ``which`` 0 is grad-x, 1 is grad-w (NumPy)."""
+    torch = _torch()
+    mask = [which == 0, which == 1, False]
+    with torch.no_grad():
+        out = torch.ops.aten.convolution_backward(
+            gy, x, w, None, list(stride), list(pad), list(dilation), False, [0, 0], groups, mask
+        )
+    return out[which].numpy()
+
+
 def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
     torch = _torch()
     dt = np.result_type(gy.dtype, W.dtype)
@@ -87,22 +98,9 @@ def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
         else:
             after = crop
     shape = (N, Cg * groups, Hw - 2 * pad[0], Ww - 2 * pad[1])
-    with torch.no_grad():
-        tw = _t(W, dt)
-        gx, _, _ = torch.ops.aten.convolution_backward(
-            _t(gy, dt),
-            torch.empty(shape, dtype=tw.dtype),
-            tw,
-            None,
-            list(stride),
-            list(pad),
-            list(dilation),
-            False,
-            [0, 0],
-            groups,
-            [True, False, False],
-        )  # only the input's shape is read
-    gx = gx.numpy()
+    tw = _t(W, dt)
+    # only the input's shape is read for grad-x
+    gx = _backward(_t(gy, dt), torch.empty(shape, dtype=tw.dtype), tw, stride, pad, dilation, groups, 0)
     if after is not None:
         (y0, y1), (x0, x1) = after
         gx = gx[:, :, y0:y1, x0:x1]
@@ -114,20 +112,7 @@ def conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups):
     dt = np.result_type(x.dtype, gy.dtype)
     O, C = gy.shape[1], x.shape[1]
     x, pad = _unpad(x)
-    with torch.no_grad():
-        tx, tg = _t(x, dt), _t(gy, dt)
-        w_shape = (O, C // groups) + tuple(kernel_size)
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            tg,
-            tx,
-            torch.empty(w_shape, dtype=tx.dtype),
-            None,
-            list(stride),
-            list(pad),
-            list(dilation),
-            False,
-            [0, 0],
-            groups,
-            [False, True, False],
-        )
-    return gw.numpy()
+    tx = _t(x, dt)
+    # only the weight's shape is read for grad-w
+    w = torch.empty((O, C // groups) + tuple(kernel_size), dtype=tx.dtype)
+    return _backward(_t(gy, dt), tx, w, stride, pad, dilation, groups, 1)
