@@ -88,6 +88,8 @@ class Trainer:
     dropout : bool
     progress : bool
         A progress bar per epoch (tqdm, on stderr).
+    stream : file, optional
+        Where the LogReport table goes (standard output by default).
     """
 
     def __init__(
@@ -309,8 +311,7 @@ def _count_tasks(collections):
     from dask.highlevelgraph import HighLevelGraph
 
     flat = [c for group in collections for c in (group.values() if isinstance(group, dict) else [group])]
-    (opt,) = [dask.optimize(*flat)]
-    graphs = [c.__dask_graph__() for c in opt]
+    graphs = [c.__dask_graph__() for c in dask.optimize(*flat)]
     return len(HighLevelGraph.merge(*graphs).to_dict()) if graphs else 0
 
 
