@@ -4,6 +4,7 @@ report, plots and per-epoch checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -30,14 +31,28 @@ LOG_KEYS = (
 )
 
 
+def _checksum(arrays):
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, params, state, velocities, meta):
-    """Write an ``.npz`` atomically (a temporary file in the same folder, then a rename)."""
+    """Write an ``.npz`` atomically (a temporary file in the same folder, then a rename).
+
+    ``meta`` (JSON: epoch, step, ...) is stored with a SHA-256 checksum of all the arrays, which
+    :func:`load_checkpoint` verifies.
+    """
     path = Path(path)
     arrays = {}
     for prefix, group in (("param", params), ("state", state), ("velocity", velocities)):
         for k, v in group.items():
             arrays[f"{prefix}/{k}"] = np.asarray(v)
-    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["meta"] = np.array(json.dumps(dict(meta, sha256=_checksum(arrays))))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -47,8 +62,13 @@ def save_checkpoint(path, params, state, velocities, meta):
 
 
 def load_checkpoint(path):
-    """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``."""
+    """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``.
+
+    A truncated, altered or foreign file raises ``ValueError`` naming it (the checksum in
+    ``meta`` must match the arrays).
+    """
     out = {"param": {}, "state": {}, "velocity": {}}
+    arrays = {}
     try:
         # our own handle: np.load leaks its file when the zip is corrupt
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
@@ -59,9 +79,11 @@ def load_checkpoint(path):
                 prefix, _, name = key.partition("/")
                 if prefix not in out:
                     raise ValueError(f"unexpected entry {key!r}")
-                out[prefix][name] = f[key]
+                out[prefix][name] = arrays[key] = f[key]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"checkpoint {path} is unreadable or malformed: {e}") from e
+    if meta.get("sha256") != _checksum(arrays):
+        raise ValueError(f"checkpoint {path} fails its checksum: altered or incomplete, not loading it")
     return out["param"], out["state"], out["velocity"], meta
 
 

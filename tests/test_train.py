@@ -135,3 +135,15 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
         cli.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_altered_checkpoint_fails_its_checksum(small_data, tmp_path):
+    tr = _trainer(small_data, tmp_path)
+    tr.run(1)
+    path = tmp_path / "checkpoint_epoch_1.npz"
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["param/fc2.W"] = arrays["param/fc2.W"] + 1e-3  # meta (and its checksum) unchanged
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="fails its checksum"):
+        _trainer(small_data, tmp_path).resume()
