@@ -86,6 +86,9 @@ def build_parser():
     tr.add_argument(
         "--dashboard", default="127.0.0.1:0", help="dashboard address of a new cluster ('' for none)"
     )
+    tr.add_argument(
+        "--tls", action="store_true", help="run the new cluster over TLS with temporary credentials"
+    )
     tr.add_argument("--out", default="result", help="folder for log.json, plots and checkpoints")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     tr.add_argument("--seed", type=int, default=0)
@@ -125,6 +128,7 @@ def train_command(args, stream=None):
         n_workers=args.workers,
         threads_per_worker=args.threads_per_worker,
         dashboard_address=args.dashboard or None,
+        security=True if args.tls else None,
     )
     with client:
         trainer = Trainer(

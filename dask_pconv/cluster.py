@@ -3,7 +3,18 @@ every op returns a lazy Dask array and runs on whatever scheduler is active."""
 
 from __future__ import annotations
 
+from distributed import Client, LocalCluster
+
 __all__ = ["connect"]
+
+
+class _OwningClient(Client):
+    """A client that closes the cluster :func:`connect` started for it."""
+
+    def close(self, *args, **kwargs):
+        out = super().close(*args, **kwargs)
+        self.cluster.close()
+        return out
 
 
 def connect(
@@ -28,29 +39,34 @@ def connect(
     n_workers, threads_per_worker, memory_limit, dashboard_address
         For a new cluster.  ``dashboard_address=None`` turns the dashboard off.
     security : distributed.Security or bool, optional
-        TLS settings; ``True`` makes temporary self-signed credentials for a new cluster.
+        TLS settings (``distributed.Security``, e.g. from certificate files).  ``True`` runs a
+        new cluster over TLS with temporary self-signed credentials (needs ``cryptography``:
+        ``pip install 'dask-pconv[tls]'``).
 
     Returns
     -------
     distributed.Client
         Closing the client also closes a cluster it started.
     """
-    from distributed import Client, LocalCluster
-
     if address is not None:
-        if not isinstance(address, str) or "://" not in address and ":" not in address:
+        if not isinstance(address, str) or ":" not in address:
             raise ValueError(f"scheduler address must look like 'tcp://host:port', got {address!r}")
-        return Client(address, security=security if security is not True else None)
+        return Client(address, security=None if security is True else security)
     kwargs = dict(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         memory_limit=memory_limit,
         dashboard_address=dashboard_address,
     )
-    if security is not None:
+    if security is True:
+        try:
+            import cryptography  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "security=True (temporary TLS credentials) needs cryptography: pip install 'dask-pconv[tls]'"
+            ) from e
+    if security not in (None, False):
         kwargs["security"] = security
-        if security is True:
-            kwargs["protocol"] = "tls://"
     if cuda:
         try:
             from dask_cuda import LocalCUDACluster
@@ -59,11 +75,9 @@ def connect(
                 "cuda=True needs dask-cuda and CuPy: pip install 'dask-pconv[gpu]' "
                 "(or: pip install dask-cuda cupy-cuda12x)"
             ) from e
-        cluster = LocalCUDACluster(
-            ip="127.0.0.1", **{k: v for k, v in kwargs.items() if k != "n_workers" or v is not None}
-        )
+        if kwargs["n_workers"] is None:
+            del kwargs["n_workers"]  # one worker per GPU
+        cluster = LocalCUDACluster(ip="127.0.0.1", **kwargs)
     else:
         cluster = LocalCluster(host="127.0.0.1", processes=True, **kwargs)
-    client = Client(cluster)
-    client._dask_pconv_cluster = cluster  # closed with the client
-    return client
+    return _OwningClient(cluster)

@@ -147,3 +147,24 @@ def test_altered_checkpoint_fails_its_checksum(small_data, tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match="fails its checksum"):
         _trainer(small_data, tmp_path).resume()
+
+
+@pytest.mark.cluster
+def test_one_step_over_tls(small_data):
+    from dask_pconv.cluster import connect
+
+    train, val = small_data
+    with connect(n_workers=2, threads_per_worker=1, security=True, dashboard_address=None) as client:
+        assert client.scheduler.address.startswith("tls://")
+        assert all(w.startswith("tls://127.0.0.1:") for w in client.scheduler_info()["workers"])
+        m = VGG16(n_classes=4, width=0.0625, seed=0)
+        tr = Trainer(m, train, val, batch_size=20, split={"batch": 2}, progress=False)
+        loss, acc = tr.train_step(train.x[:20], train.t[:20])
+        assert np.isfinite(loss) and 0 <= acc <= 1
+
+
+def test_connect_rejects_a_bad_address():
+    from dask_pconv.cluster import connect
+
+    with pytest.raises(ValueError, match="scheduler address"):
+        connect("not-an-address")
