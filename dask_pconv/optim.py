@@ -4,6 +4,7 @@ graph operations: the update is lazy and joins the training step's graph."""
 from __future__ import annotations
 
 import dask.array as da
+from dask.base import tokenize
 
 __all__ = ["MomentumSGD"]
 
@@ -47,9 +48,29 @@ class MomentumSGD:
             v = velocities[k]
             if isinstance(p, da.Array) and v.chunks != p.chunks:
                 v = v.rechunk(p.chunks)
-            if self.weight_decay:
-                g = g + self.weight_decay * p
-            v = self.momentum * v - self.lr * g
-            new_v[k] = v.astype(p.dtype, copy=False)
-            new_p[k] = (p + v).astype(p.dtype, copy=False)
+            p = p if isinstance(p, da.Array) else da.from_array(p, chunks=g.chunks)
+            tok = tokenize(p, g, v, self.lr, self.momentum, self.weight_decay)
+            # one task per chunk for each of v and p, named for the dashboard and profiles
+            new_v[k] = da.map_blocks(
+                _velocity,
+                v,
+                g,
+                p,
+                self.momentum,
+                self.lr,
+                self.weight_decay,
+                dtype=p.dtype,
+                meta=p._meta,
+                name=f"sgd-velocity-{tok}",
+            )
+            new_p[k] = da.map_blocks(_add, p, new_v[k], dtype=p.dtype, meta=p._meta, name=f"sgd-update-{tok}")
         return new_p, new_v
+
+
+def _velocity(v, g, p, momentum, lr, weight_decay):
+    dt = p.dtype
+    return (momentum * v - lr * (g + weight_decay * p)).astype(dt, copy=False)
+
+
+def _add(p, v):
+    return p + v
