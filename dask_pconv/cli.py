@@ -87,6 +87,9 @@ def build_parser():
         "--dashboard", default="127.0.0.1:0", help="dashboard address of a new cluster ('' for none)"
     )
     tr.add_argument(
+        "--report", default=None, help="write a performance report (HTML) and a per-operator summary"
+    )
+    tr.add_argument(
         "--tls", action="store_true", help="run the new cluster over TLS with temporary credentials"
     )
     tr.add_argument("--out", default="result", help="folder for log.json, plots and checkpoints")
@@ -154,7 +157,13 @@ def train_command(args, stream=None):
             file=stream,
         )
         t0 = time.perf_counter()
-        log = trainer.run(args.epochs)
+        if args.report:
+            from .profiling import profile
+
+            with profile(args.report):
+                log = trainer.run(args.epochs)
+        else:
+            log = trainer.run(args.epochs)
         if log:
             print(
                 f"tasks per step: {trainer.tasks_per_step}; {time.perf_counter() - t0:.1f} s; "

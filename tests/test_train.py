@@ -112,12 +112,19 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
             "--no-progress",
             "--dashboard",
             "",
+            "--report",
+            str(tmp_path / "report.html"),
         ]
     )
     assert rc == 0
     out = capsys.readouterr().out
     assert "validation/main/accuracy" in out and "tasks per step" in out
     assert (tmp_path / "checkpoint_epoch_1.npz").exists() and (tmp_path / "log.json").exists()
+    html = (tmp_path / "report.html").read_text()
+    assert "<html" in html.lower() and "Task Stream" in html
+    summary = json.loads((tmp_path / "report-summary.json").read_text())
+    assert {"conv forward", "conv grad-x", "conv grad-w", "batchnorm", "optimizer"} <= set(summary["seconds"])
+    assert (tmp_path / "report-summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(
@@ -168,3 +175,14 @@ def test_connect_rejects_a_bad_address():
 
     with pytest.raises(ValueError, match="scheduler address"):
         connect("not-an-address")
+
+
+def test_task_names_map_to_operators():
+    from dask_pconv.profiling import categorize
+
+    assert categorize("conv2d-fwd-part") == "conv forward"
+    assert categorize("conv2d-gxwin") == categorize("conv2d-gx") == "conv grad-x"
+    assert categorize("conv2d-gw-part") == "conv grad-w"
+    assert categorize("conv2d-halo-slice") == "halo slicing"
+    assert categorize("sgd-velocity") == categorize("sgd-update") == "optimizer"
+    assert categorize("from-array") == "other"
