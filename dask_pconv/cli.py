@@ -90,6 +90,11 @@ def build_parser():
         "--report", default=None, help="write a performance report (HTML) and a per-operator summary"
     )
     tr.add_argument(
+        "--replicate",
+        action="store_true",
+        help="keep the parameters on every worker, so a worker lost mid-step loses nothing",
+    )
+    tr.add_argument(
         "--tls", action="store_true", help="run the new cluster over TLS with temporary credentials"
     )
     tr.add_argument("--out", default="result", help="folder for log.json, plots and checkpoints")
@@ -146,6 +151,7 @@ def train_command(args, stream=None):
             dropout=dropout,
             progress=not args.no_progress,
             stream=stream,
+            replicate=args.replicate,
         )
         if args.resume and trainer.resume():
             print(f"resumed from epoch {trainer.epoch} (step {trainer.step})", file=stream)

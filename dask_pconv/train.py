@@ -112,6 +112,11 @@ class Trainer:
         A progress bar per epoch (tqdm, on stderr).
     stream : file, optional
         Where the LogReport table goes (standard output by default).
+    replicate : bool
+        Before each step, copy the parameters, velocities and BatchNorm state to every worker
+        (``Client.replicate``), so that a worker lost in the middle of a step loses nothing the
+        step cannot recompute: the step then completes with bitwise the same result.  Costs a
+        copy of the parameters per step and waits for the previous step (no pipelining).
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class Trainer:
         dropout=True,
         progress=True,
         stream=None,
+        replicate=False,
     ):
         if batch_size < 1 or batch_size > len(train_set.t):
             raise ValueError(f"batch_size must be in [1, {len(train_set.t)}], got {batch_size}")
@@ -136,7 +142,7 @@ class Trainer:
         if "channel" in self.split:
             model.channel_split = self.split["channel"]
         self.opt = optimizer or MomentumSGD()
-        self.seed, self.dropout, self.progress = seed, dropout, progress
+        self.seed, self.dropout, self.progress, self.replicate = seed, dropout, progress, replicate
         self.out = Path(out) if out is not None else None
         self.stream = stream or sys.stdout
         self.epoch, self.step = 0, 0
@@ -234,6 +240,8 @@ class Trainer:
         if self.velocities is None:
             self.velocities = self.opt.init_state(params)
         vel = {k: m._as_dask(k, v) for k, v in self.velocities.items()}
+        if self.replicate:
+            _replicate([params, vel, m.state])
         loss, grads, aux = m.forward_backward_aux(xd, td, train=True, dropout=self.dropout, step=self.step)
         new_p, new_v = self.opt.update(params, grads, vel)
         outs = (new_p, new_v, aux["state"], loss, aux["accuracy"])
@@ -327,6 +335,21 @@ class Trainer:
 
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _replicate(collections):
+    """Copy the persisted data behind these Dask arrays to every worker (if any)."""
+    try:
+        from distributed import default_client, futures_of
+    except ImportError:
+        return
+    try:
+        client = default_client()
+    except ValueError:
+        return
+    futures = futures_of([v for group in collections for v in group.values()])
+    if futures:
+        client.replicate(futures)
 
 
 def _count_tasks(collections):

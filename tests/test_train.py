@@ -186,3 +186,42 @@ def test_task_names_map_to_operators():
     assert categorize("conv2d-halo-slice") == "halo slicing"
     assert categorize("sgd-velocity") == categorize("sgd-update") == "optimizer"
     assert categorize("from-array") == "other"
+
+
+@pytest.mark.cluster
+def test_worker_killed_in_the_middle_of_a_step(small_data):
+    """The step completes, and loss and parameters are bitwise those of the same step without
+    the fault (dropout on: its masks are recomputed identically)."""
+    import os
+    import signal
+    import time
+
+    train, val = small_data
+    x1, t1, x2, t2 = train.x[:20], train.t[:20], train.x[20:40], train.t[20:40]
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c,
+        Client(c) as client,
+    ):
+
+        def run(kill):
+            m = VGG16(n_classes=4, width=0.125, seed=0)
+            tr = Trainer(m, train, val, batch_size=20, split={"batch": 2}, progress=False, replicate=True)
+            tr.train_step(x1, t1)
+            loss, acc = tr.submit_step(x2, t2)
+            if kill:
+                pids = client.run(os.getpid)
+                time.sleep(0.3)  # the step is running
+                victim = sorted(pids)[0]
+                os.kill(pids[victim], signal.SIGKILL)
+            loss, params = dask.compute(loss, m.params)
+            if kill:  # the worker really died (its nanny started a new one, at a new address)
+                client.wait_for_workers(2)
+                assert victim not in client.run(os.getpid)
+            return loss, params, pids if kill else None
+
+        loss0, p0, _ = run(False)
+        loss1, p1, pids = run(True)
+        assert pids is not None and len(pids) == 2
+        assert loss1 == loss0
+        for k in p0:
+            np.testing.assert_array_equal(p1[k], p0[k])
