@@ -90,6 +90,9 @@ def build_parser():
         "--report", default=None, help="write a performance report (HTML) and a per-operator summary"
     )
     tr.add_argument(
+        "--cuda", action="store_true", help="start dask-cuda's LocalCUDACluster (one worker per GPU)"
+    )
+    tr.add_argument(
         "--replicate",
         action="store_true",
         help="keep the parameters on every worker, so a worker lost mid-step loses nothing",
@@ -137,6 +140,7 @@ def train_command(args, stream=None):
         threads_per_worker=args.threads_per_worker,
         dashboard_address=args.dashboard or None,
         security=True if args.tls else None,
+        cuda=args.cuda,
     )
     with client:
         trainer = Trainer(
