@@ -201,11 +201,8 @@ class Trainer:
         ]
         if not stores:
             return
-        try:
-            from distributed import default_client
-
-            client = default_client()
-        except (ImportError, ValueError):
+        client = _active_client()
+        if client is None:
             return
         for store in stores:
             names = [k for k, v in store.items() if isinstance(v, np.ndarray)]
@@ -337,16 +334,23 @@ def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def _active_client():
+    """The default ``distributed.Client``, or None when none is active."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
 def _replicate(collections):
     """Copy the persisted data behind these Dask arrays to every worker (if any)."""
-    try:
-        from distributed import default_client, futures_of
-    except ImportError:
+    client = _active_client()
+    if client is None:
         return
-    try:
-        client = default_client()
-    except ValueError:
-        return
+    from distributed import futures_of
+
     futures = futures_of([v for group in collections for v in group.values()])
     if futures:
         client.replicate(futures)

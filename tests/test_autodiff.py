@@ -150,3 +150,10 @@ def test_dropout_mask_is_a_pure_function_of_seed_step_layer_and_index():
     assert not np.array_equal(a, c)  # the step does
     assert set(np.unique(a)) == {0.0, 2.0}
     assert 0.4 < (a == 0).mean() < 0.6
+
+
+def test_batch_norm_vjp_with_relu_needs_the_forward_output():
+    from dask_pconv.ops.nn import batch_norm_vjp
+
+    with pytest.raises(ValueError, match="needs y"):
+        batch_norm_vjp(d(X4, CH4), d(GAMMA), d(X4, CH4), relu=True)

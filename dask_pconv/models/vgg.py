@@ -157,7 +157,7 @@ class VGG16:
     def forward(self, x, train=True, dropout=True, step=0, params=None):
         """Logits (a :class:`~dask_pconv.autodiff.Tensor` of shape (N, n_classes)) and the
         lazily updated BatchNorm state (training mode) or the current one (evaluation)."""
-        p = params if params is not None else {k: ad.Tensor(v, name=k) for k, v in self.dask_params().items()}
+        p = params if params is not None else self._tensors()
         if isinstance(x, np.ndarray):
             x = da.from_array(x, chunks=x.shape)
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -168,7 +168,8 @@ class VGG16:
 
         def bn_relu(h, name):
             gamma, beta = p[f"{name}.gamma"], p[f"{name}.beta"]
-            old_m, old_v = self._stat(name, "avg_mean", h), self._stat(name, "avg_var", h)
+            # the ops chunk these like h's channels themselves
+            old_m, old_v = self.state[f"{name}.avg_mean"], self.state[f"{name}.avg_var"]
             if not train:
                 return ad.batch_norm(h, gamma, beta, old_m, old_v, eps=BN_EPS, relu=True)
             stats = batch_norm_stats(h.value)  # the same graph keys as inside batch_norm
@@ -193,15 +194,14 @@ class VGG16:
         state = new_state if train else {}
         return h, state
 
-    def _stat(self, bn_name, which, h):
-        v = self.state[f"{bn_name}.{which}"]
-        v = v if isinstance(v, da.Array) else da.from_array(v, chunks=-1, name=False)
-        return v.rechunk((h.value.chunks[1],))
+    def _tensors(self):
+        """The parameters as tape leaves (Dask arrays chunked for ``channel_split``)."""
+        return {k: ad.Tensor(v, name=k) for k, v in self.dask_params().items()}
 
     def forward_backward_aux(self, x, t, train=True, dropout=True, step=0):
         """``(loss, grads, aux)``: like :meth:`forward_backward` plus ``aux['accuracy']``
         (lazy scalar), ``aux['state']`` (updated BatchNorm statistics) and ``aux['logits']``."""
-        p = {k: ad.Tensor(v, name=k) for k, v in self.dask_params().items()}
+        p = self._tensors()
         z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p)
         t = t if isinstance(t, da.Array) else da.from_array(np.asarray(t), chunks=(z.value.chunks[0],))
         if t.chunks[0] != z.value.chunks[0]:

@@ -61,7 +61,7 @@ def _bn_index(x):
 
 
 def _per_channel(v, x, dtype=None):
-    """A (C,) vector as a Dask array chunked like ``x``'s channel axis."""
+    """A (C,) vector as a Dask array chunked like ``x``'s channel axis (axis 1)."""
     v = v if isinstance(v, da.Array) else da.from_array(np.asarray(v), chunks=-1)
     v = v.rechunk((x.chunks[1],))
     return v.astype(dtype or x.dtype, copy=False)
@@ -138,14 +138,17 @@ def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=Non
 
     In training mode ``g_x`` includes the paths through the batch mean and variance:
     ``g_x = gamma * invstd * (g' - mean(g') - xhat * mean(g' * xhat))`` with ``g'`` the
-    gradient through the ReLU (``y``, the forward output, gives its mask).
+    gradient through the ReLU: ``y``, the forward output, gives its mask and is required when
+    ``relu`` is true.
     """
     ind = _bn_index(x)
+    if relu and y is None:
+        raise ValueError(
+            "batch_norm_vjp with relu=True needs y, the forward output (its sign is the ReLU mask)"
+        )
     train = mean is None
     stats = _stats(x, mean, var)
-    if relu and y is None:
-        y = batch_norm(x, gamma, None if train else 0, mean, var, eps, relu)
-    y = x if y is None else y
+    y = x if y is None else y  # read only for the ReLU mask
     g = g if g.chunks == x.chunks else g.rechunk(x.chunks)
     name = f"batch_norm-gsum-{tokenize(x, y, g, stats, eps, relu)}"
     partial = functools.partial(bn_backward_partial, eps=eps, relu=relu)
@@ -202,9 +205,7 @@ def batch_norm_running_update(stats, mean, var, decay=0.9):
     """Chainer's running statistics after a training step: ``decay * old + (1 - decay) *
     batch``, with the unbiased batch variance.  ``stats`` is :func:`batch_norm_stats`'s
     ``(3, C)``; returns the new ``(mean, var)``, chunked like ``stats``'s channels."""
-    mean = mean if isinstance(mean, da.Array) else da.from_array(np.asarray(mean), chunks=-1)
-    var = var if isinstance(var, da.Array) else da.from_array(np.asarray(var), chunks=-1)
-    mean, var = mean.rechunk((stats.chunks[1],)), var.rechunk((stats.chunks[1],))
+    mean, var = _per_channel(mean, stats, mean.dtype), _per_channel(var, stats, var.dtype)
     out = []
     for which in ("mean", "var"):
         out.append(
