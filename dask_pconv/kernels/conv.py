@@ -12,6 +12,7 @@ the Dask-level ops hand in, so grad-x returns a block of the window's shape.
 
 from __future__ import annotations
 
+import dask
 import numpy as np
 
 from . import _torch
@@ -52,8 +53,6 @@ def _im2col(x, kh, kw, oH, oW, stride, dilation):
 
 
 def _single_channel_ok(x, W):
-    import dask
-
     block = getattr(x, "block", x)
     return (
         dask.config.get(_torch.CONFIG_KEY, "auto") == "auto"
