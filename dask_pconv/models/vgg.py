@@ -78,6 +78,10 @@ class VGG16:
         self.image_size = image_size
         self.n_classes, self.in_channels, self.width, self.seed = n_classes, in_channels, width, seed
         self.dtype = np.dtype(dtype)
+        if not np.issubdtype(self.dtype, np.floating):
+            raise TypeError(f"dtype must be a floating dtype (float32 or float64), got {self.dtype}")
+        if not (isinstance(channel_split, int) and channel_split >= 1):
+            raise ValueError(f"channel_split must be a positive int, got {channel_split!r}")
         self.channel_split = int(channel_split)
         rng = np.random.default_rng(seed)
         ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
@@ -120,20 +124,39 @@ class VGG16:
     def load_params(self, mapping, state=None):
         """Replace the parameters (and optionally the BatchNorm state) from a mapping.
 
-        Names and shapes must match exactly; a clear ``KeyError``/``ValueError`` otherwise.
+        Names and shapes must match exactly (``KeyError``/``ValueError`` otherwise); values must
+        be real numbers (``TypeError``) and, for NumPy values, finite (``ValueError``: training
+        never starts from NaN or Inf).  Dask (and device) values are taken as they are, not
+        checked for finiteness (that would compute them or copy them to the host).  Nothing is replaced unless everything checks out.
         """
+        from collections.abc import Mapping
+
+        checked = []
         for target, new, what in ((self.params, mapping, "params"), (self.state, state, "state")):
             if new is None:
                 continue
+            if not isinstance(new, Mapping):
+                raise TypeError(f"{what} must be a mapping of name -> array, got {type(new).__name__}")
             missing = sorted(set(target) - set(new))
             extra = sorted(set(new) - set(target))
             if missing or extra:
                 raise KeyError(f"{what} names do not match: missing {missing}, unexpected {extra}")
+            values = {}
             for k, v in new.items():
+                if not (hasattr(v, "shape") and hasattr(v, "dtype")):  # lists etc.; Dask, CuPy kept
+                    v = np.asarray(v)
                 if tuple(v.shape) != tuple(target[k].shape):
                     raise ValueError(f"{what}[{k!r}] has shape {tuple(v.shape)}, expected {target[k].shape}")
-            for k, v in new.items():
-                target[k] = v if isinstance(v, da.Array) else np.asarray(v, dtype=self.dtype)
+                if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
+                    raise TypeError(f"{what}[{k!r}] must hold real numbers, got dtype {v.dtype}")
+                if isinstance(v, np.ndarray):
+                    if not np.isfinite(v).all():
+                        raise ValueError(f"{what}[{k!r}] holds NaN or Inf; refusing to load it")
+                    v = v.astype(self.dtype, copy=False)
+                values[k] = v
+            checked.append((target, values))
+        for target, values in checked:
+            target.update(values)
 
     def _out_chunks(self, n):
         s = min(self.channel_split, n)
