@@ -7,12 +7,13 @@ digits, split by batch over a 2-worker LocalCluster on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
 from .data import DATASETS, load_dataset, parse_split
 
-__all__ = ["main"]
+__all__ = ["SetupError", "main", "train_command"]
 
 
 #: per-dataset defaults for --lr and --dropout: Chainer's CIFAR recipe for cifar10; for the small
@@ -115,14 +116,37 @@ def build_parser():
     return ap
 
 
+class SetupError(Exception):
+    """Bad input found while setting up a run (dataset, cluster, checkpoint): reported as a
+    one-line error with exit status 2, like a bad argument, instead of a traceback."""
+
+
+@contextlib.contextmanager
+def _setup(what):
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise SetupError(f"{what}: {msg}") from e
+
+
 def train_command(args, stream=None):
+    """Run ``dask-pconv train`` with parsed ``args``.
+
+    Raises :class:`SetupError` for bad input found before training starts.  On
+    ``KeyboardInterrupt`` (Ctrl-C, SIGINT) it says which checkpoint ``--resume`` will continue
+    from and re-raises; checkpoints are written atomically, so the last complete one is intact.
+    """
     from .cluster import connect
     from .models import VGG16
     from .optim import MomentumSGD
     from .train import Trainer
 
     stream = stream or sys.stdout
-    train_set, val_set = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    with _setup(f"loading dataset {args.dataset!r}"):
+        train_set, val_set = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    if args.batch_size > len(train_set):
+        raise SetupError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training images")
     recipe = RECIPES[args.dataset]
     dropout = args.dropout if args.dropout is not None else recipe["dropout"]
     lr = args.lr if args.lr is not None else recipe["lr"]
@@ -134,14 +158,15 @@ def train_command(args, stream=None):
         dtype=args.dtype,
     )
     opt = MomentumSGD(lr, args.momentum, args.weight_decay)
-    client = connect(
-        args.scheduler,
-        n_workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        dashboard_address=args.dashboard or None,
-        security=True if args.tls else None,
-        cuda=args.cuda,
-    )
+    with _setup("connecting to the scheduler" if args.scheduler else "starting the cluster"):
+        client = connect(
+            args.scheduler,
+            n_workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            dashboard_address=args.dashboard or None,
+            security=True if args.tls else None,
+            cuda=args.cuda,
+        )
     with client:
         trainer = Trainer(
             model,
@@ -157,23 +182,38 @@ def train_command(args, stream=None):
             stream=stream,
             replicate=args.replicate,
         )
-        if args.resume and trainer.resume():
-            print(f"resumed from epoch {trainer.epoch} (step {trainer.step})", file=stream)
+        if args.resume:
+            with _setup(f"resuming from {args.out}"):
+                resumed = trainer.resume()
+            if resumed:
+                print(f"resumed from epoch {trainer.epoch} (step {trainer.step})", file=stream)
+        dashboard = client.dashboard_link if args.scheduler or args.dashboard else "off"
         print(
             f"VGG16 width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
             f"{len(train_set)} train / {len(val_set)} validation; split {args.split or 'none'}; "
             f"lr {lr}, dropout {'on' if dropout else 'off'}; "
-            f"{len(client.scheduler_info()['workers'])} workers; dashboard {client.dashboard_link}",
+            f"{len(client.scheduler_info()['workers'])} workers; dashboard {dashboard}",
             file=stream,
         )
         t0 = time.perf_counter()
-        if args.report:
-            from .profiling import profile
+        try:
+            if args.report:
+                from .profiling import profile
 
-            with profile(args.report):
+                with profile(args.report):
+                    log = trainer.run(args.epochs)
+            else:
                 log = trainer.run(args.epochs)
-        else:
-            log = trainer.run(args.epochs)
+        except KeyboardInterrupt:
+            last = trainer.latest_checkpoint()
+            where = (
+                f"the last complete checkpoint is {last}; continue with --resume --out {args.out}"
+                if last
+                else "no epoch was complete, so there is no checkpoint yet"
+            )
+            msg = f"interrupted in epoch {trainer.epoch + 1} (after step {trainer.step}); {where}"
+            print(f"\n{msg}", file=sys.stderr)
+            raise
         if log:
             print(
                 f"tasks per step: {trainer.tasks_per_step}; {time.perf_counter() - t0:.1f} s; "
@@ -187,9 +227,19 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "train":
-        train_command(args)
+        try:
+            train_command(args)
+        except SetupError as e:
+            print(f"dask-pconv train: error: {e}", file=sys.stderr)
+            return 2
+        except FloatingPointError as e:  # diverged: a message, not a traceback
+            print(f"dask-pconv train: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130  # 128 + SIGINT, as shells report it
     return 0
 
 

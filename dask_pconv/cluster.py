@@ -51,7 +51,19 @@ def connect(
     if address is not None:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError(f"scheduler address must look like 'tcp://host:port', got {address!r}")
-        return Client(address, security=None if security is True else security)
+        if address.split("://", 1)[0] in ("http", "https"):
+            raise ValueError(
+                f"{address!r} looks like a dashboard (HTTP) address; the scheduler's is "
+                "'tcp://host:8786' (or 'tls://...')"
+            )
+        try:
+            return Client(address, security=None if security is True else security)
+        except OSError as e:
+            raise OSError(
+                f"could not connect to the scheduler at {address!r}: {e} "
+                "(is it running, and reachable from here? distributed.comm.timeouts.connect sets "
+                "how long to try)"
+            ) from e
     kwargs = dict(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
@@ -67,6 +79,10 @@ def connect(
             ) from e
     if security not in (None, False):
         kwargs["security"] = security
+    if dashboard_address is None:
+        # no dashboard, but the scheduler still serves /health and /metrics over HTTP: on a free
+        # loopback port (by default it tries port 8787 and warns when that is taken)
+        kwargs["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
     if cuda:
         try:
             from dask_cuda import LocalCUDACluster

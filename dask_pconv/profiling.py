@@ -7,16 +7,22 @@
 Task keys are named by operator (``conv2d-fwd``, ``conv2d-gx``, ``conv2d-gw``, ``conv2d-halo``,
 ``batch_norm-stats``, ``sgd-update``, ...), so the dashboard's task stream and this summary
 read as the network does.
+
+:func:`peak_memory` records each worker's peak resident memory during a block against its
+memory limit (distributed's own monitors sample every 0.1-0.5 s and keep no peak).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["CATEGORIES", "categorize", "profile", "summarize"]
+from distributed.diagnostics.plugin import WorkerPlugin
+
+__all__ = ["CATEGORIES", "PeakMemory", "categorize", "peak_memory", "profile", "summarize"]
 
 #: summary category -> task-name prefixes (matched in order; the first match wins)
 CATEGORIES = {
@@ -60,19 +66,16 @@ def summarize(task_stream):
 
 
 def _chart(summary, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the user's backend and figures stay alone
 
     names = list(summary)[::-1]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.2))
+    fig = Figure(figsize=(7, 0.4 * len(names) + 1.2))
+    ax = fig.subplots()
     ax.barh(names, [summary[n] for n in names], color="tab:blue")
     ax.set_xlabel("seconds (summed over workers)")
     ax.set_title("time per operator")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100, format="png")
 
 
 @contextlib.contextmanager
@@ -96,3 +99,82 @@ def profile(path):
     stem = path.with_suffix("")
     Path(f"{stem}-summary.json").write_text(json.dumps({"seconds": summary, "tasks": len(ts.data)}, indent=2))
     _chart(summary, f"{stem}-summary.png")
+
+
+class PeakMemory(WorkerPlugin):
+    """A ``distributed`` worker plugin that samples the worker process's resident memory (RSS,
+    the figure the nanny holds against the memory limit) every ``interval`` seconds in a
+    thread of its own and keeps the peak.  Use it through :func:`peak_memory`.
+    """
+
+    name = "dask-pconv-peak-memory"
+    idempotent = False
+
+    def __init__(self, interval=0.01):
+        self.interval = interval
+
+    def setup(self, worker):
+        import psutil
+
+        self._process = psutil.Process()
+        self.start = self.peak = self._process.memory_info().rss
+        self.samples = 0
+        self.limit = worker.memory_manager.memory_limit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            rss = self._process.memory_info().rss
+            self.samples += 1
+            if rss > self.peak:
+                self.peak = rss
+
+    def teardown(self, worker):
+        self._stop.set()
+        self._thread.join()
+
+    def record(self):
+        """``{"peak", "start", "limit"}`` in bytes (``limit`` None if the worker has none) and
+        the number of ``samples``."""
+        rss = self._process.memory_info().rss  # the last moment counts too
+        self.peak = max(self.peak, rss)
+        return {"peak": self.peak, "start": self.start, "limit": self.limit, "samples": self.samples}
+
+
+def _record(name, dask_worker):
+    return dask_worker.plugins[name].record()
+
+
+@contextlib.contextmanager
+def peak_memory(client=None, interval=0.01):
+    """Record every worker's peak resident memory while the block runs.
+
+    Registers :class:`PeakMemory` on the workers of ``client`` (the current client if None)
+    on entry and removes it on exit.  Yields a dict that, once the block ends, holds
+    ``"workers"``: address -> ``{"peak", "start", "limit", "samples"}`` (bytes; ``start`` is
+    the resident memory on entry, ``limit`` the worker's memory limit or None), and
+    ``"lost"``: the addresses of workers that were there on entry and are gone on exit (a
+    worker restarted by its nanny, e.g. for crossing its memory limit, comes back under a new
+    address, and its peak restarts from zero).
+
+    Example::
+
+        with peak_memory(client) as mem:
+            dp.to_zarr(y, "out.zarr")
+        for addr, m in mem["workers"].items():
+            print(addr, m["peak"] / m["limit"])
+    """
+    import distributed
+    client = client or distributed.get_client()
+    plugin = PeakMemory(interval)
+    before = set(client.scheduler_info()["workers"])
+    client.register_plugin(plugin, name=PeakMemory.name)
+    result = {}
+    try:
+        yield result
+        result["workers"] = client.run(_record, PeakMemory.name)
+        result["lost"] = sorted(before - set(client.scheduler_info()["workers"]))
+    finally:
+        client.unregister_worker_plugin(PeakMemory.name)

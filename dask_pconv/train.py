@@ -54,11 +54,15 @@ def save_checkpoint(path, params, state, velocities, meta):
             arrays[f"{prefix}/{k}"] = np.asarray(v)
     arrays["meta"] = np.array(json.dumps(dict(meta, sha256=_checksum(arrays))))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also Ctrl-C: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path):
@@ -117,6 +121,11 @@ class Trainer:
         (``Client.replicate``), so that a worker lost in the middle of a step loses nothing the
         step cannot recompute: the step then completes with bitwise the same result.  Costs a
         copy of the parameters per step and waits for the previous step (no pipelining).
+    to_device : callable, optional
+        Copies a NumPy block to the accelerator (``cupy.asarray``).  Batches then have device
+        blocks, the parameters, velocities and BatchNorm state move to the device with the
+        first step and stay there; only the loss and accuracy come back (checkpoints copy the
+        arrays back explicitly).
     """
 
     def __init__(
@@ -134,6 +143,7 @@ class Trainer:
         progress=True,
         stream=None,
         replicate=False,
+        to_device=None,
     ):
         if batch_size < 1 or batch_size > len(train_set.t):
             raise ValueError(f"batch_size must be in [1, {len(train_set.t)}], got {batch_size}")
@@ -143,6 +153,7 @@ class Trainer:
             model.channel_split = self.split["channel"]
         self.opt = optimizer or MomentumSGD()
         self.seed, self.dropout, self.progress, self.replicate = seed, dropout, progress, replicate
+        self.to_device = to_device
         self.out = Path(out) if out is not None else None
         self.stream = stream or sys.stdout
         self.epoch, self.step = 0, 0
@@ -157,6 +168,7 @@ class Trainer:
 
     def save(self):
         params, state, vel = dask.compute(self.model.params, self.model.state, self.velocities)
+        params, state, vel = (_to_host(d) for d in (params, state, vel))
         meta = {
             "epoch": self.epoch,
             "step": self.step,
@@ -210,6 +222,15 @@ class Trainer:
             for k, f in zip(names, futures):
                 store[k] = da.from_delayed(f, shape=store[k].shape, dtype=store[k].dtype)
 
+    def _to_dask(self, x, t, split):
+        """:func:`~dask_pconv.data.to_dask`, then ``to_device`` on every block if set."""
+        xd, td = to_dask(x, t, split)
+        if self.to_device is None:
+            return xd, td
+        return tuple(
+            a.map_blocks(self.to_device, dtype=a.dtype, meta=self.to_device(a._meta)) for a in (xd, td)
+        )
+
     def _split_for(self, n):
         """The split for a batch of ``n`` (a short last batch gets at most ``n`` pieces)."""
         split = dict(self.split)
@@ -232,14 +253,16 @@ class Trainer:
         """
         m = self.model
         self._place_on_workers()
-        xd, td = to_dask(x, t, self.split)
-        params = m.dask_params()
+        xd, td = self._to_dask(x, t, self.split)
+        params = m.dask_params(like=xd)
         if self.velocities is None:
             self.velocities = self.opt.init_state(params)
-        vel = {k: m._as_dask(k, v) for k, v in self.velocities.items()}
+        vel = {k: m._as_dask(k, v, like=xd) for k, v in self.velocities.items()}
         if self.replicate:
             _replicate([params, vel, m.state])
-        loss, grads, aux = m.forward_backward_aux(xd, td, train=True, dropout=self.dropout, step=self.step)
+        loss, grads, aux = m.forward_backward_aux(
+            xd, td, train=True, dropout=self.dropout, step=self.step, params=params
+        )
         new_p, new_v = self.opt.update(params, grads, vel)
         outs = (new_p, new_v, aux["state"], loss, aux["accuracy"])
         if self.tasks_per_step is None:
@@ -258,7 +281,7 @@ class Trainer:
         parts = []
         for i in range(0, n, self.batch_size):
             x, t = dataset.x[i : i + self.batch_size], dataset.t[i : i + self.batch_size]
-            xd, td = to_dask(x, t, self._split_for(len(t)))
+            xd, td = self._to_dask(x, t, self._split_for(len(t)))
             z = self.model.predict(xd)
             parts.append((softmax_cross_entropy(z, td) * len(td), accuracy(z, td) * len(td)))
         (parts,) = dask.compute(parts)
@@ -266,7 +289,14 @@ class Trainer:
 
     # -- epochs ----------------------------------------------------------------------------
     def run(self, epochs):
-        """Train until ``epochs`` epochs are done (continuing from a resumed epoch)."""
+        """Train until ``epochs`` epochs are done (continuing from a resumed epoch).
+
+        Returns the log (a list of per-epoch dicts, Chainer's LogReport keys).  A checkpoint is
+        written after each epoch when ``out`` is set.  Raises ``FloatingPointError`` when the
+        training loss becomes NaN or Inf (nothing is saved from a diverged step).  An interrupt
+        (``KeyboardInterrupt``) propagates; the last complete checkpoint stays intact, and
+        :meth:`resume` continues from it.
+        """
         from tqdm.auto import tqdm
 
         if self.out is not None:
@@ -279,24 +309,24 @@ class Trainer:
             batches = epoch_batches(n, self.batch_size, self.epoch, self.seed)
             losses, accs = [], []
             pending = None
-            bar = tqdm(
+            with tqdm(
                 batches,
                 desc=f"epoch {self.epoch + 1}/{epochs}",
                 disable=not self.progress,
                 leave=False,
                 file=sys.stderr,
                 unit="step",
-            )
-            for idx in bar:
-                # submit step k, then fetch step k-1's scalars: the client builds the next graph
-                # while the workers run the previous one
-                submitted = self.submit_step(self.train_set.x[idx], self.train_set.t[idx])
+            ) as bar:
+                for idx in bar:
+                    # submit step k, then fetch step k-1's scalars: the client builds the next
+                    # graph while the workers run the previous one
+                    x, t = self.train_set.x[idx], self.train_set.t[idx]
+                    submitted = (self.step + 1, self.submit_step(x, t))
+                    if pending is not None:
+                        self._record(pending, losses, accs, bar)
+                    pending = submitted
                 if pending is not None:
                     self._record(pending, losses, accs, bar)
-                pending = submitted
-            if pending is not None:
-                self._record(pending, losses, accs, bar)
-            bar.close()
             val_loss, val_acc = self.evaluate(self.val_set)
             self.epoch += 1
             self._elapsed += time.perf_counter() - t0
@@ -317,17 +347,31 @@ class Trainer:
                 self.write_log()
         return self.log
 
-    @staticmethod
-    def _record(pending, losses, accs, bar):
+    def _record(self, pending, losses, accs, bar):
+        step, pending = pending
         loss, acc = (float(v) for v in dask.compute(*pending))
+        if not np.isfinite(loss):
+            last = self.latest_checkpoint()
+            raise FloatingPointError(
+                f"the training loss is {loss} at step {step} (epoch {self.epoch + 1}): training "
+                "diverged (try a lower learning rate); no checkpoint is written from it"
+                + (f"; the last one is {last}" if last else "")
+            )
         losses.append(loss)
         accs.append(acc)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
 
     def write_log(self):
-        (self.out / "log.json").write_text(json.dumps(self.log, indent=2))
+        tmp = self.out / f".log.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(self.log, indent=2))
+        os.replace(tmp, self.out / "log.json")
         _plot(self.log, ["main/loss", "validation/main/loss"], self.out / "loss.png", "loss")
         _plot(self.log, ["main/accuracy", "validation/main/accuracy"], self.out / "accuracy.png", "accuracy")
+
+
+def _to_host(arrays):
+    """NumPy copies of device arrays (``.get()``, CuPy's explicit copy), name -> array."""
+    return {k: v if isinstance(v, np.ndarray) else v.get() for k, v in arrays.items()}
 
 
 def _fmt(v):
@@ -365,13 +409,13 @@ def _count_tasks(collections):
 
 
 def _plot(log, keys, path, ylabel):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A line plot per key over the epochs, written atomically; pyplot's global state (and the
+    user's matplotlib backend) is left alone."""
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     epochs = [e["epoch"] for e in log]
     for k in keys:
         ax.plot(epochs, [e[k] for e in log], marker="o", label=k)
@@ -381,5 +425,6 @@ def _plot(log, keys, path, ylabel):
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)

@@ -4,7 +4,8 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from clusters import local_cluster
+from distributed import Client
 
 import dask_pconv as dp
 
@@ -17,14 +18,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def client():
     with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            memory_limit="2GiB",
-        ) as cluster,
+        local_cluster() as cluster,
         Client(cluster) as c,
     ):
         yield c

@@ -6,7 +6,8 @@ import json
 import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from clusters import local_cluster
+from distributed import Client
 
 from dask_pconv import cli
 from dask_pconv.data import synthetic
@@ -24,7 +25,7 @@ def small_data():
 def test_steps_on_local_cluster_lower_the_loss(small_data):
     train, val = small_data
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c,
+        local_cluster() as c,
         Client(c),
     ):
         m = VGG16(n_classes=4, width=0.125, seed=0)
@@ -199,7 +200,7 @@ def test_worker_killed_in_the_middle_of_a_step(small_data):
     train, val = small_data
     x1, t1, x2, t2 = train.x[:20], train.t[:20], train.x[20:40], train.t[20:40]
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as c,
+        local_cluster() as c,
         Client(c) as client,
     ):
 
