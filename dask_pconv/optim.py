@@ -6,6 +6,8 @@ from __future__ import annotations
 import dask.array as da
 from dask.base import tokenize
 
+from .ops._device import on_device_of
+
 __all__ = ["MomentumSGD"]
 
 
@@ -36,19 +38,26 @@ class MomentumSGD:
         }
 
     def update(self, params, grads, velocities):
-        """Lazy ``(new_params, new_velocities)``; chunks follow the parameters."""
+        """Lazy ``(new_params, new_velocities)``; chunks follow the parameters.
+
+        Parameters and velocities held as NumPy arrays meet CuPy gradients on the device
+        (copied there in the graph), so the new ones live on the device."""
         new_p, new_v = {}, {}
         for k, p in params.items():
             g = grads[k]
             if g is None:
                 raise ValueError(f"no gradient for parameter {k!r}")
+            if not isinstance(p, da.Array):
+                p = da.from_array(p, chunks=g.chunks, asarray=False)
             g = g.astype(p.dtype, copy=False)
-            if isinstance(p, da.Array) and g.chunks != p.chunks:
+            if g.chunks != p.chunks:
                 g = g.rechunk(p.chunks)
             v = velocities[k]
-            if isinstance(p, da.Array) and v.chunks != p.chunks:
+            if not isinstance(v, da.Array):
+                v = da.from_array(v, chunks=p.chunks, asarray=False)
+            if v.chunks != p.chunks:
                 v = v.rechunk(p.chunks)
-            p = p if isinstance(p, da.Array) else da.from_array(p, chunks=g.chunks)
+            p, v = on_device_of(p, g), on_device_of(v, g)
             tok = tokenize(p, g, v, self.lr, self.momentum, self.weight_decay)
             # one task per chunk for each of v and p, named for the dashboard and profiles
             new_v[k] = da.map_blocks(

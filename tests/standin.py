@@ -2,9 +2,16 @@
 
 Like ``cupy.ndarray`` it has its own namespace (``__array_namespace__``), an explicit
 ``.get()`` to copy to the host, and ``__array__`` raises, so any code path that silently
-turns a block into a NumPy array fails.  Every namespace call and every refused conversion is
-recorded in ``LOG`` so a test can show what ran.  Dask's concatenate dispatch is registered
-for it the way dask registers CuPy's.
+turns a block into a NumPy array fails.  NumPy functions and ufuncs dispatch to it
+(``__array_function__``, ``__array_ufunc__``) when every array operand is a stand-in, and refuse
+NumPy arrays among the operands, as CuPy does; NumPy and Python scalars are accepted.
+
+``LOG`` records every namespace call, every refused conversion (``"__array__"``,
+``"mixed:..."``), every explicit copy from the host (``"upload"``: the namespace's ``asarray``
+of a NumPy array, as ``cupy.asarray``) and every copy back to the host (``"download"``:
+``get``; ``"scalar:..."``: ``float()``, ``int()``, ``bool()``, ``item()``), so a test can show what
+ran and what crossed between host and device.  Dask's concatenate dispatch is registered for it
+the way dask registers CuPy's.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ LOG: list[str] = []
 
 
 class StandInArray:
-    __array_ufunc__ = None  # NumPy ufuncs must not take it either
     __array_priority__ = 1000
 
     def __init__(self, a):
@@ -39,11 +45,35 @@ class StandInArray:
         LOG.append(f"__array_function__:{func.__name__}")
         if func.__name__ not in _DISPATCHED:
             return NotImplemented
+        if func.__name__.endswith("_like") and np.dtype(kwargs.get("dtype") or "f8").names:
+            return NotImplemented  # no structured dtypes, as in CuPy (dask then uses a dict)
+        if func.__name__ in ("asarray", "array"):  # np.asarray(a, like=stand-in): as cupy.asarray
+            return _asarray(args[0], dtype=kwargs.get("dtype"))
         return _wrap(func(*_unwrap_args(args), **dict(zip(kwargs, _unwrap_args(kwargs.values())))))
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """NumPy ufuncs on stand-in arrays and scalars only (as CuPy's): a NumPy array among
+        the operands (or as ``out``) is refused."""
+        LOG.append(f"__array_ufunc__:{ufunc.__name__}")
+        if method not in ("__call__", "reduce"):
+            return NotImplemented
+        args = [_strict(a) for a in inputs]
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = tuple(_strict_array(o) for o in out)
+        res = getattr(ufunc, method)(*args, **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return tuple(_wrap(r) for r in res) if isinstance(res, tuple) else _wrap(res)
 
     def get(self):
         """Explicit copy to the host, as ``cupy.ndarray.get``."""
+        LOG.append("download")
         return self._a.copy()
+
+    def item(self):
+        LOG.append("scalar:item")
+        return self._a.item()
 
     def __array_namespace__(self, api_version=None):
         return namespace
@@ -83,14 +113,43 @@ class StandInArray:
     def sum(self, axis=None, dtype=None, out=None, keepdims=False):
         return _wrap(self._a.sum(axis=axis, dtype=dtype, keepdims=keepdims))
 
+    def mean(self, axis=None, dtype=None, out=None, keepdims=False):
+        return _wrap(self._a.mean(axis=axis, dtype=dtype, keepdims=keepdims))
+
     def max(self, axis=None, out=None, keepdims=False):
         return _wrap(self._a.max(axis=axis, keepdims=keepdims))
 
+    def min(self, axis=None, out=None, keepdims=False):
+        return _wrap(self._a.min(axis=axis, keepdims=keepdims))
+
+    def argmax(self, axis=None, out=None, keepdims=False):
+        return _wrap(self._a.argmax(axis=axis, keepdims=keepdims))
+
+    def argmin(self, axis=None, out=None, keepdims=False):
+        return _wrap(self._a.argmin(axis=axis, keepdims=keepdims))
+
+    def ravel(self):
+        return StandInArray(self._a.ravel())
+
+    def squeeze(self, axis=None):
+        return StandInArray(self._a.squeeze(axis=axis))
+
+    # a scalar to the host: allowed (CuPy synchronises and copies), and recorded
     def __bool__(self):
+        LOG.append("scalar:bool")
         return bool(self._a)
 
     def __float__(self):
+        LOG.append("scalar:float")
         return float(self._a)
+
+    def __int__(self):
+        LOG.append("scalar:int")
+        return int(self._a)
+
+    def __index__(self):
+        LOG.append("scalar:index")
+        return self._a.__index__()
 
 
 def _strict(v):
@@ -101,6 +160,14 @@ def _strict(v):
         return v
     LOG.append(f"mixed:{type(v).__name__}")
     raise TypeError(f"Unsupported type {type(v).__name__} (stand-in for CuPy takes no NumPy arrays)")
+
+
+def _strict_array(v):
+    """A stand-in array's storage (for ``out=``); anything else is refused."""
+    if isinstance(v, StandInArray):
+        return v._a
+    LOG.append(f"mixed:{type(v).__name__}")
+    raise TypeError(f"Unsupported type {type(v).__name__} for out (stand-in for CuPy)")
 
 
 _DISPATCHED = {
@@ -119,6 +186,14 @@ _DISPATCHED = {
     "where",
     "isnan",
     "copy",
+    "argmax",
+    "argmin",
+    "asarray",
+    "array",
+    "ones_like",
+    "zeros_like",
+    "full_like",
+    "empty_like",
 }
 
 
@@ -165,6 +240,11 @@ for _op in [
     "ne",
     "and",
     "or",
+    "xor",
+    "rshift",
+    "lshift",
+    "mod",
+    "floordiv",
     "radd",
     "rsub",
     "rmul",
@@ -172,6 +252,9 @@ for _op in [
     "rpow",
     "rand",
     "ror",
+    "rxor",
+    "rmod",
+    "rfloordiv",
     "matmul",
     "rmatmul",
 ]:
@@ -189,6 +272,7 @@ def _inplace(op):
 for _op in ["iadd", "isub", "imul", "itruediv"]:
     setattr(StandInArray, f"__{_op}__", _inplace(f"__{_op}__"))
 StandInArray.__neg__ = lambda self: StandInArray(-self._a)
+StandInArray.__abs__ = lambda self: StandInArray(abs(self._a))
 StandInArray.__invert__ = lambda self: StandInArray(~self._a)
 
 
@@ -214,17 +298,38 @@ namespace = types.SimpleNamespace(
     where=_fn("where", np.where),
     isnan=_fn("isnan", np.isnan),
     maximum=_fn("maximum", np.maximum),
-    asarray=_fn("asarray", np.asarray),
+    arange=_fn("arange", np.arange),
+    ones=_fn("ones", np.ones),
     exp=_fn("exp", np.exp),
     log=_fn("log", np.log),
     sqrt=_fn("sqrt", np.sqrt),
     result_type=np.result_type,
+    int8=np.int8,
     int32=np.int32,
     int64=np.int64,
+    uint64=np.uint64,
     float32=np.float32,
     float64=np.float64,
     bool=np.bool_,
 )
+
+
+def _asarray(a, dtype=None):
+    """As ``cupy.asarray``: a stand-in array as it is, or an explicit copy from the host of a
+    NumPy array (recorded as ``"upload"``).  Nothing else is taken."""
+    LOG.append("asarray")
+    if isinstance(a, StandInArray):
+        return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+    if isinstance(a, np.ndarray):
+        LOG.append(f"upload:{a.shape}")
+        return StandInArray(np.array(a, dtype=dtype))
+    if isinstance(a, (np.generic, int, float, bool, list, tuple)):
+        LOG.append("constant")  # a literal, e.g. dask's dtype probe np.asarray([1], like=...)
+        return StandInArray(np.array(a, dtype=dtype))
+    raise TypeError(f"asarray of {type(a).__name__} (stand-in for CuPy)")
+
+
+namespace.asarray = _asarray
 
 
 def _concatenate(arrays, axis=0):
@@ -237,7 +342,10 @@ concatenate_lookup.register(StandInArray, _concatenate)
 
 
 def to_device(a):
-    return StandInArray(np.asarray(a))
+    """An explicit copy from the host (recorded as ``"upload"``)."""
+    a = np.asarray(a)
+    LOG.append(f"upload:{a.shape}")
+    return StandInArray(a)
 
 
 def meta(ndim, dtype):

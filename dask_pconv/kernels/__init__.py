@@ -10,6 +10,7 @@ from ._namespace import get_namespace
 from ._window import Padded, materialize
 from .conv import conv2d_forward, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block
+from .labels import onehot
 from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats
 from .pool import max_pool2d_backward, max_pool2d_forward
 
@@ -28,4 +29,5 @@ __all__ = [
     "get_namespace",
     "max_pool2d_backward",
     "max_pool2d_forward",
+    "onehot",
 ]

@@ -24,3 +24,9 @@ def get_namespace(*arrays):
 
             return cupy
     return np
+
+
+def asarray_like(block, like):
+    """``block`` as an array of ``like``'s library, copied with that library's ``asarray``
+    (for CuPy: an explicit copy from the host to the device)."""
+    return get_namespace(like).asarray(block)

@@ -24,7 +24,7 @@ def _argmax_taps(x, kernel_size, stride):
         # strict '>' keeps the first maximum, as PyTorch does; a NaN wins and stays
         better = (v > best) | (xp.isnan(v) & ~xp.isnan(best))
         best = xp.where(better, v, best)
-        idx = xp.where(better, xp.asarray(i * kw + j, dtype=xp.int32), idx)
+        idx = xp.where(better, i * kw + j, idx)  # a Python int: no host-to-device copy
     return best, idx
 
 

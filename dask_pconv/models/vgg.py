@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import autodiff as ad
 from ..geometry import even_chunks
+from ..ops._device import on_device_of
 from ..ops.nn import batch_norm_running_update, batch_norm_stats
 
 __all__ = ["VGG16", "VGG16_CONFIG"]
@@ -162,27 +163,36 @@ class VGG16:
         s = min(self.channel_split, n)
         return even_chunks(n, s) if s > 1 else (n,)
 
-    def _as_dask(self, name, value):
-        """A parameter as a Dask array chunked for the channel split (output channels)."""
+    def _as_dask(self, name, value, like=None):
+        """A parameter as a Dask array chunked for the channel split (output channels), with
+        blocks of ``like``'s library if given (see :meth:`dask_params`)."""
         lead = self._out_chunks(value.shape[0])
         if name.startswith("fc2"):
             lead = (value.shape[0],)
         chunks = (lead,) + tuple((n,) for n in value.shape[1:])
         if isinstance(value, da.Array):
-            return value if value.chunks == chunks else value.rechunk(chunks)
-        return da.from_array(value, chunks=chunks, name=False)
+            value = value if value.chunks == chunks else value.rechunk(chunks)
+        else:
+            value = da.from_array(value, chunks=chunks, name=False, asarray=False)
+        return value if like is None else on_device_of(value, like)
 
-    def dask_params(self):
-        """The parameters as Dask arrays chunked for ``channel_split``."""
-        return {k: self._as_dask(k, v) for k, v in self.params.items()}
+    def dask_params(self, like=None):
+        """The parameters as Dask arrays chunked for ``channel_split``.
+
+        With ``like`` (the input batch, a Dask array) whose blocks are CuPy arrays, NumPy
+        parameters get a task per chunk that copies them to the device; parameters already
+        there (the persisted result of a training step) are used as they are, so the weights
+        move to the device once.
+        """
+        return {k: self._as_dask(k, v, like) for k, v in self.params.items()}
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x, train=True, dropout=True, step=0, params=None):
         """Logits (a :class:`~dask_pconv.autodiff.Tensor` of shape (N, n_classes)) and the
         lazily updated BatchNorm state (training mode) or the current one (evaluation)."""
-        p = params if params is not None else self._tensors()
-        if isinstance(x, np.ndarray):
-            x = da.from_array(x, chunks=x.shape)
+        if not isinstance(x, da.Array):
+            x = da.from_array(x, chunks=x.shape, asarray=False)
+        p = params if params is not None else self._tensors(like=x)
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must be (N, {', '.join(map(str, expected))}), got shape {x.shape}")
@@ -217,16 +227,25 @@ class VGG16:
         state = new_state if train else {}
         return h, state
 
-    def _tensors(self):
-        """The parameters as tape leaves (Dask arrays chunked for ``channel_split``)."""
-        return {k: ad.Tensor(v, name=k) for k, v in self.dask_params().items()}
+    def _tensors(self, like=None, params=None):
+        """The parameters (``params``, or :meth:`dask_params` for ``like``) as tape leaves."""
+        params = self.dask_params(like) if params is None else params
+        return {k: ad.Tensor(v, name=k) for k, v in params.items()}
 
-    def forward_backward_aux(self, x, t, train=True, dropout=True, step=0):
+    def forward_backward_aux(self, x, t, train=True, dropout=True, step=0, params=None):
         """``(loss, grads, aux)``: like :meth:`forward_backward` plus ``aux['accuracy']``
-        (lazy scalar), ``aux['state']`` (updated BatchNorm statistics) and ``aux['logits']``."""
-        p = self._tensors()
+        (lazy scalar), ``aux['state']`` (updated BatchNorm statistics) and ``aux['logits']``.
+
+        ``params`` (name -> Dask array, as from :meth:`dask_params`) replaces the model's own,
+        so that an optimizer update built from the same arrays shares their graph keys (and a
+        parameter copied to the device is copied once)."""
+        if not isinstance(x, da.Array):
+            x = da.from_array(x, chunks=x.shape, asarray=False)
+        p = self._tensors(like=x, params=params)
         z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p)
-        t = t if isinstance(t, da.Array) else da.from_array(np.asarray(t), chunks=(z.value.chunks[0],))
+        if not isinstance(t, da.Array):
+            t = np.asarray(t) if not hasattr(t, "shape") else t
+            t = da.from_array(t, chunks=(z.value.chunks[0],), asarray=False)
         if t.chunks[0] != z.value.chunks[0]:
             t = t.rechunk((z.value.chunks[0],))
         loss = ad.softmax_cross_entropy(z, t)

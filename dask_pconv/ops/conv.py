@@ -15,6 +15,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
 from ..kernels import conv2d_forward, conv2d_grad_w, conv2d_grad_x, get_namespace
+from ._device import on_device_of
 from ._graph import Windows, scatter_windows, tree_sum, window_reach
 from ._validate import as_dask, check_groups, check_kernel_fits
 
@@ -24,7 +25,7 @@ class _ConvSetup:
 
     def __init__(self, x, w, stride, padding, dilation, groups):
         x = as_dask(x, "x", 4)
-        w = as_dask(w, "w", 4)
+        w = on_device_of(as_dask(w, "w", 4), x)
         self.groups = groups = check_groups(groups)
         self.stride = geo.normalize_pair(stride, "stride")
         self.dilation = geo.normalize_pair(dilation, "dilation")
@@ -195,7 +196,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[s.x, s.w])
     y = Array(graph, name, s.out_chunks, meta=s.meta)
     if b is not None:
-        b = as_dask(b, "b", 1)
+        b = on_device_of(as_dask(b, "b", 1), y)
         if b.shape != (s.out_shape[1],):
             raise ValueError(f"b must have shape ({s.out_shape[1]},), got {b.shape}")
         y = y + b.rechunk((s.w.chunks[0],)).reshape(1, -1, 1, 1).astype(y.dtype, copy=False)
@@ -226,7 +227,7 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
         ``g_y.sum((0, 2, 3))``.
     """
     s = _ConvSetup(x, w, stride, padding, dilation, groups)
-    g_y = as_dask(g_y, "g_y", 4)
+    g_y = on_device_of(as_dask(g_y, "g_y", 4), s.x)
     if g_y.shape != s.out_shape:
         raise ValueError(f"g_y must have the output shape {s.out_shape}, got {g_y.shape}")
     if g_y.chunks != s.out_chunks:

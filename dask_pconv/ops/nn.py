@@ -23,7 +23,9 @@ from ..kernels import (
     combine_stats,
     dropout_block,
     get_namespace,
+    onehot,
 )
+from ._device import on_device_of
 from ._graph import tree_sum
 
 __all__ = [
@@ -60,10 +62,17 @@ def _bn_index(x):
     raise ValueError(f"batch_norm expects (N, C) or (N, C, H, W), got shape {x.shape}")
 
 
+def _as_dask(v):
+    """A NumPy/CuPy array (or a list) as a one-chunk Dask array of the same library."""
+    if isinstance(v, da.Array):
+        return v
+    return da.from_array(v if hasattr(v, "shape") else np.asarray(v), chunks=-1, asarray=False)
+
+
 def _per_channel(v, x, dtype=None):
-    """A (C,) vector as a Dask array chunked like ``x``'s channel axis (axis 1)."""
-    v = v if isinstance(v, da.Array) else da.from_array(np.asarray(v), chunks=-1)
-    v = v.rechunk((x.chunks[1],))
+    """A (C,) vector as a Dask array chunked like ``x``'s channel axis (axis 1), with blocks
+    of ``x``'s library (a NumPy vector meeting CuPy blocks is copied to the device)."""
+    v = on_device_of(_as_dask(v), x).rechunk((x.chunks[1],))
     return v.astype(dtype or x.dtype, copy=False)
 
 
@@ -232,13 +241,13 @@ def batch_norm_running_update(stats, mean, var, decay=0.9):
 def linear(x, W):
     """``x @ W.T`` for ``x`` (N, in) and ``W`` (out, in) (PyTorch layout); chunks of ``W`` on
     axis 0 split the outputs, chunks of ``x`` on axis 1 are contracted as a tree."""
-    W = W if isinstance(W, da.Array) else da.from_array(W, chunks=-1)
+    W = on_device_of(_as_dask(W), x)
     return da.matmul(x, W.T.rechunk((x.chunks[1], W.chunks[0])))
 
 
 def linear_vjp(x, W, g):
     """Gradients ``(g_x, g_W)`` of :func:`linear`."""
-    W = W if isinstance(W, da.Array) else da.from_array(W, chunks=-1)
+    W = on_device_of(_as_dask(W), x)
     g_x = da.matmul(g, W.rechunk((g.chunks[1], x.chunks[1])))
     g_W = da.matmul(g.T, x).rechunk((W.chunks[0], W.chunks[1]))
     return g_x, g_W
@@ -272,8 +281,13 @@ def dropout(x, ratio, seed, step, layer):
     )
 
 
-def _onehot(t, n_classes, dtype):
-    return (t[:, None] == da.arange(n_classes, chunks=-1)[None, :]).astype(dtype)
+def _onehot(t, z):
+    """``(N, K)`` one-hot rows of the labels ``t``, chunked like ``z``, in ``z``'s library."""
+    t = on_device_of(_as_dask(t), z)
+    K = z.shape[1]
+    meta = meta_from_array(z._meta, ndim=2, dtype=z.dtype)
+    rows = t.map_blocks(onehot, K, z.dtype, new_axis=1, chunks=(t.chunks[0], (K,)), dtype=z.dtype, meta=meta)
+    return rows.rechunk(z.chunks)
 
 
 def _log_softmax(z):
@@ -283,16 +297,14 @@ def _log_softmax(z):
 
 def softmax_cross_entropy(z, t):
     """Mean over the batch of ``-log softmax(z)[t]``; ``z`` (N, K) logits, ``t`` (N,) labels."""
-    onehot = _onehot(t, z.shape[1], z.dtype).rechunk(z.chunks)
-    return -(_log_softmax(z) * onehot).sum() / z.shape[0]
+    return -(_log_softmax(z) * _onehot(t, z)).sum() / z.shape[0]
 
 
 def softmax_cross_entropy_vjp(z, t, g):
     """Gradient of :func:`softmax_cross_entropy` with respect to ``z``."""
-    onehot = _onehot(t, z.shape[1], z.dtype).rechunk(z.chunks)
-    return (da.exp(_log_softmax(z)) - onehot) * (g / z.shape[0])
+    return (da.exp(_log_softmax(z)) - _onehot(t, z)) * (g / z.shape[0])
 
 
 def accuracy(z, t):
     """Fraction of rows whose arg-max equals the label (a lazy scalar)."""
-    return (z.argmax(axis=1) == t).mean()
+    return (z.argmax(axis=1) == on_device_of(_as_dask(t), z)).mean()

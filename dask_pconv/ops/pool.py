@@ -12,6 +12,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
 from ..kernels import max_pool2d_backward, max_pool2d_forward
+from ._device import on_device_of
 from ._graph import Windows, scatter_windows, window_reach
 from ._validate import as_dask, check_kernel_fits
 
@@ -76,7 +77,7 @@ def max_pool2d_vjp(x, g_y, kernel_size, stride=None, padding=0):
     order, as PyTorch); overlapping windows add up.  Returns a Dask array chunked like ``x``.
     """
     x, kernel, stride, plan_h, plan_w, win, token = _setup(x, kernel_size, stride, padding)
-    g_y = as_dask(g_y, "g_y", 4)
+    g_y = on_device_of(as_dask(g_y, "g_y", 4), x)
     out_shape = x.shape[:2] + (sum(plan_h.out_chunks), sum(plan_w.out_chunks))
     if g_y.shape != out_shape:
         raise ValueError(f"g_y must have the output shape {out_shape}, got {g_y.shape}")

@@ -1,0 +1,11 @@
+"""Class labels on one block."""
+
+from __future__ import annotations
+
+from ._namespace import get_namespace
+
+
+def onehot(t, n_classes, dtype):
+    """``(N, n_classes)`` rows of ``dtype``: 1 at each label of ``t`` (N,), 0 elsewhere."""
+    xp = get_namespace(t)
+    return (t[:, None] == xp.arange(n_classes)[None, :]).astype(dtype)

@@ -1,0 +1,30 @@
+"""Host operands meeting device blocks: weights, statistics and labels given as NumPy arrays
+to an op whose input has CuPy (or other non-NumPy) blocks are copied to the device there, in
+the graph, one task per block, so a kernel never sees a NumPy block beside a CuPy one."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+from dask.array.utils import meta_from_array
+from dask.base import tokenize
+from dask.utils import typename
+
+from ..kernels._namespace import asarray_like
+
+
+def on_device_of(a, like):
+    """``a`` (a Dask array) with blocks of the same library as ``like``'s (a Dask array).
+
+    A NumPy-backed ``a`` meeting a non-NumPy ``like`` gets a ``to-device`` task per block
+    (the library's ``asarray`` of the block: for CuPy, a copy from the host); anything else is
+    returned unchanged.  Once an operand lives on the device (a persisted result, say), no
+    copy is made again.
+    """
+    if not isinstance(a, da.Array):
+        raise TypeError(f"on_device_of needs a Dask array, got {type(a).__name__}")
+    if type(a._meta) is not np.ndarray or type(like._meta) is np.ndarray:
+        return a
+    meta = meta_from_array(like._meta, ndim=a.ndim, dtype=a.dtype)
+    name = f"to-device-{tokenize(a, typename(type(meta)))}"
+    return a.map_blocks(asarray_like, meta, dtype=a.dtype, meta=meta, name=name)
