@@ -224,6 +224,12 @@ def train_command(args, stream=None):
 
 
 def main(argv=None):
+    """The ``dask-pconv`` command; returns its exit status.
+
+    0 on success, 2 for bad arguments or bad input found while setting up (one line on standard
+    error, no traceback), 1 when the training loss becomes NaN/Inf, 130 after Ctrl-C.  With no
+    sub-command (or only options) it runs ``train``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]

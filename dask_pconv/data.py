@@ -149,11 +149,32 @@ def _cifar_entry(batch, key, path):
     raise ValueError(f"{str(path)!r} has no {key.encode()!r} entry (keys: {sorted(map(repr, batch))})")
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, numbers and NumPy arrays, and nothing else: a pickle that
+    names any other callable (``os.system``, ...) is refused before it can run, so a
+    malicious file in the data folder cannot execute code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 with protocol 2
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays")
+
+
 def _read_cifar_batch(path):
     """One CIFAR-10 python batch as (uint8 (N, 3, 32, 32), int64 (N,))."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _ArraysOnly(f, encoding="bytes").load()
     except OSError:
         raise
     except Exception as e:  # unpickling junk raises many kinds of errors
@@ -203,7 +224,9 @@ def load_cifar10(data_dir):
         from ``cifar-10-python.tar.gz``), or a folder whose ``cifar-10-batches-py`` subfolder
         holds them.  Every ``data_batch_<k>`` present is loaded, in order of ``k``; at least
         one is required.  ``batches.meta`` is not needed.  Each file is a pickled dict with
-        ``b'data'``, uint8 of shape (n, 3072), and ``b'labels'``, n ints in [0, 10).
+        ``b'data'``, uint8 of shape (n, 3072), and ``b'labels'``, n ints in [0, 10).  The
+        pickles are read by a restricted unpickler that builds only dicts, lists, bytes,
+        numbers and NumPy arrays, so a tampered file cannot run code.
 
     Returns
     -------
@@ -216,7 +239,8 @@ def load_cifar10(data_dir):
     FileNotFoundError
         If the folder or a required file is missing (the message names both).
     ValueError
-        If a file is not a CIFAR-10 python batch (wrong keys, sizes or labels).
+        If a file is not a CIFAR-10 python batch (wrong keys, sizes or labels, or a pickle
+        that asks for anything but arrays).
 
     Notes
     -----

@@ -1,10 +1,26 @@
-"""Bad input gets a clear ValueError/TypeError naming the argument, before any graph runs."""
+"""Bad input gets a clear error naming the problem, before any graph runs: the operators, the
+model's parameters, the data loaders, the cluster connection and the command line.  Inputs that
+are legal but unusual (NaN/Inf in the data, chunks that do not match) get a documented result
+instead, checked against the unsplit reference."""
 
+import contextlib
+import io
+import os
+import pickle
+import re
+
+import dask
 import dask.array as da
 import numpy as np
 import pytest
 
 import dask_pconv as dp
+from dask_pconv import cli
+from dask_pconv.cluster import connect
+from dask_pconv.data import load_cifar10, load_dataset, parse_split, synthetic
+from dask_pconv.models import VGG16
+
+from reference import conv2d_ref, conv2d_vjp_ref, max_pool2d_ref
 
 X = da.zeros((2, 4, 8, 8), chunks=(1, 2, 4, 4))
 W = np.zeros((6, 4, 3, 3))
@@ -86,6 +102,36 @@ CASES = [
         r"g_y must have the output shape",
     ),
     ("split too many", lambda: dp.split(X, spatial=(9, 1)), ValueError, r"spatial=9 is more than"),
+    ("split zero", lambda: dp.split(X, batch=0), ValueError, r"batch must be positive"),
+    ("split float", lambda: dp.split(X, channel=1.5), TypeError, r"channel must be an int"),
+    (
+        "split spatial triple",
+        lambda: dp.split(X, spatial=(2, 2, 2)),
+        TypeError,
+        r"spatial must be an int or a pair",
+    ),
+    ("split 2-D", lambda: dp.split(np.zeros((8, 8)), batch=2), ValueError, r"x must be 4-D"),
+    (
+        "padding quadruple",
+        lambda: dp.conv2d(X, W, padding=(1, 1, 1, 1)),
+        TypeError,
+        r"padding must be an int or a pair",
+    ),
+    (
+        "w list",
+        lambda: dp.conv2d(X, W.tolist()),
+        TypeError,
+        r"w must be a Dask, NumPy or CuPy array, got list",
+    ),
+    ("complex x", lambda: dp.conv2d(X.astype(complex), W), TypeError, r"x must have a floating dtype"),
+    (
+        "vjp channel mismatch",
+        lambda: dp.conv2d_vjp(X, W[:, :3], np.zeros((2, 6, 6, 6))),
+        ValueError,
+        r"channel mismatch",
+    ),
+    ("pool stride zero", lambda: dp.max_pool2d(X, 2, stride=0), ValueError, r"stride must be positive"),
+    ("pool bool x", lambda: dp.max_pool2d(X > 0, 2), TypeError, r"x must have a floating dtype"),
 ]
 
 
@@ -93,3 +139,239 @@ CASES = [
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def _params(**replace):
+    return {**VGG16(n_classes=4, width=0.0625).params, **replace}
+
+
+_FC2 = (4, 32)  # fc2.W of VGG16(n_classes=4, width=0.0625)
+MODEL_CASES = [
+    ("params not a mapping", lambda m: m.load_params([1, 2]), TypeError, r"params must be a mapping"),
+    ("params missing", lambda m: m.load_params({"fc2.W": np.zeros(_FC2)}), KeyError, r"missing \['block1_1"),
+    (
+        "params unexpected",
+        lambda m: m.load_params(_params(extra=np.zeros(1))),
+        KeyError,
+        r"unexpected \['extra'\]",
+    ),
+    (
+        "params shape",
+        lambda m: m.load_params(_params(**{"fc2.W": np.zeros((4, 31))})),
+        ValueError,
+        r"\(4, 31\), expected \(4, 32\)",
+    ),
+    (
+        "params strings",
+        lambda m: m.load_params(_params(**{"fc2.W": np.full(_FC2, "a")})),
+        TypeError,
+        r"real numbers",
+    ),
+    (
+        "params NaN",
+        lambda m: m.load_params(_params(**{"fc2.W": np.full(_FC2, np.nan)})),
+        ValueError,
+        r"NaN or Inf",
+    ),
+    (
+        "params Inf",
+        lambda m: m.load_params(_params(**{"fc2.W": np.full(_FC2, np.inf)})),
+        ValueError,
+        r"NaN or Inf",
+    ),
+    (
+        "state wrong names",
+        lambda m: m.load_params(_params(), {"x": np.zeros(1)}),
+        KeyError,
+        r"state names do not match",
+    ),
+    ("model int dtype", lambda m: VGG16(dtype="int32"), TypeError, r"dtype must be a floating dtype"),
+    ("model image size", lambda m: VGG16(image_size=48), ValueError, r"multiple of 32"),
+    (
+        "model channel_split",
+        lambda m: VGG16(channel_split=0),
+        ValueError,
+        r"channel_split must be a positive int",
+    ),
+    (
+        "forward wrong image",
+        lambda m: m.predict(da.zeros((2, 3, 16, 16))),
+        ValueError,
+        r"x must be \(N, 3, 32, 32\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, err, match", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
+def test_bad_model_input(call, err, match):
+    m = VGG16(n_classes=4, width=0.0625)
+    before = dict(m.params)
+    with pytest.raises(err, match=match):
+        call(m)
+    assert all(m.params[k] is before[k] for k in before)  # nothing was replaced
+
+
+def _cifar_dir(tmp_path, content):
+    ok = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(ok))
+    (tmp_path / "test_batch").write_bytes(content)
+    return tmp_path
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+DATA_CASES = [
+    ("cifar missing dir", lambda d: load_cifar10(d / "nope"), FileNotFoundError, r"does not exist"),
+    ("cifar empty dir", lambda d: load_cifar10(d), FileNotFoundError, r"cifar-10-batches-py"),
+    (
+        "cifar truncated",
+        lambda d: load_cifar10(_cifar_dir(d, b"\x80\x02}q")),
+        ValueError,
+        r"test_batch.*unpickling failed",
+    ),
+    (
+        "cifar code in pickle",
+        lambda d: load_cifar10(_cifar_dir(d, pickle.dumps({b"data": _Exploit()}))),
+        ValueError,
+        r"refusing to load (posix|os|nt)\.system",
+    ),
+    ("cifar no data_dir", lambda d: load_dataset("cifar10"), ValueError, r"needs data_dir"),
+    ("unknown dataset", lambda d: load_dataset("mnist"), ValueError, r"unknown dataset 'mnist'"),
+    (
+        "synthetic n too small",
+        lambda d: synthetic(n=3, n_classes=10),
+        ValueError,
+        r"leaves an empty validation set out of 3",
+    ),
+    ("split spec axis", lambda d: parse_split("diagonal:2"), ValueError, r"diagonal"),
+    ("split spec count", lambda d: parse_split("batch:0"), ValueError, r"positive integer"),
+    ("split spec shape", lambda d: parse_split("spatial:2x2x2"), ValueError, r"spatial:HxW"),
+    ("address not an address", lambda d: connect("localhost"), ValueError, r"tcp://host:port"),
+    (
+        "address is the dashboard",
+        lambda d: connect("http://127.0.0.1:8787"),
+        ValueError,
+        r"dashboard \(HTTP\) address",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, err, match", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_data_and_cluster_input(call, err, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(err, match=match):
+        call(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _run_cli(*argv):
+    """``dask-pconv`` in this process: (exit status, standard error)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(list(argv))
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return rc, err.getvalue()
+
+
+def _corrupt_checkpoint(tmp_path):
+    (tmp_path / "checkpoint_epoch_1.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    return str(tmp_path)
+
+
+CLI_CASES = [
+    ("cli split spec", lambda d: ("--split", "batch:two"), r"bad count 'two'"),
+    ("cli epochs", lambda d: ("--epochs", "-3"), r"--epochs: expected a positive integer"),
+    ("cli unknown option", lambda d: ("--learning-rate", "0.1"), r"unrecognized arguments"),
+    (
+        "cli cifar without dir",
+        lambda d: ("--dataset", "cifar10"),
+        r"loading dataset 'cifar10': .*needs data_dir",
+    ),
+    (
+        "cli cifar missing dir",
+        lambda d: ("--dataset", "cifar10", "--data-dir", str(d / "none")),
+        r"loading dataset 'cifar10': .*does not exist",
+    ),
+    (
+        "cli batch too big",
+        lambda d: ("--batch-size", "100000"),
+        r"--batch-size 100000 is more than the \d+ training",
+    ),
+    (
+        "cli bad address",
+        lambda d: ("--scheduler", "nowhere"),
+        r"connecting to the scheduler: .*tcp://host:port",
+    ),
+    (
+        "cli unreachable scheduler",
+        lambda d: ("--scheduler", "tcp://127.0.0.1:1"),
+        r"connecting to the scheduler: could not connect to the scheduler at 'tcp://127.0.0.1:1'",
+    ),
+    (
+        "cli corrupt checkpoint",
+        lambda d: ("--resume", "--out", _corrupt_checkpoint(d), "--workers", "1", "--dashboard", ""),
+        r"resuming from .*: checkpoint .* unreadable or malformed",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, match", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_bad_command_line(argv, match, tmp_path):
+    """Exit status 2 and one line on standard error naming the problem; no traceback."""
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        rc, err = _run_cli("train", "--dataset", "synthetic", "--no-progress", *argv(tmp_path))
+    assert rc == 2, err
+    assert re.search(match, err), err
+    assert "Traceback" not in err
+
+
+# -- documented results for legal but unusual input --------------------------------------------
+def _with_nonfinite(shape, chunks):
+    x = np.random.default_rng(0).standard_normal(shape)
+    x[0, 0, 1, 1], x[-1, -1, -2, 3], x[0, 1, 5, 0] = np.nan, np.inf, -np.inf
+    return x, da.from_array(x, chunks=chunks)
+
+
+@pytest.mark.parametrize("kernel", ["numpy", "auto"])
+def test_nan_and_inf_propagate_like_the_unsplit_computation(kernel):
+    """NaN and Inf in the data are not errors: they propagate exactly as in the unsplit
+    computation (the same outputs are NaN/Inf; the others are finite and equal), whatever the
+    split.  A training loss that becomes non-finite stops the trainer (test_reliability)."""
+    x, xd = _with_nonfinite((2, 4, 9, 8), (1, 2, 4, 3))
+    w = np.random.default_rng(1).standard_normal((3, 4, 3, 3))
+    with dask.config.set({"pconv.conv-kernel": kernel}), np.errstate(invalid="ignore"):
+        y = dp.conv2d(xd, w, padding=1).compute()
+        ref = conv2d_ref(x, w, padding=1)
+        gy = np.ones_like(ref)
+        gx, gw, _ = (a.compute() for a in dp.conv2d_vjp(xd, w, gy, padding=1))
+        gx_ref, gw_ref, _ = conv2d_vjp_ref(x, w, gy, padding=1)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    assert np.isnan(y).any() and np.isfinite(y).any()
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(y[fin], ref[fin], rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(np.isfinite(gx), np.isfinite(gx_ref))
+    np.testing.assert_array_equal(np.isfinite(gw), np.isfinite(gw_ref))
+    p = dp.max_pool2d(xd, 2).compute()
+    p_ref = max_pool2d_ref(x, 2)
+    np.testing.assert_array_equal(p, p_ref)  # NaN compares equal in assert_array_equal
+
+
+def test_mismatched_chunks_are_rechunked():
+    """A g_y whose chunks do not match the output's, or a w chunked along its kernel axes, is
+    rechunked: the result is the reference one."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 8, 8))
+    w = rng.standard_normal((6, 4, 3, 3))
+    gy = rng.standard_normal((2, 6, 6, 6))
+    xd = da.from_array(x, chunks=(1, 2, 4, 4))
+    g_x, g_w, g_b = dask.compute(
+        *dp.conv2d_vjp(xd, da.from_array(w, chunks=(3, 2, 2, 2)), da.from_array(gy, chunks=(2, 1, 5, 1)))
+    )
+    for a, e in zip((g_x, g_w, g_b), conv2d_vjp_ref(x, w, gy)):
+        np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10)

@@ -1,0 +1,176 @@
+"""Faults and security: interrupting training, determinism, divergence, and what a new cluster
+listens on."""
+
+import dataclasses
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dask
+import numpy as np
+import psutil
+import pytest
+from clusters import local_cluster
+from distributed import Client
+
+from dask_pconv import cli
+from dask_pconv.cluster import connect
+from dask_pconv.data import synthetic
+from dask_pconv.models import VGG16
+from dask_pconv.optim import MomentumSGD
+from dask_pconv.train import Trainer, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return synthetic(n=80, n_classes=4, seed=1, val_fraction=0.25)
+
+
+def _cli_argv(out, epochs):
+    return [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--width",
+        "0.0625",
+        "--batch-size",
+        "206",
+        "--epochs",
+        str(epochs),
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--dashboard",
+        "",
+    ]
+
+
+@pytest.mark.cluster
+def test_sigint_keeps_the_last_checkpoint_and_resume_continues(tmp_path, capsys):
+    """Ctrl-C in the middle of epoch 2: exit status 130, a message naming the checkpoint, the
+    epoch-1 checkpoint intact (its checksum verifies), no temporary file left; ``--resume``
+    continues from epoch 1."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint_epoch_1.npz"
+    cmd = [sys.executable, "-m", "dask_pconv.cli", *_cli_argv(out, epochs=50)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ckpt.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # epoch 2 (50 epochs asked) has just begun
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "interrupted in epoch 2" in stderr and str(ckpt) in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+    params, state, vel, meta = load_checkpoint(ckpt)  # verifies the checksum
+    assert (meta["epoch"], meta["step"]) == (1, 2)
+    interrupted_log = meta["log"]
+
+    assert cli.main([*_cli_argv(out, epochs=2), "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from epoch 1 (step 2)" in text
+    _, _, _, meta2 = load_checkpoint(out / "checkpoint_epoch_2.npz")
+    assert (meta2["epoch"], meta2["step"]) == (2, 4)
+    assert meta2["log"][0] == interrupted_log[0]  # epoch 1 was not redone
+
+
+def _steps(data, split, n_steps, seed=0, dropout=True):
+    train, val = data
+    m = VGG16(n_classes=4, width=0.0625, seed=seed, channel_split=split.get("channel", 1))
+    tr = Trainer(
+        m,
+        train,
+        val,
+        batch_size=20,
+        split=split,
+        seed=seed,
+        dropout=dropout,
+        progress=False,
+        optimizer=MomentumSGD(lr=0.01),
+    )
+    losses = [
+        tr.train_step(train.x[20 * i : 20 * i + 20], train.t[20 * i : 20 * i + 20])[0] for i in range(n_steps)
+    ]
+    return losses, dask.compute(m.params)[0]
+
+
+@pytest.mark.cluster
+def test_same_seed_and_split_are_bitwise_equal_other_splits_agree(small_data):
+    """On a 2-worker LocalCluster, dropout on: the same seed and split give bitwise-equal losses
+    and parameters after 2 steps; batch, spatial and channel splits agree within float32
+    rounding (they sum in different orders)."""
+    with local_cluster() as c, Client(c):
+        loss_a, p_a = _steps(small_data, {"batch": 2}, 2)
+        loss_b, p_b = _steps(small_data, {"batch": 2}, 2)
+        assert loss_a == loss_b
+        for k in p_a:
+            np.testing.assert_array_equal(p_a[k], p_b[k], err_msg=k)
+        for split in ({"spatial": (2, 2)}, {"channel": 2}):
+            loss_s, p_s = _steps(small_data, split, 2)
+            np.testing.assert_allclose(loss_s, loss_a, rtol=1e-4, err_msg=str(split))
+            for k in p_a:
+                scale = np.abs(p_a[k]).max() + 1e-6
+                np.testing.assert_allclose(p_s[k], p_a[k], rtol=0, atol=2e-4 * scale, err_msg=f"{split} {k}")
+
+
+def test_nan_in_the_data_stops_training_with_a_clear_error(small_data, tmp_path):
+    """NaN propagates through every op (documented); the trainer stops at the first non-finite
+    loss and writes no checkpoint from it."""
+    train, val = small_data
+    x = train.x.copy()
+    x[3, 0, 5, 5] = np.nan
+    bad = dataclasses.replace(train, x=x)
+    m = VGG16(n_classes=4, width=0.0625, seed=0)
+    tr = Trainer(
+        m, bad, val, batch_size=20, split={"batch": 2}, out=tmp_path, progress=False, stream=io.StringIO()
+    )
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d"):
+        tr.run(1)
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def _listening(pid):
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.Process(pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    }
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("dashboard", ["127.0.0.1:0", None])
+def test_a_new_cluster_listens_on_loopback_only(dashboard):
+    """Every socket the scheduler and the nannies (in this process) and the worker processes
+    listen on is bound to 127.0.0.1, with the dashboard on and off."""
+    before = _listening(os.getpid())
+    with connect(n_workers=2, threads_per_worker=1, dashboard_address=dashboard) as client:
+        pids = client.run(os.getpid)
+        assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+        sockets = {"scheduler and nannies": _listening(os.getpid()) - before}
+        sockets.update({f"worker {p}": _listening(p) for p in pids.values()})
+        # scheduler comm + its HTTP server + one per nanny, and each worker's comm
+        assert len(sockets["scheduler and nannies"]) >= 4, sockets
+        assert all(sockets.values()), sockets
+        for who, socks in sockets.items():
+            assert {ip for ip, _ in socks} == {"127.0.0.1"}, (who, socks)
+        if dashboard:
+            assert client.dashboard_link.startswith("http://127.0.0.1:")
+
+
+def test_connect_names_an_unreachable_scheduler():
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(OSError, match=r"could not connect to the scheduler at 'tcp://127.0.0.1:1'"):
+            connect("tcp://127.0.0.1:1")
