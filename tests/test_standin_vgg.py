@@ -155,3 +155,19 @@ def test_vgg16_training_steps_stay_on_the_device(tmp_path):
 @pytest.mark.parametrize("split", ["channel", "spatial 2x2"])
 def test_vgg16_training_step_on_the_device_in_other_splits(split):
     _run(SPLITS[split], steps=1)
+
+
+@pytest.mark.parametrize("choice", ["auto", "torch"])
+def test_pytorch_kernels_never_take_lookalike_blocks(choice):
+    """The cuDNN path (PyTorch through DLPack) is for ``cupy.ndarray`` blocks only: a stand-in
+    block stays on the namespace kernels even when PyTorch is forced."""
+    from dask_pconv.kernels import _torch
+
+    x = standin.to_device(np.ones((1, 64, 4, 4), np.float32))
+    w = standin.to_device(np.ones((8, 64, 3, 3), np.float32))
+    with dask.config.set({_torch.CONFIG_KEY: choice}):
+        assert not _torch.use_torch(x, w, k=64 * 9)
+        assert _torch.use_torch(np.ones(1, np.float32), np.ones(1, np.float32), k=64 * 9) == (
+            _torch._torch() is not None
+        )
+    assert not _torch._is_cupy(x)

@@ -7,6 +7,12 @@ below ``MIN_TORCH_K``): with few input channels PyTorch's CPU kernel is slow and
 kernels are about 4x faster (benchmarks/bench_kernels.py, 3->64 channels at 2048x2048).
 Results agree with the im2col kernels to floating-point rounding (the tests run both).
 PyTorch is never a dependency of the package.
+
+CuPy blocks go to PyTorch's CUDA kernels (cuDNN) the same way, zero-copy through DLPack
+(``torch.from_dlpack`` and back with ``cupy.from_dlpack``), when PyTorch with CUDA is
+installed, for any contraction length; otherwise they use the im2col kernels in CuPy (cuBLAS).
+Only genuine ``cupy.ndarray`` blocks qualify, never other array types.  CI has no GPU: this
+path is checked by ``benchmarks/gpu_check.py`` on a machine with one, not by the test suite.
 """
 
 from __future__ import annotations
@@ -39,7 +45,11 @@ def use_torch(*arrays, k):
     if choice not in CHOICES:
         raise ValueError(f"config {CONFIG_KEY!r} must be one of {CHOICES}, got {choice!r}")
     arrays = [getattr(a, "block", a) for a in arrays]  # a Padded window: its block decides
-    if choice == "numpy" or not all(type(a) is np.ndarray for a in arrays):
+    if choice == "numpy":
+        return False
+    if all(_is_cupy(a) for a in arrays):
+        return _cuda_ok(arrays, choice)
+    if not all(type(a) is np.ndarray for a in arrays):
         return False
     if _torch() is None:
         if choice == "torch":
@@ -50,8 +60,37 @@ def use_torch(*arrays, k):
     return all(a.dtype in (np.float32, np.float64) for a in arrays)
 
 
+def _is_cupy(a):
+    """A CuPy array, recognised by its class (no look-alike qualifies)."""
+    cls = type(a)
+    return cls.__name__ == "ndarray" and cls.__module__.split(".")[0] == "cupy"
+
+
+def _cuda_ok(arrays, choice):
+    """Whether CuPy blocks go through PyTorch's CUDA kernels."""
+    torch = _torch()
+    if torch is None or not torch.cuda.is_available():
+        if choice == "torch":
+            raise ImportError(f"config {CONFIG_KEY!r} is 'torch' but PyTorch with CUDA is not installed")
+        return False
+    return all(a.dtype in (np.float32, np.float64) for a in arrays)
+
+
 def _t(a, dtype):
+    if _is_cupy(a):  # zero-copy on the same device and stream-ordered (DLPack)
+        import cupy
+
+        return _torch().from_dlpack(cupy.ascontiguousarray(a.astype(dtype, copy=False)))
     return _torch().from_numpy(np.ascontiguousarray(a, dtype=dtype))
+
+
+def _out(t):
+    """A result tensor as a block of the input's library: NumPy, or CuPy for CUDA tensors."""
+    if t.is_cuda:
+        import cupy
+
+        return cupy.from_dlpack(t)
+    return t.numpy()
 
 
 def _unpad(x):
@@ -68,18 +107,19 @@ def conv2d_forward(x, W, stride, dilation, groups):
     x, pad = _unpad(x)
     with torch.no_grad():
         y = torch.nn.functional.conv2d(_t(x, dt), _t(W, dt), None, stride, pad, dilation, groups)
-    return y.numpy()
+    return _out(y)
 
 
 def _backward(gy, x, w, stride, pad, dilation, groups, which):
-    """One output of PyTorch's conv backward: ``which`` 0 is grad-x, 1 is grad-w (NumPy)."""
+    """One output of PyTorch's conv backward: ``which`` 0 is grad-x, 1 is grad-w (NumPy or
+    CuPy, as the inputs)."""
     torch = _torch()
     mask = [which == 0, which == 1, False]
     with torch.no_grad():
         out = torch.ops.aten.convolution_backward(
             gy, x, w, None, list(stride), list(pad), list(dilation), False, [0, 0], groups, mask
         )
-    return out[which].numpy()
+    return _out(out[which])
 
 
 def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
@@ -100,7 +140,8 @@ def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
     shape = (N, Cg * groups, Hw - 2 * pad[0], Ww - 2 * pad[1])
     tw = _t(W, dt)
     # only the input's shape is read for grad-x
-    gx = _backward(_t(gy, dt), torch.empty(shape, dtype=tw.dtype), tw, stride, pad, dilation, groups, 0)
+    x = torch.empty(shape, dtype=tw.dtype, device=tw.device)
+    gx = _backward(_t(gy, dt), x, tw, stride, pad, dilation, groups, 0)
     if after is not None:
         (y0, y1), (x0, x1) = after
         gx = gx[:, :, y0:y1, x0:x1]
@@ -114,5 +155,5 @@ def conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups):
     x, pad = _unpad(x)
     tx = _t(x, dt)
     # only the weight's shape is read for grad-w
-    w = torch.empty((O, C // groups) + tuple(kernel_size), dtype=tx.dtype)
+    w = torch.empty((O, C // groups) + tuple(kernel_size), dtype=tx.dtype, device=tx.device)
     return _backward(_t(gy, dt), tx, w, stride, pad, dilation, groups, 1)
