@@ -29,15 +29,17 @@ CASES = [
 ]
 
 
-def torch_step_time(model, x, t, steps):
+def torch_step_time(model, x, t, steps, device="cpu"):
+    """Median seconds of a PyTorch training step of ``model``'s network on ``device``."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(2)
+    if device == "cpu":
+        torch.set_num_threads(2)
     (params,) = dask.compute(model.params)
-    p = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in params.items()}
+    p = {k: torch.tensor(np.asarray(v), requires_grad=True, device=device) for k, v in params.items()}
     vel = {k: torch.zeros_like(v) for k, v in p.items()}
-    tx, tt = torch.from_numpy(x), torch.from_numpy(t)
+    tx, tt = torch.from_numpy(x).to(device), torch.from_numpy(t).to(device)
 
     def step():
         h = tx

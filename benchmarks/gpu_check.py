@@ -1,0 +1,343 @@
+"""GPU check: the correctness checks with CuPy blocks, and speed against PyTorch/cuDNN on the same GPU.
+
+One command on a machine with an NVIDIA GPU and CuPy (PyTorch with CUDA is optional: it adds
+the cuDNN block kernel and the baseline):
+
+    python benchmarks/gpu_check.py --out gpu-results
+
+(a) Correctness (float64): ``conv2d``, ``conv2d_vjp``, ``max_pool2d`` and its VJP on CuPy blocks
+    under batch, channel, spatial 2x2 and mixed splits against the unsplit computation on NumPy
+    copies on the host, once per conv kernel (im2col in CuPy, i.e. cuBLAS; PyTorch's cuDNN
+    through DLPack); every result must keep CuPy ``meta`` and come back as a CuPy array.  Then
+    two VGG16 training steps (BatchNorm, dropout, momentum SGD) through
+    ``Trainer(to_device=cupy.asarray)`` against the same steps on NumPy blocks: loss, accuracy
+    and every parameter must agree to 1e-8 (relative), and the parameters must stay CuPy.
+(b) Speed (float32): ``conv2d`` forward and forward + backward, and a VGG16 training step, on
+    CuPy blocks against PyTorch (cuDNN) on the same GPU; ratio = ours / PyTorch.
+
+The synchronous scheduler runs every graph (one GPU, no worker processes).  Without CuPy or a
+GPU the script exits with status 2 saying what is missing.  ``--numpy`` runs the same checks
+and timings with NumPy blocks on the CPU (PyTorch's CPU kernels as the baseline), so the script
+itself is exercised on machines without a GPU; ``--quick`` shrinks every size.  Writes
+``gpu_check.json`` into ``--out``; exits 1 if a check fails.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import dask
+import dask.array as da
+import numpy as np
+
+import dask_pconv as dp
+from dask_pconv.data import Dataset
+from dask_pconv.kernels import _torch
+from dask_pconv.models import VGG16
+from dask_pconv.optim import MomentumSGD
+from dask_pconv.train import Trainer
+
+from _common import interleaved, table, write_json
+from bench_vgg_step import torch_step_time
+
+SPLITS = {
+    "none": ({}, 1),
+    "batch": ({"batch": 2}, 1),
+    "channel": ({"channel": 2}, 2),  # x's channels and w's output channels in 2 chunks
+    "spatial 2x2": ({"spatial": 2}, 1),
+    "mixed": ({"batch": 2, "channel": 2, "spatial": (2, 3)}, 2),
+}
+TOL = 1e-8  # float64, relative to the largest reference value
+
+
+class Backend:
+    """Where the blocks live: CuPy on the GPU, or NumPy (``--numpy``, the CPU dry run)."""
+
+    def __init__(self, use_numpy):
+        if use_numpy:
+            self.name, self.xp, self.torch_device = "numpy", np, "cpu"
+            self.to_device = np.asarray
+            self.info = {}
+            return
+        try:
+            import cupy
+        except ImportError as e:
+            _missing(f"CuPy is not installed ({e}): pip install 'dask-pconv[gpu]'")
+        try:
+            n_gpus = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            _missing(f"CUDA reports no usable GPU ({e})")
+        if n_gpus == 0:
+            _missing("CUDA reports no GPU")
+        self.name, self.xp, self.torch_device = "cupy", cupy, "cuda"
+        self.to_device = cupy.asarray
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        self.info = {"gpu": props["name"].decode(), "cupy": cupy.__version__, "gpus": n_gpus}
+
+    @property
+    def array_type(self):
+        return self.xp.ndarray
+
+    def blocks(self, a, chunks):
+        """``a`` (NumPy) as a Dask array with these chunks and blocks on the device."""
+        meta = self.to_device(np.empty((0,) * a.ndim, a.dtype))
+        return da.from_array(a, chunks=chunks).map_blocks(self.to_device, dtype=a.dtype, meta=meta)
+
+    def host(self, a):
+        return a.get() if self.name == "cupy" else np.asarray(a)
+
+    def sync(self):
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def torch(self):
+        """PyTorch for this backend's device, or None."""
+        try:
+            import torch
+        except ImportError:
+            return None
+        if self.torch_device == "cuda" and not torch.cuda.is_available():
+            return None
+        return torch
+
+    def kernels(self):
+        """The conv kernel choices to check: im2col in the blocks' namespace, and PyTorch's."""
+        return ["numpy"] + (["torch"] if self.torch() is not None else [])
+
+
+def _missing(why):
+    print(
+        f"gpu_check: {why}.  This check needs CuPy and a CUDA GPU; --numpy runs it on the CPU.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+def _rel_err(got, want):
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
+
+
+# -- (a) correctness -----------------------------------------------------------------------
+def _op_cases(rng, quick):
+    N, C, O, H = (4, 4, 6, 10) if quick else (6, 8, 12, 23)
+    x = rng.standard_normal((N, C, H, H + 1))
+    w = rng.standard_normal((O, C, 3, 3))
+    kw = {"padding": 1}
+    y_shape = (N, O, H, H + 1)
+    gy = rng.standard_normal(y_shape)
+    gp = rng.standard_normal((N, C, (H + 2 - 3) // 2 + 1, (H + 3 - 3) // 2 + 1))
+    return x, w, gy, gp, kw
+
+
+def check_ops(be, quick):
+    rng = np.random.default_rng(0)
+    x, w, gy, gp, kw = _op_cases(rng, quick)
+    pool = (3, 2, 1)  # kernel, stride, padding: overlapping windows, -inf padding
+    with dask.config.set({_torch.CONFIG_KEY: "numpy"}):  # the reference: NumPy on the host
+        want = dask.compute(
+            dp.conv2d(x, w, **kw),
+            *dp.conv2d_vjp(x, w, gy, **kw)[:2],
+            dp.max_pool2d(x, *pool),
+            dp.max_pool2d_vjp(x, gp, *pool),
+        )
+    names = ["conv2d", "conv2d_vjp g_x", "conv2d_vjp g_w", "max_pool2d", "max_pool2d_vjp"]
+    rows = []
+    for kernel in be.kernels():
+        for split, (spec, w_split) in SPLITS.items():
+            xs = dp.split(x, **spec)
+            xd = be.blocks(x, xs.chunks)
+            wd = be.blocks(w, (-(-w.shape[0] // w_split), -1, -1, -1))
+            with dask.config.set({_torch.CONFIG_KEY: kernel}):
+                y = dp.conv2d(xd, wd, **kw)
+                gyd = be.blocks(gy, y.chunks)
+                outs = [y, *dp.conv2d_vjp(xd, wd, gyd, **kw)[:2]]
+                p = dp.max_pool2d(xd, *pool)
+                outs += [p, dp.max_pool2d_vjp(xd, be.blocks(gp, p.chunks), *pool)]
+                metas_ok = all(isinstance(o._meta, be.array_type) for o in outs)
+                got = dask.compute(*outs)
+            for name, g, ref in zip(names, got, want):
+                err = _rel_err(be.host(g), ref)
+                ok = metas_ok and isinstance(g, be.array_type) and err <= TOL
+                rows.append({"check": f"{name}, {split}, kernel {kernel}", "rel err": err, "ok": ok})
+    return rows
+
+
+def _vgg_data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return Dataset(rng.random((n, 3, 32, 32), dtype=np.float32), rng.integers(0, 10, n), 10, "random")
+
+
+def _trainer(model, data, split, to_device=None):
+    tr = Trainer(
+        model,
+        data,
+        data,
+        batch_size=len(data),
+        split=split,
+        optimizer=MomentumSGD(0.05, 0.9, 5e-4),
+        progress=False,
+        to_device=to_device,
+    )
+    tr.tasks_per_step = 0  # not counted: counting optimises the whole graph, as slow as a step
+    return tr
+
+
+def check_vgg(be, quick):
+    width, n = (0.0625, 4) if quick else (0.25, 16)
+    data = _vgg_data(n)
+    rows = []
+    splits = [("batch:2", {"batch": 2})] + ([] if quick else [("spatial:2x2", {"spatial": (2, 2)})])
+    for label, split in splits:
+        ref = _trainer(VGG16(width=width, dtype=np.float64), data, split)
+        tr = _trainer(VGG16(width=width, dtype=np.float64), data, split, to_device=be.to_device)
+        for step in range(2):
+            (l0, a0), (l1, a1) = ref.train_step(data.x, data.t), tr.train_step(data.x, data.t)
+            ok = abs(l1 - l0) <= TOL * abs(l0) and a1 == a0
+            rows.append(
+                {"check": f"VGG16 step {step + 1} loss, {label}", "rel err": abs(l1 - l0) / abs(l0), "ok": ok}
+            )
+        want, got = dask.compute(ref.model.params, tr.model.params)
+        err = max(_rel_err(be.host(got[k]), want[k]) for k in want)
+        on_device = all(isinstance(v._meta, be.array_type) for v in tr.model.params.values())
+        rows.append(
+            {
+                "check": f"VGG16 parameters after 2 steps, {label}",
+                "rel err": err,
+                "ok": err <= TOL and on_device,
+            }
+        )
+    return rows
+
+
+# -- (b) speed -----------------------------------------------------------------------------
+def time_conv(be, quick):
+    """Seconds per conv2d forward and forward + backward, ours (per kernel) and PyTorch's."""
+    cases = (
+        [(4, 8, 8, 16, {}), (4, 8, 8, 16, {"spatial": 2})]
+        if quick
+        else [
+            (64, 64, 64, 32, {}),
+            (64, 64, 64, 32, {"batch": 2}),
+            (16, 128, 128, 64, {"spatial": 2}),
+            (1, 64, 64, 1024, {"spatial": 2}),
+        ]
+    )
+    torch = be.torch()
+    rng = np.random.default_rng(1)
+    rows = []
+    for N, C, O, H, spec in cases:
+        x = rng.standard_normal((N, C, H, H), dtype=np.float32)
+        w = rng.standard_normal((O, C, 3, 3), dtype=np.float32)
+        gy = rng.standard_normal((N, O, H, H), dtype=np.float32)
+        xd = be.blocks(x, dp.split(x, **spec).chunks).persist()
+        wd = be.blocks(w, w.shape).persist()
+        gyd = be.blocks(gy, dp.conv2d(xd, wd, padding=1).chunks).persist()
+
+        def ours(kernel, backward):
+            def run():
+                with dask.config.set({_torch.CONFIG_KEY: kernel}):
+                    outs = [dp.conv2d(xd, wd, padding=1)]
+                    if backward:
+                        outs += dp.conv2d_vjp(xd, wd, gyd, padding=1)[:2]
+                    dask.persist(*outs)
+                be.sync()
+
+            return run
+
+        fns = {}
+        for backward in (False, True):
+            for kernel in be.kernels():
+                fns[(kernel, backward)] = ours(kernel, backward)
+            if torch is not None:
+                fns[("torch-direct", backward)] = _torch_conv(torch, be, x, w, gy, backward)
+        times = interleaved(fns, repeat=3 if quick else 7)
+        for backward in (False, True):
+            row = {"case": f"{N}, {C}->{O}, {H}x{H}, {_label(spec)}", "op": "fwd+bwd" if backward else "fwd"}
+            base = times.get(("torch-direct", backward))
+            for kernel in be.kernels():
+                row[f"ours[{kernel}] s"] = times[(kernel, backward)]
+                if base:
+                    row[f"ours[{kernel}] / torch"] = times[(kernel, backward)] / base
+            row["torch s"] = base
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def _torch_conv(torch, be, x, w, gy, backward):
+    dev = be.torch_device
+    tx = torch.from_numpy(x).to(dev).requires_grad_(backward)
+    tw = torch.from_numpy(w).to(dev).requires_grad_(backward)
+    tgy = torch.from_numpy(gy).to(dev)
+
+    def run():
+        y = torch.nn.functional.conv2d(tx, tw, padding=1)
+        if backward:
+            torch.autograd.grad(y, (tx, tw), tgy)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def _label(spec):
+    return ", ".join(f"{k}:{v}" for k, v in spec.items()) or "one block"
+
+
+def time_vgg(be, quick, steps):
+    width, n, cases = (0.0625, 4, [{}]) if quick else (1.0, 64, [{}, {"batch": 2}])
+    data = _vgg_data(n, seed=2)
+    rows = []
+    for split in cases:
+        tr = _trainer(VGG16(width=width), data, split, to_device=be.to_device)
+        tr.train_step(data.x, data.t)  # warm-up: parameters move to the device
+        walls = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            tr.train_step(data.x, data.t)  # returns floats: waits for the device
+            walls.append(time.perf_counter() - t0)
+        row = {
+            "case": f"VGG16 width {width}, batch {n}, {_label(split)}",
+            "ours step s": float(np.median(walls)),
+        }
+        if be.torch() is not None:
+            row["torch step s"] = torch_step_time(
+                VGG16(width=width), data.x, data.t, steps, device=be.torch_device
+            )
+            row["ratio"] = row["ours step s"] / row["torch step s"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gpu-results", help="folder for gpu_check.json")
+    ap.add_argument("--numpy", action="store_true", help="NumPy blocks on the CPU: a dry run without a GPU")
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    ap.add_argument("--steps", type=int, default=3, help="timed VGG16 steps (after one warm-up step)")
+    args = ap.parse_args(argv)
+    be = Backend(args.numpy)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"blocks: {be.name} {be.info}; conv kernels: {', '.join(be.kernels())}", flush=True)
+    with dask.config.set(scheduler="synchronous"):
+        checks = check_ops(be, args.quick) + check_vgg(be, args.quick)
+        table(checks, ["check", "rel err", "ok"])
+        conv = time_conv(be, args.quick)
+        vgg = time_vgg(be, args.quick, args.steps)
+    conv_cols = ["case", "op"] + [c for k in be.kernels() for c in (f"ours[{k}] s", f"ours[{k}] / torch")]
+    table(conv, conv_cols + ["torch s"])
+    table(vgg, ["case", "ours step s", "torch step s", "ratio"])
+    failed = [c["check"] for c in checks if not c["ok"]]
+    write_json(out / "gpu_check.json", "gpu_check", conv + vgg, checks=checks, blocks=be.name, device=be.info)
+    if failed:
+        print(f"gpu_check: {len(failed)} check(s) failed: {failed}", file=sys.stderr)
+        return 1
+    print(f"gpu_check: all {len(checks)} checks passed ({be.name} blocks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

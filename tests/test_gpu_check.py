@@ -1,0 +1,38 @@
+"""``benchmarks/gpu_check.py``: its dry run on NumPy blocks runs every check and timing, and
+without CuPy it stops with a message instead of crashing."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_dry_run_with_numpy_blocks(tmp_path):
+    r = _run("--numpy", "--quick", "--steps", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert out["blocks"] == "numpy"
+    checks = {c["check"].split(",")[0] for c in out["checks"]}
+    ops = {"conv2d", "conv2d_vjp g_x", "conv2d_vjp g_w", "max_pool2d", "max_pool2d_vjp"}
+    assert ops | {"VGG16 step 1 loss", "VGG16 step 2 loss", "VGG16 parameters after 2 steps"} == checks
+    assert all(c["ok"] for c in out["checks"])
+    assert {r["op"] for r in out["rows"] if "op" in r} == {"fwd", "fwd+bwd"}
+    assert all(r["ours[numpy] s"] > 0 for r in out["rows"] if "op" in r)
+    assert [r["ours step s"] > 0 for r in out["rows"] if "op" not in r] == [True]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
+def test_without_cupy_it_says_so(tmp_path):
+    r = _run("--out", str(tmp_path))
+    assert r.returncode == 2
+    assert "CuPy is not installed" in r.stderr and "--numpy" in r.stderr
+    assert "Traceback" not in r.stderr
