@@ -147,10 +147,6 @@ class StandInArray:
         LOG.append("scalar:int")
         return int(self._a)
 
-    def __index__(self):
-        LOG.append("scalar:index")
-        return self._a.__index__()
-
 
 def _strict(v):
     """Operands must be stand-in arrays or Python scalars, as CuPy refuses NumPy arrays."""

@@ -171,3 +171,26 @@ def test_pytorch_kernels_never_take_lookalike_blocks(choice):
             _torch._torch() is not None
         )
     assert not _torch._is_cupy(x)
+
+
+def test_standin_is_strict_like_cupy():
+    """What the stand-in takes (its own arrays, scalars, explicit copies) and what it refuses."""
+    a = standin.to_device(np.arange(4, dtype=np.uint64))
+    standin.LOG.clear()
+    assert isinstance(np.exp(a.astype(np.float64)), StandInArray)  # ufuncs dispatch to it
+    h = ((a ^ (a >> np.uint64(1))) * np.uint64(3)).get()  # uint64 shifts, xor, wrapping products
+    np.testing.assert_array_equal(h, (np.arange(4, dtype=np.uint64) ^ np.arange(4, dtype=np.uint64) >> 1) * 3)
+    for refused in (
+        lambda: np.asarray(a),
+        lambda: np.add(a, np.ones(4)),
+        lambda: np.ones(4) * a,
+        lambda: np.negative(a, out=np.empty(4)),
+        lambda: standin.namespace.where(a > 1, a, np.zeros(4)),
+    ):
+        with pytest.raises(TypeError):
+            refused()
+    assert standin.LOG.count("__array__") + sum(e.startswith("mixed") for e in standin.LOG) == 5
+    standin.LOG.clear()
+    standin.namespace.asarray(np.ones(3))  # an explicit copy from the host, as cupy.asarray
+    float(a[1])
+    assert _host_events() == ["upload:(3,)", "scalar:float"]
