@@ -45,7 +45,7 @@ _TIMEOUT = 60  # seconds for the page to load and draw; a broken page fails afte
 
 def _unavailable(reason):
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI installs it (see .ci/run)")
+        pytest.fail(f"{reason}; CI must have it (.ci/run installs it)")
     pytest.skip(reason)
 
 
@@ -62,7 +62,7 @@ def browser():
     chromedriver = shutil.which("chromedriver")
     if chromium is None or chromedriver is None:
         _unavailable(
-            "chromium and chromedriver are not on PATH (Debian: apt-get install chromium chromium-driver)"
+            "chromium or chromedriver is not on PATH (Debian: apt-get install chromium chromium-driver)"
         )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -70,11 +70,31 @@ def browser():
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
-    driver.set_script_timeout(_TIMEOUT)
     try:
+        driver.set_script_timeout(_TIMEOUT)
+        _assert_offline(driver)
         yield driver
     finally:
         driver.quit()
+
+
+def _assert_offline(driver):
+    """The browser reaches nothing outside, and its console log reports the failed request (so
+    the log does catch errors); the log is empty afterwards."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = "https://docs.dask.org/"
+    driver.get("data:text/html,<title>offline</title>")
+    reached = driver.execute_async_script(
+        "fetch(arguments[0], {mode: 'no-cors'}).then(() => arguments[1](true), () => arguments[1](false));",
+        url,
+    )
+    assert reached is False, f"{url} answered: the browser is not offline"
+    logged = []
+    WebDriverWait(driver, _TIMEOUT).until(
+        lambda d: logged.extend(d.get_log("browser")) or any(e["message"].startswith(url) for e in logged)
+    )
+    assert all(e["level"] == "SEVERE" for e in logged if e["message"].startswith(url)), logged
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +191,8 @@ def check_report(driver, path):
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    driver.get("about:blank")
+    driver.get_log("browser")  # what earlier pages logged
     driver.get(Path(path).resolve().as_uri())
     wait = WebDriverWait(driver, _TIMEOUT)
     try:
@@ -205,12 +227,6 @@ def check_report(driver, path):
         for e in driver.get_log("browser")
         if e["level"] == "SEVERE" and not (favicon and e["message"].startswith(favicon + " "))
     ]
-    # and the browser really is offline
-    reached = driver.execute_async_script(
-        "const done = arguments[0];"
-        "fetch('https://docs.dask.org/', {mode: 'no-cors'}).then(() => done(true), () => done(false));"
-    )
-    assert reached is False
     return panel
 
 
