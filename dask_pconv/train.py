@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -293,16 +295,26 @@ class Trainer:
 
         Returns the log (a list of per-epoch dicts, Chainer's LogReport keys).  A checkpoint is
         written after each epoch when ``out`` is set.  Raises ``FloatingPointError`` when the
-        training loss becomes NaN or Inf (nothing is saved from a diverged step).  An interrupt
-        (``KeyboardInterrupt``) propagates; the last complete checkpoint stays intact, and
-        :meth:`resume` continues from it.
+        training loss becomes NaN or Inf (nothing is saved from a diverged step).
+
+        Ctrl-C (SIGINT, when ``run`` is called from the main thread with Python's default
+        handler in place): the first stops training at the next step boundary, so a checkpoint
+        being written completes, and raises ``KeyboardInterrupt`` there; a second stops at once.
+        Either way the last complete checkpoint stays intact and :meth:`resume` continues from
+        it.
         """
-        from tqdm.auto import tqdm
 
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         if not self.log:
             print(_format_row(LOG_KEYS), file=self.stream, flush=True)
+        with _Interrupts() as interrupts:
+            self._run(epochs, interrupts)
+        return self.log
+
+    def _run(self, epochs, interrupts):
+        from tqdm.auto import tqdm
+
         n = len(self.train_set.t)
         while self.epoch < epochs:
             t0 = time.perf_counter()
@@ -318,6 +330,7 @@ class Trainer:
                 unit="step",
             ) as bar:
                 for idx in bar:
+                    interrupts.check()
                     # submit step k, then fetch step k-1's scalars: the client builds the next
                     # graph while the workers run the previous one
                     x, t = self.train_set.x[idx], self.train_set.t[idx]
@@ -327,6 +340,7 @@ class Trainer:
                     pending = submitted
                 if pending is not None:
                     self._record(pending, losses, accs, bar)
+            interrupts.check()
             val_loss, val_acc = self.evaluate(self.val_set)
             self.epoch += 1
             self._elapsed += time.perf_counter() - t0
@@ -345,7 +359,6 @@ class Trainer:
             if self.out is not None:
                 self.save()
                 self.write_log()
-        return self.log
 
     def _record(self, pending, losses, accs, bar):
         step, pending = pending
@@ -372,6 +385,46 @@ class Trainer:
 def _to_host(arrays):
     """NumPy copies of device arrays (``.get()``, CuPy's explicit copy), name -> array."""
     return {k: v if isinstance(v, np.ndarray) else v.get() for k, v in arrays.items()}
+
+
+class _Interrupts:
+    """SIGINT during :meth:`Trainer.run`.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread happens to be, including inside
+    distributed's garbage-collection callbacks, which swallow it and leave the client waiting.
+    So the first Ctrl-C only sets a flag that the training loop checks between steps; a second
+    one raises at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        msg = b"\ninterrupt: stopping after this step (Ctrl-C again to stop at once)\n"
+        try:
+            os.write(2, msg)  # not print(): the main thread may be inside a write to stderr
+        except OSError:
+            pass
+
+    def check(self):
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _fmt(v):
