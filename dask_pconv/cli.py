@@ -91,7 +91,10 @@ def build_parser():
         "--report", default=None, help="write a performance report (HTML) and a per-operator summary"
     )
     tr.add_argument(
-        "--cuda", action="store_true", help="start dask-cuda's LocalCUDACluster (one worker per GPU)"
+        "--cuda",
+        action="store_true",
+        help="train on CuPy blocks on the GPUs; without --scheduler, start dask-cuda's "
+        "LocalCUDACluster (one worker per GPU)",
     )
     tr.add_argument(
         "--replicate",
@@ -143,6 +146,16 @@ def train_command(args, stream=None):
     from .train import Trainer
 
     stream = stream or sys.stdout
+    to_device = None
+    if args.cuda:
+        try:
+            import cupy
+        except ImportError as e:
+            raise SetupError(
+                "--cuda needs CuPy and dask-cuda: pip install 'dask-pconv[gpu]' (or: pip install "
+                "dask-cuda cupy-cuda12x)"
+            ) from e
+        to_device = cupy.asarray  # each batch's blocks; the weights follow them once
     with _setup(f"loading dataset {args.dataset!r}"):
         train_set, val_set = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
     if args.batch_size > len(train_set):
@@ -181,6 +194,7 @@ def train_command(args, stream=None):
             progress=not args.no_progress,
             stream=stream,
             replicate=args.replicate,
+            to_device=to_device,
         )
         if args.resume:
             with _setup(f"resuming from {args.out}"):

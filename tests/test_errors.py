@@ -4,6 +4,7 @@ are legal but unusual (NaN/Inf in the data, chunks that do not match) get a docu
 instead, checked against the unsplit reference."""
 
 import contextlib
+import importlib.util
 import io
 import os
 import pickle
@@ -312,6 +313,12 @@ CLI_CASES = [
         lambda d: ("--scheduler", "tcp://127.0.0.1:1"),
         r"connecting to the scheduler: could not connect to the scheduler at 'tcp://127.0.0.1:1'",
     ),
+    pytest.param(
+        "cli cuda without cupy",
+        lambda d: ("--cuda",),
+        r"--cuda needs CuPy and dask-cuda: pip install 'dask-pconv\[gpu\]'",
+        marks=pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed"),
+    ),
     (
         "cli corrupt checkpoint",
         lambda d: ("--resume", "--out", _corrupt_checkpoint(d), "--workers", "1", "--dashboard", ""),
@@ -320,7 +327,16 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, match", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def _params_of(cases):
+    """``pytest.param``s without the name (the name becomes the id), keeping any marks."""
+    out = []
+    for c in cases:
+        values, marks = (c.values, c.marks) if hasattr(c, "values") else (c, ())
+        out.append(pytest.param(*values[1:], id=values[0], marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("argv, match", _params_of(CLI_CASES))
 def test_bad_command_line(argv, match, tmp_path):
     """Exit status 2 and one line on standard error naming the problem; no traceback."""
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
