@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -78,6 +79,15 @@ def _chart(summary, path):
     fig.savefig(path, dpi=100, format="png")
 
 
+def _drop_remote_icon(path):
+    """distributed's report template links its favicon from docs.dask.org: the one request the
+    report would make (an error logged in an offline browser).  Drop the link."""
+    html = path.read_text(encoding="utf-8")
+    out = re.sub(r'<link rel="(?:shortcut )?icon" href="https?://[^"]*"\s*/?>\s*', "", html)
+    if out != html:
+        path.write_text(out, encoding="utf-8")
+
+
 @contextlib.contextmanager
 def profile(path):
     """Record what runs inside on the active ``distributed.Client``.
@@ -94,6 +104,7 @@ def profile(path):
     result = {}
     with performance_report(filename=str(path), mode="inline"), get_task_stream() as ts:
         yield result
+    _drop_remote_icon(path)
     summary = summarize(ts.data)
     result.update(summary)
     stem = path.with_suffix("")
@@ -167,6 +178,7 @@ def peak_memory(client=None, interval=0.01):
             print(addr, m["peak"] / m["limit"])
     """
     import distributed
+
     client = client or distributed.get_client()
     plugin = PeakMemory(interval)
     before = set(client.scheduler_info()["workers"])
