@@ -6,7 +6,19 @@ unsplit convolution.
 """
 
 from .ops import conv2d, conv2d_vjp, max_pool2d, max_pool2d_vjp, split
+from .store import conv2d_to_zarr, features_to_zarr, open_image, to_zarr
 
 __version__ = "0.1.0"
 
-__all__ = ["conv2d", "conv2d_vjp", "max_pool2d", "max_pool2d_vjp", "split", "__version__"]
+__all__ = [
+    "conv2d",
+    "conv2d_to_zarr",
+    "conv2d_vjp",
+    "features_to_zarr",
+    "max_pool2d",
+    "max_pool2d_vjp",
+    "open_image",
+    "split",
+    "to_zarr",
+    "__version__",
+]

@@ -51,11 +51,11 @@ def use_torch(*arrays, k):
         return _cuda_ok(arrays, choice)
     if not all(type(a) is np.ndarray for a in arrays):
         return False
+    if choice == "auto" and k < MIN_TORCH_K:
+        return False  # before importing PyTorch: the import alone costs a worker ~180 MiB
     if _torch() is None:
         if choice == "torch":
             raise ImportError(f"config {CONFIG_KEY!r} is 'torch' but PyTorch is not installed")
-        return False
-    if choice == "auto" and k < MIN_TORCH_K:
         return False
     return all(a.dtype in (np.float32, np.float64) for a in arrays)
 

@@ -13,8 +13,9 @@ import numpy as np
 
 from .. import autodiff as ad
 from ..geometry import even_chunks
+from ..ops import conv2d, max_pool2d
 from ..ops._device import on_device_of
-from ..ops.nn import batch_norm_running_update, batch_norm_stats
+from ..ops.nn import batch_norm, batch_norm_running_update, batch_norm_stats
 
 __all__ = ["VGG16", "VGG16_CONFIG"]
 
@@ -128,7 +129,8 @@ class VGG16:
         Names and shapes must match exactly (``KeyError``/``ValueError`` otherwise); values must
         be real numbers (``TypeError``) and, for NumPy values, finite (``ValueError``: training
         never starts from NaN or Inf).  Dask (and device) values are taken as they are, not
-        checked for finiteness (that would compute them or copy them to the host).  Nothing is replaced unless everything checks out.
+        checked for finiteness (that would compute them or copy them to the host).  Nothing is
+        replaced unless everything checks out.
         """
         from collections.abc import Mapping
 
@@ -226,6 +228,49 @@ class VGG16:
                 h = ad.linear(h, p[f"{name}.W"])
         state = new_state if train else {}
         return h, state
+
+    def features(self, x, blocks=5):
+        """The convolutional feature stack in evaluation mode, as a lazy Dask array.
+
+        The 3x3 convs (pad 1), BatchNorm with the running statistics and ReLU, and the 2x2
+        max-pools of the first ``blocks`` blocks (no dropout, no tape): what :meth:`predict`
+        computes before ``fc1``, for images of any size, so a large image chunked into
+        spatial tiles runs layer by layer tile by tile with halos.
+
+        Parameters
+        ----------
+        x : array, shape (N, in_channels, H, W)
+            Any chunking; ``H, W >= 2**blocks``.  NumPy arrays are wrapped.
+        blocks : int
+            1 to 5.
+
+        Returns
+        -------
+        dask.array.Array, shape (N, C_b, H_b, W_b)
+            ``C_b`` the channels of block ``blocks``; ``H_b = floor(H / 2**blocks)`` (each pool
+            floors) and likewise ``W_b``.
+        """
+        if not (isinstance(blocks, int) and 1 <= blocks <= len(VGG16_CONFIG)):
+            raise ValueError(f"blocks must be an int from 1 to {len(VGG16_CONFIG)}, got {blocks!r}")
+        if isinstance(x, np.ndarray):
+            x = da.from_array(x, chunks=x.shape)
+        if x.ndim != 4 or x.shape[1] != self.in_channels or min(x.shape[2:]) < 2**blocks:
+            raise ValueError(
+                f"x must be (N, {self.in_channels}, H, W) with H, W >= {2**blocks}, got shape {x.shape}"
+            )
+        p = self.dask_params()
+        h = x.astype(self.dtype, copy=False)
+        for kind, name, _ in self.layers:
+            if kind == "block":
+                h = conv2d(h, p[f"{name}.conv.W"], padding=1)
+                mean, var = self.state[f"{name}.bn.avg_mean"], self.state[f"{name}.bn.avg_var"]
+                gamma, beta = p[f"{name}.bn.gamma"], p[f"{name}.bn.beta"]
+                h = batch_norm(h, gamma, beta, mean, var, eps=BN_EPS, relu=True)
+            elif kind == "pool":
+                h = max_pool2d(h, 2, 2)
+                if name == f"pool{blocks}":
+                    return h
+        raise AssertionError("unreachable: every block ends in a pool")
 
     def _tensors(self, like=None, params=None):
         """The parameters (``params``, or :meth:`dask_params` for ``like``) as tape leaves."""

@@ -8,8 +8,6 @@ disjoint blocks in the graph.  Each block depends only on the input blocks its w
 
 from __future__ import annotations
 
-import operator
-
 from ..kernels import Padded, get_namespace
 
 SPLIT_EVERY = 4
@@ -32,6 +30,12 @@ def _offsets(pad_before, pieces):
         out.append((off, off + hi - lo))
         off += hi - lo
     return tuple(out)
+
+
+def _strip(block, index):
+    """A copy of ``block[index]``: a view would keep the whole neighbour block alive (and
+    out of the worker's memory accounting) for as long as the strip waits for its window."""
+    return block[index].copy()
 
 
 def _pad(block, ph0, ph1, pw0, pw1, fill):
@@ -78,7 +82,7 @@ class Windows:
                                 if (h0, h1) != (0, chunks_h[jh]) or (w0, w1) != (0, chunks_w[jw]):
                                     sk = (slice_name, n, c, jh, jw, h0, h1, w0, w1)
                                     sl = (slice(None), slice(None), slice(h0, h1), slice(w0, w1))
-                                    self.dsk[sk] = (operator.getitem, src, sl)
+                                    self.dsk[sk] = (_strip, src, sl)
                                     src = sk
                                 row.append(src)
                             rows.append(row)

@@ -1,0 +1,247 @@
+"""Chunked stores: zarr in, conv2d or the VGG16 feature stack tile by tile, zarr out.
+
+The cluster tests run an image about 4x the workers' total memory limit through a 2-worker
+LocalCluster and check each worker's peak resident memory against its limit.
+"""
+
+import os
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import dask_pconv as dp
+from dask_pconv.models import VGG16
+from dask_pconv.profiling import peak_memory
+
+from strategies import assert_close
+
+# CI installs the zarr extra: there a missing zarr is a failure, not a skip
+zarr = __import__("zarr") if os.environ.get("CI") else pytest.importorskip("zarr")
+
+MiB = 2**20
+
+
+def _pattern(block_info=None):
+    """A block of a cheap test image that changes sharply from pixel to pixel, a pure function
+    of the global indices (no block needs another, so writing the image holds one block at a
+    time)."""
+    (r0, r1), (c0, c1) = block_info[None]["array-location"][-2:]
+    r, c = np.arange(r0, r1, dtype=np.float64), np.arange(c0, c1, dtype=np.float64)
+    out = np.add.outer(np.sin(0.37 * r).astype("f4"), np.cos(0.61 * c).astype("f4"))
+    out *= (1 + 0.5 * np.sin(0.13 * r).astype("f4"))[:, None]
+    return out[None, None]
+
+
+def _image(shape, chunks):
+    """A lazy (1, 1, H, W) image of :func:`_pattern` blocks."""
+    return da.map_blocks(
+        _pattern, chunks=da.core.normalize_chunks((1, 1) + chunks, (1, 1) + shape), dtype="f4"
+    )
+
+
+def _conv_ref(z, w, rows, cols):
+    """Direct 'same' correlation (zero padding) of the single-channel image in ``z`` over the
+    output region ``rows x cols``, from the input region plus its halo read from the store."""
+    kh, kw = w.shape[-2:]
+    ph, pw = kh // 2, kw // 2
+    H, W = z.shape[-2:]
+    (r0, r1), (c0, c1) = rows, cols
+    a0, a1, b0, b1 = max(r0 - ph, 0), min(r1 + ph, H), max(c0 - pw, 0), min(c1 + pw, W)
+    xin = np.zeros((r1 - r0 + 2 * ph, c1 - c0 + 2 * pw))
+    xin[a0 - (r0 - ph) : a1 - (r0 - ph), b0 - (c0 - pw) : b1 - (c0 - pw)] = z[0, 0, a0:a1, b0:b1]
+    out = np.zeros((w.shape[0], r1 - r0, c1 - c0))
+    for o in range(w.shape[0]):
+        for i in range(kh):
+            for j in range(kw):
+                out[o] += w[o, 0, i, j] * xin[i : i + r1 - r0, j : j + c1 - c0]
+    return out
+
+
+def _vgg(in_channels, seed):
+    """VGG16 of width 1/8 with running BatchNorm statistics far from (0, 1)."""
+    m = VGG16(width=0.125, in_channels=in_channels, seed=seed)
+    rng = np.random.default_rng(seed)
+    state = {
+        k: (rng.random(v.shape) + (0.5 if "var" in k else -0.5)).astype("f4") for k, v in m.state.items()
+    }
+    m.load_params(m.params, state)
+    return m
+
+
+# -- unit tests (synchronous scheduler) ------------------------------------------------------
+
+
+def test_open_image_shapes_tiles_and_errors(tmp_path):
+    a = np.arange(6 * 10, dtype="f4").reshape(6, 10)
+    zarr.create_array(str(tmp_path / "a2.zarr"), data=a, chunks=(3, 5))
+    x = dp.open_image(tmp_path / "a2.zarr")
+    assert x.shape == (1, 1, 6, 10) and x.chunks == ((1,), (1,), (3, 3), (5, 5))
+    np.testing.assert_array_equal(x.compute()[0, 0], a)
+    x = dp.open_image(tmp_path / "a2.zarr", tile=(4, 6))
+    assert x.chunks[2:] == ((4, 2), (6, 4))
+    np.testing.assert_array_equal(x.compute()[0, 0], a)
+    b = np.stack([a, -a])
+    zarr.create_array(str(tmp_path / "a3.zarr"), data=b, chunks=(1, 6, 10))
+    x = dp.open_image(tmp_path / "a3.zarr", tile=5)
+    assert x.shape == (1, 2, 6, 10) and x.chunks == ((1,), (1, 1), (5, 1), (5, 5))
+    np.testing.assert_array_equal(x.compute()[0], b)
+
+    with pytest.raises(FileNotFoundError, match="no zarr store"):
+        dp.open_image(tmp_path / "missing.zarr")
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    g.create_array("img", shape=(4, 4), dtype="f4")
+    with pytest.raises(ValueError, match=r"is a zarr group.*\['img'\]"):
+        dp.open_image(tmp_path / "g.zarr")
+    with pytest.raises(FileNotFoundError, match="no zarr array"):
+        dp.open_image(tmp_path / "g.zarr", component="nope")
+    assert dp.open_image(tmp_path / "g.zarr", component="img").shape == (1, 1, 4, 4)
+    zarr.create_array(str(tmp_path / "a1.zarr"), shape=(5,), dtype="f4")
+    with pytest.raises(ValueError, match=r"\(H, W\), \(C, H, W\) or \(N, C, H, W\)"):
+        dp.open_image(tmp_path / "a1.zarr")
+
+
+def test_missing_zarr_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zarr", None)  # makes `import zarr` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'dask-pconv\[zarr\]'"):
+        dp.open_image(tmp_path / "x.zarr")
+    with pytest.raises(ImportError, match=r"dask-pconv\[zarr\]"):
+        dp.to_zarr(da.zeros((2, 2)), tmp_path / "y.zarr")
+
+
+def test_to_zarr_writes_blocks_and_regularises_chunks(tmp_path):
+    x = da.from_array(np.arange(7 * 9, dtype="f4").reshape(1, 1, 7, 9), chunks=(1, 1, (2, 5), (4, 4, 1)))
+    z = dp.to_zarr(x, tmp_path / "o.zarr")
+    assert z.chunks == (1, 1, 5, 4)  # rows (2, 5) are not regular: rechunked to 5
+    np.testing.assert_array_equal(z[...], x.compute())
+    with pytest.raises(Exception, match="exist"):
+        dp.to_zarr(x, tmp_path / "o.zarr")
+    z = dp.to_zarr(2 * x, tmp_path / "o.zarr", overwrite=True)
+    np.testing.assert_array_equal(z[...], 2 * x.compute())
+    delayed = dp.to_zarr(x + 1, tmp_path / "d.zarr", compute=False)
+    assert not np.any(zarr.open_array(str(tmp_path / "d.zarr"), mode="r")[...])  # nothing written yet
+    delayed.compute()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d.zarr"), mode="r")[...], x.compute() + 1)
+    with pytest.raises(TypeError, match="Dask array"):
+        dp.to_zarr(np.zeros(3), tmp_path / "n.zarr")
+
+
+def test_conv2d_to_zarr_equals_conv2d(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 23, 17)).astype("f4")
+    w = rng.standard_normal((4, 3, 3, 3)).astype("f4")
+    b = rng.standard_normal(4).astype("f4")
+    zarr.create_array(str(tmp_path / "x.zarr"), data=x, chunks=(1, 3, 8, 8))
+    z = dp.conv2d_to_zarr(tmp_path / "x.zarr", tmp_path / "y.zarr", w, b, stride=2, padding=1, tile=(10, 6))
+    expected = dp.conv2d(x, w, b, stride=2, padding=1).compute()
+    assert z.shape == expected.shape == (2, 4, 12, 9)
+    assert z.chunks == (1, 4, 5, 3)  # the tiles (10, 6) through the stride
+    np.testing.assert_allclose(z[...], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_features_to_zarr_equals_features(tmp_path):
+    m = _vgg(in_channels=2, seed=3)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 2, 64, 96)).astype("f4")
+    zarr.create_array(str(tmp_path / "x.zarr"), data=x, chunks=(1, 2, 32, 32))
+    z = dp.features_to_zarr(m, tmp_path / "x.zarr", tmp_path / "f.zarr", blocks=3, tile=32)
+    expected = m.features(x, blocks=3).compute()
+    assert z.shape == expected.shape == (1, 32, 8, 12)  # block 3 of width 1/8: 32 channels
+    np.testing.assert_allclose(z[...], expected, rtol=1e-5, atol=1e-5)
+
+
+# -- on a cluster: images several times the workers' memory ---------------------------------
+
+# Dask's memory management would hide a graph that does not stream: spilling moves held blocks
+# to disk and pausing throttles the worker.  Both are off, so resident memory is what the graph
+# holds.  The nanny still restarts a worker at 95% of its limit (checked below as a lost worker).
+NO_SPILL = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
+}
+# A worker process with NumPy, SciPy, Dask and zarr loaded holds about 95 MiB before any task.
+LIMIT = 160 * MiB
+
+
+@pytest.fixture
+def client():
+    """A fresh cluster per test, so that each peak starts from a bare worker."""
+    from distributed import Client, LocalCluster
+
+    # numpy kernels: PyTorch's import alone would cost each worker ~180 MiB
+    with (
+        dask.config.set({**NO_SPILL, "pconv.conv-kernel": "numpy"}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=LIMIT,
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def _check_memory(mem, n_workers=2):
+    assert mem["lost"] == [], f"workers restarted during the run: {mem['lost']}"
+    assert len(mem["workers"]) == n_workers
+    for addr, m in mem["workers"].items():
+        print(
+            f"{addr}: peak {m['peak'] / MiB:.0f} MiB (start {m['start'] / MiB:.0f}) of {m['limit'] / MiB:.0f}"
+        )
+        assert m["limit"] == LIMIT and m["samples"] > 10
+        assert m["peak"] < m["limit"], f"{addr} peaked at {m['peak'] / MiB:.0f} MiB > {LIMIT / MiB:.0f} MiB"
+
+
+@pytest.mark.cluster
+def test_conv_zarr_to_zarr_4x_the_workers_memory(client, tmp_path):
+    H, W = 20480, 16384  # 1.25 GiB of float32: 4x the 2 x 160 MiB of the workers
+    tile = (32, W)  # 2 MiB stripes: a window needs only the strips above and below
+    assert H * W * 4 >= 4 * 2 * LIMIT
+    with dask.config.set(scheduler="synchronous"):  # the test image, one block at a time
+        dp.to_zarr(_image((H, W), tile), tmp_path / "x.zarr", compressors=None)
+    w = np.array([[[[1, -2, 0.5], [3, 0.25, -1], [-0.5, 2, 1.5]]]], dtype="f4")
+    with peak_memory(client) as mem:
+        z = dp.conv2d_to_zarr(tmp_path / "x.zarr", tmp_path / "y.zarr", w, padding=1, compressors=None)
+    _check_memory(mem)
+    assert z.shape == (1, 1, H, W) and z.chunks == (1, 1) + tile
+    x = zarr.open_array(str(tmp_path / "x.zarr"), mode="r")
+    # image corners (zero padding), stripe borders (halo from the neighbours), the middle
+    for rows, cols in [
+        ((0, 40), (0, 50)),
+        ((30, 35), (1000, 1100)),
+        ((H // 2 - 33, H // 2 + 33), (W // 2 - 7, W // 2 + 9)),
+        ((H - 40, H), (W - 64, W)),
+        ((H - 33, H - 31), (0, W)),
+    ]:
+        expected = _conv_ref(x, w, rows, cols)
+        assert_close(z[0, :, slice(*rows), slice(*cols)], expected, np.float32)
+
+
+@pytest.mark.cluster
+def test_vgg_features_zarr_to_zarr_within_memory(client, tmp_path):
+    m = _vgg(in_channels=1, seed=0)
+    # 8 MiB in, but every layer's output is an image of its own: the first four are 8 channels
+    # x 8 MiB = 64 MiB each, all of them together ~540 MiB, 1.7x the workers' 2 x 160 MiB
+    H, W = 2048, 1024
+    with dask.config.set(scheduler="synchronous"):
+        dp.to_zarr(_image((H, W), (128, W)), tmp_path / "x.zarr")
+    with peak_memory(client) as mem:
+        z = dp.features_to_zarr(m, tmp_path / "x.zarr", tmp_path / "f.zarr")
+    _check_memory(mem)
+    assert z.shape == (1, m.params["block5_3.conv.W"].shape[0], H // 32, W // 32)
+    # against the unsplit network on a corner and an inner region (their receptive fields
+    # reach the image edge and stay inside it); equal values everywhere is
+    # test_features_to_zarr_equals_features
+    x = zarr.open_array(str(tmp_path / "x.zarr"), mode="r")
+    with dask.config.set(scheduler="synchronous"):
+        corner = m.features(x[:, :, :256, :256]).compute()
+        inner = m.features(x[:, :, 512:1024, 256:768]).compute()
+    assert_close(z[:, :, :4, :4], corner[:, :, :4, :4], np.float32)
+    assert_close(z[:, :, 20:28, 12:20], inner[:, :, 4:12, 4:12], np.float32)
