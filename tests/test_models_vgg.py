@@ -131,3 +131,31 @@ def test_training_mode_updates_running_statistics_like_chainer():
     n = y.size // y.shape[1]
     np.testing.assert_allclose(state["block1_1.bn.avg_mean"], 0.1 * mean, rtol=1e-10)
     np.testing.assert_allclose(state["block1_1.bn.avg_var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-10)
+
+
+def test_features_is_predict_before_fc1_for_any_image_size():
+    m = VGG16(width=0.125, seed=1)
+    rng = np.random.default_rng(4)
+    state = {
+        k: (rng.random(v.shape) + (0.5 if "var" in k else -0.5)).astype("f4") for k, v in m.state.items()
+    }
+    m.load_params(m.params, state)
+    x = rng.random((3, 3, 32, 32)).astype(np.float32)
+    f = m.features(dp.split(x, spatial=(2, 2))).compute()
+    assert f.shape == (3, 64, 1, 1)
+    # the rest of predict, in NumPy: fc1, BatchNorm (running statistics), ReLU, fc2
+    h = f.reshape(3, -1).astype(np.float64) @ m.params["fc1.W"].T
+    h = (h - state["bn_fc1.avg_mean"]) / np.sqrt(state["bn_fc1.avg_var"] + 2e-5)
+    h = np.maximum(h * m.params["bn_fc1.gamma"] + m.params["bn_fc1.beta"], 0)
+    assert_close(m.predict(x).compute(), h @ m.params["fc2.W"].T, np.float32)
+    # any size: 3 blocks of a 70x45 image, tiles not aligned with the pools
+    x = rng.random((1, 3, 70, 45)).astype(np.float32)
+    whole = m.features(x, blocks=3).compute()
+    assert whole.shape == (1, 32, 8, 5)
+    assert_close(m.features(dp.split(x, spatial=(3, 2)), blocks=3).compute(), whole, np.float32)
+    with pytest.raises(ValueError, match="blocks must be"):
+        m.features(x, blocks=6)
+    with pytest.raises(ValueError, match="H, W >= 32"):
+        m.features(x[:, :, :31])
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        m.features(x[:, :2])
