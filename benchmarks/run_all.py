@@ -10,6 +10,7 @@ import bench_chunked
 import bench_filter
 import bench_kernels
 import bench_vgg_step
+import bench_zarr
 from _common import machine
 
 
@@ -25,6 +26,7 @@ def main(argv=None):
         ("chunked", bench_chunked),
         ("vgg_step", bench_vgg_step),
         ("filter", bench_filter),
+        ("zarr", bench_zarr),
     ]:
         print(f"\n== {name}")
         mod.main(["--json", str(out / f"{name}.json")])
