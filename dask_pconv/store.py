@@ -8,9 +8,9 @@
 
 Nothing here holds the image: every tile is read by the task that needs it, convolved with
 the halo strips of its neighbours (:func:`dask_pconv.conv2d`) and written into its own chunk
-of the output store by a task of its own, so on a ``distributed`` cluster each worker holds a
-few tiles at a time whatever the size of the image.  Needs the ``zarr`` extra
-(``pip install 'dask-pconv[zarr]'``, zarr 3).
+of the output store by a task of its own, so on a ``distributed`` cluster the workers hold the
+tiles in flight plus those waiting for a neighbour's halo (about a row of tiles), whatever the
+size of the image.  Needs the ``zarr`` extra (``pip install 'dask-pconv[zarr]'``, zarr 3).
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def test_conv_zarr_to_zarr_4x_the_workers_memory(client, tmp_path):
     H, W = 20480, 16384  # 1.25 GiB of float32: 4x the 2 x 160 MiB of the workers
     tile = (32, W)  # 2 MiB stripes: a window needs only the strips above and below
     assert H * W * 4 >= 4 * 2 * LIMIT
-    with dask.config.set(scheduler="synchronous"):  # the test image, one block at a time
+    with dask.config.set(scheduler="threads"):  # the test image, a block per thread at a time
         dp.to_zarr(_image((H, W), tile), tmp_path / "x.zarr", compressors=None)
     w = np.array([[[[1, -2, 0.5], [3, 0.25, -1], [-0.5, 2, 1.5]]]], dtype="f4")
     with peak_memory(client) as mem:
