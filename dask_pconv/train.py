@@ -120,9 +120,13 @@ class Trainer:
         Where the LogReport table goes (standard output by default).
     replicate : bool
         Before each step, copy the parameters, velocities and BatchNorm state to every worker
-        (``Client.replicate``), so that a worker lost in the middle of a step loses nothing the
-        step cannot recompute: the step then completes with bitwise the same result.  Costs a
-        copy of the parameters per step and waits for the previous step (no pipelining).
+        (``Client.replicate``), so that a worker lost in the middle of a step, or after it
+        but before the next one starts, loses nothing the step cannot recompute: the step then
+        completes with bitwise the same result.  Costs a copy of the parameters per step on
+        every worker (and the previous step's until the next one starts), and waits for the
+        previous step (no pipelining).  Stops the scheduler's Active Memory Manager, whose
+        ReduceReplicas policy would remove the copies again (``Client.replicate`` documents
+        the conflict).
     to_device : callable, optional
         Copies a NumPy block to the accelerator (``cupy.asarray``).  Batches then have device
         blocks, the parameters, velocities and BatchNorm state move to the device with the
@@ -262,6 +266,10 @@ class Trainer:
         vel = {k: m._as_dask(k, v, like=xd) for k, v in self.velocities.items()}
         if self.replicate:
             _replicate([params, vel, m.state])
+            # Hold this step's inputs (now on every worker) until the next step has replicated
+            # this step's outputs: a worker lost after the step finished, before that, loses
+            # outputs that exist only there, and the scheduler recomputes them from these.
+            self._replicated_inputs = (params, vel, dict(m.state))
         loss, grads, aux = m.forward_backward_aux(
             xd, td, train=True, dropout=self.dropout, step=self.step, params=params
         )
@@ -450,6 +458,9 @@ def _replicate(collections):
 
     futures = futures_of([v for group in collections for v in group.values()])
     if futures:
+        if client.amm.running():
+            # its ReduceReplicas policy would drop the copies again within seconds
+            client.amm.stop()
         client.replicate(futures)
 
 

@@ -190,39 +190,44 @@ def test_task_names_map_to_operators():
 
 
 @pytest.mark.cluster
-def test_worker_killed_in_the_middle_of_a_step(small_data):
-    """The step completes, and loss and parameters are bitwise those of the same step without
-    the fault (dropout on: its masks are recomputed identically)."""
+def test_worker_killed_during_or_after_a_step(small_data):
+    """A worker process killed in the middle of step 2, or after step 2 finished (its outputs
+    then live on one worker only): the step's loss and parameters come out bitwise those of the
+    same step without the fault (dropout on: its masks are recomputed identically)."""
     import os
     import signal
     import time
 
+    from distributed import wait
+
     train, val = small_data
     x1, t1, x2, t2 = train.x[:20], train.t[:20], train.x[20:40], train.t[20:40]
-    with (
-        local_cluster() as c,
-        Client(c) as client,
-    ):
+    with local_cluster() as c, Client(c) as client:
 
-        def run(kill):
+        def run(kill=None):
             m = VGG16(n_classes=4, width=0.125, seed=0)
             tr = Trainer(m, train, val, batch_size=20, split={"batch": 2}, progress=False, replicate=True)
             tr.train_step(x1, t1)
             loss, acc = tr.submit_step(x2, t2)
+            pids = None
             if kill:
                 pids = client.run(os.getpid)
-                time.sleep(0.3)  # the step is running
+                if kill == "during":
+                    time.sleep(0.2)  # the step is running
+                else:
+                    wait([loss, *m.params.values()])  # the step is done
                 victim = sorted(pids)[0]
                 os.kill(pids[victim], signal.SIGKILL)
             loss, params = dask.compute(loss, m.params)
             if kill:  # the worker really died (its nanny started a new one, at a new address)
                 client.wait_for_workers(2)
                 assert victim not in client.run(os.getpid)
-            return loss, params, pids if kill else None
+            return loss, params, pids
 
-        loss0, p0, _ = run(False)
-        loss1, p1, pids = run(True)
-        assert pids is not None and len(pids) == 2
-        assert loss1 == loss0
-        for k in p0:
-            np.testing.assert_array_equal(p1[k], p0[k])
+        loss0, p0, _ = run()
+        for when in ("during", "after"):
+            loss1, p1, pids = run(when)
+            assert pids is not None and len(pids) == 2
+            assert loss1 == loss0, when
+            for k in p0:
+                np.testing.assert_array_equal(p1[k], p0[k], err_msg=f"{when}: {k}")
