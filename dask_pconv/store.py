@@ -137,7 +137,10 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
         Run now (default) or return a ``dask.delayed`` object that writes when computed.
     **zarr_kwargs
         Passed to ``zarr.create_array`` (``compressors=``, ``fill_value=``, ...); ``shape``,
-        ``dtype`` and ``chunks`` come from ``y``.
+        ``dtype`` and ``chunks`` come from ``y``, and ``shards`` is refused (blocks sharing a
+        shard would overwrite each other's writes).  ``y`` must not read from the array being
+        replaced (see :func:`conv2d_to_zarr`).  Device (CuPy) blocks are copied to the host
+        block by block.
 
     Returns
     -------
@@ -150,6 +153,16 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
         raise TypeError(f"y must be a Dask array, got {type(y).__name__}")
     if any(np.isnan(c) for cs in y.chunks for c in cs):
         raise ValueError("y has unknown (nan) chunk sizes; call y.compute_chunk_sizes() first")
+    taken = sorted({"shape", "dtype", "chunks", "data"} & set(zarr_kwargs))
+    if taken:
+        raise TypeError(f"to_zarr takes {', '.join(taken)} from y; do not pass {taken[0]}=")
+    if zarr_kwargs.get("shards") is not None:
+        # several blocks would rewrite one shard file concurrently, and without a lock lose data
+        raise ValueError("shards= is not supported: each Dask block is written as one zarr chunk")
+    if type(y._meta) is not np.ndarray:  # device blocks (CuPy): zarr writes host buffers
+        from dask.array.dispatch import to_numpy_dispatch
+
+        y = y.map_blocks(to_numpy_dispatch, dtype=y.dtype, meta=np.empty((0,) * y.ndim, y.dtype))
     irregular = {ax: max(c) for ax, c in enumerate(y.chunks) if not _regular(c)}
     if irregular:
         y = y.rechunk(irregular)
@@ -213,6 +226,7 @@ def conv2d_to_zarr(
     zarr.Array
         The output array.
     """
+    _check_not_in_place(src, component, dst, dst_component)
     x = open_image(src, component, tile)
     y = conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return to_zarr(y, dst, dst_component, overwrite=overwrite, **zarr_kwargs)
@@ -245,5 +259,19 @@ def features_to_zarr(
     zarr.Array
         The features ``(N, C_out, H / 2**blocks, W / 2**blocks)`` (floor at each pool).
     """
+    _check_not_in_place(src, component, dst, dst_component)
     x = open_image(src, component, tile)
     return to_zarr(model.features(x, blocks), dst, dst_component, overwrite=overwrite, **zarr_kwargs)
+
+
+def _check_not_in_place(src, component, dst, dst_component):
+    """Refuse ``dst`` naming the input array: creating the output (``overwrite=True``) would
+    erase the input before the graph reads it."""
+    if not all(isinstance(u, (str, os.PathLike)) for u in (src, dst)):
+        return
+    same = os.path.realpath(os.fspath(src)) == os.path.realpath(os.fspath(dst))
+    if same and (component or "").strip("/") == (dst_component or "").strip("/"):
+        raise ValueError(
+            f"dst is the input array ({os.fspath(dst)!r}, component {dst_component!r}): writing it "
+            "would erase the input first; write to another store or component"
+        )

@@ -240,3 +240,37 @@ def test_vgg_features_zarr_to_zarr_within_memory(client, tmp_path):
         inner = m.features(x[:, :, 512:1024, 256:768]).compute()
     assert_close(z[:, :, :4, :4], corner[:, :, :4, :4], np.float32)
     assert_close(z[:, :, 20:28, 12:20], inner[:, :, 4:12, 4:12], np.float32)
+
+
+def test_to_zarr_refuses_what_would_lose_data(tmp_path):
+    """Arguments that would lose data or clash are refused before anything is written: shards
+    (blocks sharing a shard file would overwrite each other), y's own shape/chunks, and an
+    output that is the input array (creating it would erase the input first)."""
+    x = da.ones((1, 1, 8, 8), chunks=(1, 1, 4, 4), dtype="f4")
+    with pytest.raises(ValueError, match="shards= is not supported"):
+        dp.to_zarr(x, tmp_path / "s.zarr", shards=(1, 1, 8, 8))
+    with pytest.raises(TypeError, match="takes chunks from y"):
+        dp.to_zarr(x, tmp_path / "c.zarr", chunks=(1, 1, 8, 8))
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "c.zarr").exists()
+    dp.to_zarr(x, tmp_path / "x.zarr")
+    w = np.ones((1, 1, 3, 3), "f4")
+    for dst in (tmp_path / "x.zarr", str(tmp_path / "sub" / ".." / "x.zarr")):
+        with pytest.raises(ValueError, match="dst is the input array"):
+            dp.conv2d_to_zarr(tmp_path / "x.zarr", dst, w, padding=1, overwrite=True)
+        with pytest.raises(ValueError, match="dst is the input array"):
+            dp.features_to_zarr(VGG16(width=0.125, in_channels=1), tmp_path / "x.zarr", dst, overwrite=True)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "x.zarr"), mode="r")[:], 1)  # intact
+
+
+def test_to_zarr_copies_device_blocks_to_the_host(tmp_path):
+    """Blocks of a CuPy-like array (no implicit conversion to NumPy) are copied to the host
+    explicitly, block by block, through dask's to_numpy dispatch."""
+    from dask.array.dispatch import to_numpy_dispatch
+
+    import standin
+
+    to_numpy_dispatch.register(standin.StandInArray)(lambda a, **kw: a.get())
+    a = np.arange(64, dtype="f4").reshape(1, 1, 8, 8)
+    y = da.from_array(a, chunks=(1, 1, 4, 4)).map_blocks(standin.to_device, meta=standin.meta(4, "f4"))
+    z = dp.to_zarr(y, tmp_path / "d.zarr")
+    np.testing.assert_array_equal(z[:], a)
