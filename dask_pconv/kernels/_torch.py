@@ -1,6 +1,7 @@
-"""Optional faster CPU conv kernels: PyTorch's (oneDNN) reached zero-copy via ``torch.from_numpy``.
+"""Optional faster conv kernels: PyTorch's, reached zero-copy (``torch.from_numpy`` for NumPy
+blocks on the CPU, DLPack for CuPy blocks on the GPU).
 
-Used only for NumPy blocks and only when PyTorch is importable.  The ``pconv.conv-kernel``
+Used only when PyTorch is importable.  The ``pconv.conv-kernel``
 config picks: ``"numpy"`` forces the im2col kernels, ``"torch"`` forces PyTorch's, and
 ``"auto"`` (the default) takes PyTorch's unless the contraction is short (``C/groups * kh * kw``
 below ``MIN_TORCH_K``): with few input channels PyTorch's CPU kernel is slow and the im2col
@@ -11,8 +12,11 @@ PyTorch is never a dependency of the package.
 CuPy blocks go to PyTorch's CUDA kernels (cuDNN) the same way, zero-copy through DLPack
 (``torch.from_dlpack`` and back with ``cupy.from_dlpack``), when PyTorch with CUDA is
 installed, for any contraction length; otherwise they use the im2col kernels in CuPy (cuBLAS).
-Only genuine ``cupy.ndarray`` blocks qualify, never other array types.  CI has no GPU: this
-path is checked by ``benchmarks/gpu_check.py`` on a machine with one, not by the test suite.
+Only genuine ``cupy.ndarray`` blocks qualify, never other array types.  PyTorch's default of
+TF32 for float32 convolutions on recent GPUs (about 1e-3 relative) is switched off in the
+worker process (``torch.backends.cudnn.allow_tf32 = False``) unless the ``pconv.allow-tf32``
+config is true.  CI has no GPU: this path is checked by ``benchmarks/gpu_check.py`` on a
+machine with one, not by the test suite.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from ._window import Padded
 
 CONFIG_KEY = "pconv.conv-kernel"
+TF32_KEY = "pconv.allow-tf32"
 CHOICES = ("auto", "numpy", "torch")
 MIN_TORCH_K = 64
 
@@ -73,6 +78,10 @@ def _cuda_ok(arrays, choice):
         if choice == "torch":
             raise ImportError(f"config {CONFIG_KEY!r} is 'torch' but PyTorch with CUDA is not installed")
         return False
+    if not dask.config.get(TF32_KEY, False):
+        # PyTorch runs float32 convs in TF32 on Ampere and later by default (about 1e-3
+        # relative): keep full float32, as the im2col path in CuPy has
+        torch.backends.cudnn.allow_tf32 = False
     return all(a.dtype in (np.float32, np.float64) for a in arrays)
 
 
@@ -123,7 +132,6 @@ def _backward(gy, x, w, stride, pad, dilation, groups, which):
 
 
 def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
-    torch = _torch()
     dt = np.result_type(gy.dtype, W.dtype)
     N, _, oH, oW = gy.shape
     _, Cg, kh, kw = W.shape
@@ -139,8 +147,8 @@ def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
             after = crop
     shape = (N, Cg * groups, Hw - 2 * pad[0], Ww - 2 * pad[1])
     tw = _t(W, dt)
-    # only the input's shape is read for grad-x
-    x = torch.empty(shape, dtype=tw.dtype, device=tw.device)
+    # only the input's shape is read for grad-x: a zero-stride stand-in allocates nothing
+    x = tw.new_empty(1).expand(shape)
     gx = _backward(_t(gy, dt), x, tw, stride, pad, dilation, groups, 0)
     if after is not None:
         (y0, y1), (x0, x1) = after
@@ -149,11 +157,10 @@ def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
 
 
 def conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups):
-    torch = _torch()
     dt = np.result_type(x.dtype, gy.dtype)
     O, C = gy.shape[1], x.shape[1]
     x, pad = _unpad(x)
     tx = _t(x, dt)
     # only the weight's shape is read for grad-w
-    w = torch.empty((O, C // groups) + tuple(kernel_size), dtype=tx.dtype, device=tx.device)
+    w = tx.new_empty(1).expand((O, C // groups) + tuple(kernel_size))
     return _backward(_t(gy, dt), tx, w, stride, pad, dilation, groups, 1)
