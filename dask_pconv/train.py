@@ -126,7 +126,7 @@ class Trainer:
         every worker (and the previous step's until the next one starts), and waits for the
         previous step (no pipelining).  Stops the scheduler's Active Memory Manager, whose
         ReduceReplicas policy would remove the copies again (``Client.replicate`` documents
-        the conflict).
+        the conflict); :meth:`run` starts it again when it returns.
     to_device : callable, optional
         Copies a NumPy block to the accelerator (``cupy.asarray``).  Batches then have device
         blocks, the parameters, velocities and BatchNorm state move to the device with the
@@ -160,6 +160,7 @@ class Trainer:
         self.opt = optimizer or MomentumSGD()
         self.seed, self.dropout, self.progress, self.replicate = seed, dropout, progress, replicate
         self.to_device = to_device
+        self._amm_stopped = False
         self.out = Path(out) if out is not None else None
         self.stream = stream or sys.stdout
         self.epoch, self.step = 0, 0
@@ -265,7 +266,7 @@ class Trainer:
             self.velocities = self.opt.init_state(params)
         vel = {k: m._as_dask(k, v, like=xd) for k, v in self.velocities.items()}
         if self.replicate:
-            _replicate([params, vel, m.state])
+            self._amm_stopped |= _replicate([params, vel, m.state])
             # Hold this step's inputs (now on every worker) until the next step has replicated
             # this step's outputs: a worker lost after the step finished, before that, loses
             # outputs that exist only there, and the scheduler recomputes them from these.
@@ -284,7 +285,7 @@ class Trainer:
         return loss, acc
 
     def evaluate(self, dataset):
-        """Mean loss and accuracy in evaluation mode over ``dataset`` (one graph)."""
+        """Mean loss and accuracy in evaluation mode over ``dataset`` (one graph), as floats."""
         from .ops.nn import accuracy, softmax_cross_entropy
 
         n = len(dataset.t)
@@ -295,7 +296,7 @@ class Trainer:
             z = self.model.predict(xd)
             parts.append((softmax_cross_entropy(z, td) * len(td), accuracy(z, td) * len(td)))
         (parts,) = dask.compute(parts)
-        return sum(p[0] for p in parts) / n, sum(p[1] for p in parts) / n
+        return float(sum(p[0] for p in parts) / n), float(sum(p[1] for p in parts) / n)
 
     # -- epochs ----------------------------------------------------------------------------
     def run(self, epochs):
@@ -316,8 +317,13 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if not self.log:
             print(_format_row(LOG_KEYS), file=self.stream, flush=True)
-        with _Interrupts() as interrupts:
-            self._run(epochs, interrupts)
+        try:
+            with _Interrupts() as interrupts:
+                self._run(epochs, interrupts)
+        finally:
+            if self._amm_stopped:  # replicate=True stopped it: give the cluster its AMM back
+                _active_client().amm.start()
+                self._amm_stopped = False
         return self.log
 
     def _run(self, epochs, interrupts):
@@ -450,18 +456,22 @@ def _active_client():
 
 
 def _replicate(collections):
-    """Copy the persisted data behind these Dask arrays to every worker (if any)."""
+    """Copy the persisted data behind these Dask arrays to every worker (if any).  Returns
+    whether it stopped the scheduler's Active Memory Manager to do so."""
     client = _active_client()
     if client is None:
-        return
+        return False
     from distributed import futures_of
 
+    stopped = False
     futures = futures_of([v for group in collections for v in group.values()])
     if futures:
         if client.amm.running():
             # its ReduceReplicas policy would drop the copies again within seconds
             client.amm.stop()
+            stopped = True
         client.replicate(futures)
+    return stopped
 
 
 def _count_tasks(collections):

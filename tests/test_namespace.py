@@ -78,3 +78,15 @@ def test_ops_keep_standin_blocks_end_to_end():
     refused = [e for e in standin.LOG if e == "__array__" or e.startswith("mixed")]
     assert refused == []
     assert "matmul" in standin.LOG  # the kernels ran in the stand-in's namespace
+
+
+def test_device_operand_with_a_host_input_is_a_clear_error():
+    """CuPy weights with a NumPy input would fail inside a task; it is refused up front."""
+    rng = np.random.default_rng(3)
+    x = da.from_array(rng.standard_normal((2, 4, 8, 8)), chunks=(1, 4, 8, 8))
+    wd = _device(rng.standard_normal((6, 4, 3, 3)), (6, 4, 3, 3))
+    with pytest.raises(TypeError, match="operand has .*StandInArray blocks but the input has NumPy blocks"):
+        dp.conv2d(x, wd)
+    gyd = _device(rng.standard_normal((2, 6, 6, 6)), (1, 6, 6, 6))
+    with pytest.raises(TypeError, match="but the input has NumPy blocks"):
+        dp.conv2d_vjp(x, rng.standard_normal((6, 4, 3, 3)), gyd)

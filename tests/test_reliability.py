@@ -182,3 +182,19 @@ def test_connect_names_an_unreachable_scheduler():
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         with pytest.raises(OSError, match=r"could not connect to the scheduler at 'tcp://127.0.0.1:1'"):
             connect("tcp://127.0.0.1:1")
+
+
+@pytest.mark.cluster
+def test_replicate_gives_the_cluster_its_memory_manager_back(small_data):
+    """replicate=True stops the Active Memory Manager while training (its ReduceReplicas
+    policy would drop the copies) and ``run`` starts it again when it returns."""
+    train, val = small_data
+    with local_cluster() as c, Client(c) as client:
+        assert client.amm.running()
+        m = VGG16(n_classes=4, width=0.0625, seed=0)
+        tr = Trainer(m, train, val, batch_size=20, split={"batch": 2}, progress=False, replicate=True)
+        tr.submit_step(train.x[:20], train.t[:20])
+        assert not client.amm.running()
+        tr.run(1)
+        assert client.amm.running()
+        assert len(tr.log) == 1 and np.isfinite(tr.log[0]["main/loss"])

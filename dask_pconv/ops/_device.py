@@ -19,10 +19,16 @@ def on_device_of(a, like):
     A NumPy-backed ``a`` meeting a non-NumPy ``like`` gets a ``to-device`` task per block
     (the library's ``asarray`` of the block: for CuPy, a copy from the host); anything else is
     returned unchanged.  Once an operand lives on the device (a persisted result, say), no
-    copy is made again.
+    copy is made again.  A device operand meeting a NumPy input is a ``TypeError`` (the
+    kernel would fail inside a task, with a less clear message).
     """
     if not isinstance(a, da.Array):
         raise TypeError(f"on_device_of needs a Dask array, got {type(a).__name__}")
+    if isinstance(like._meta, np.ndarray) and not isinstance(a._meta, np.ndarray):
+        raise TypeError(
+            f"an operand has {typename(type(a._meta))} blocks but the input has NumPy blocks; move "
+            "the input to the device too (e.g. x.map_blocks(cupy.asarray))"
+        )
     if type(a._meta) is not np.ndarray or type(like._meta) is np.ndarray:
         return a
     meta = meta_from_array(like._meta, ndim=a.ndim, dtype=a.dtype)
