@@ -1,6 +1,7 @@
 """VGG16: Chainer's architecture, and loss/gradients equal to a dense reference in every split."""
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 
@@ -159,3 +160,18 @@ def test_features_is_predict_before_fc1_for_any_image_size():
         m.features(x[:, :, :31])
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         m.features(x[:, :2])
+
+
+def test_load_params_casts_every_value_to_the_model_dtype():
+    """NumPy, integer and Dask float64 values all become the model's float32 (a float64 Dask
+    parameter would otherwise switch the whole forward to float64)."""
+    m = VGG16(n_classes=4, width=0.0625, seed=0)
+    new = {k: v.astype("f8") for k, v in m.params.items()}
+    new["fc2.W"] = da.from_array(new["fc2.W"], chunks=-1)
+    new["block1_1.bn.gamma"] = np.ones(new["block1_1.bn.gamma"].shape, dtype=int)
+    m.load_params(new)
+    assert {v.dtype for v in m.params.values()} == {np.dtype("f4")}
+    assert isinstance(m.params["fc2.W"], da.Array)
+    np.testing.assert_array_equal(m.params["fc2.W"].compute(), new["fc2.W"].compute().astype("f4"))
+    z = m.predict(da.zeros((2, 3, 32, 32), dtype="f4", chunks=1))
+    assert z.dtype == np.float32

@@ -129,8 +129,8 @@ class VGG16:
         Names and shapes must match exactly (``KeyError``/``ValueError`` otherwise); values must
         be real numbers (``TypeError``) and, for NumPy values, finite (``ValueError``: training
         never starts from NaN or Inf).  Dask (and device) values are taken as they are, not
-        checked for finiteness (that would compute them or copy them to the host).  Nothing is
-        replaced unless everything checks out.
+        checked for finiteness (that would compute them or copy them to the host).  Every value
+        is cast to the model's dtype.  Nothing is replaced unless everything checks out.
         """
         from collections.abc import Mapping
 
@@ -152,11 +152,9 @@ class VGG16:
                     raise ValueError(f"{what}[{k!r}] has shape {tuple(v.shape)}, expected {target[k].shape}")
                 if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
                     raise TypeError(f"{what}[{k!r}] must hold real numbers, got dtype {v.dtype}")
-                if isinstance(v, np.ndarray):
-                    if not np.isfinite(v).all():
-                        raise ValueError(f"{what}[{k!r}] holds NaN or Inf; refusing to load it")
-                    v = v.astype(self.dtype, copy=False)
-                values[k] = v
+                if isinstance(v, np.ndarray) and not np.isfinite(v).all():
+                    raise ValueError(f"{what}[{k!r}] holds NaN or Inf; refusing to load it")
+                values[k] = v.astype(self.dtype, copy=False)  # lazy for Dask, on the device for CuPy
             checked.append((target, values))
         for target, values in checked:
             target.update(values)
