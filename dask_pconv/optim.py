@@ -6,7 +6,7 @@ from __future__ import annotations
 import dask.array as da
 from dask.base import tokenize
 
-from .ops._device import on_device_of
+from .ops._device import on_device_of, wrap
 
 __all__ = ["MomentumSGD"]
 
@@ -47,14 +47,12 @@ class MomentumSGD:
             g = grads[k]
             if g is None:
                 raise ValueError(f"no gradient for parameter {k!r}")
-            if not isinstance(p, da.Array):
-                p = da.from_array(p, chunks=g.chunks, asarray=False)
+            p = wrap(p, g.chunks)
             g = g.astype(p.dtype, copy=False)
             if g.chunks != p.chunks:
                 g = g.rechunk(p.chunks)
             v = velocities[k]
-            if not isinstance(v, da.Array):
-                v = da.from_array(v, chunks=p.chunks, asarray=False)
+            v = wrap(v, p.chunks)
             if v.chunks != p.chunks:
                 v = v.rechunk(p.chunks)
             p, v = on_device_of(p, g), on_device_of(v, g)

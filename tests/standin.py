@@ -66,6 +66,14 @@ class StandInArray:
             return out[0] if len(out) == 1 else out
         return tuple(_wrap(r) for r in res) if isinstance(res, tuple) else _wrap(res)
 
+    def __reduce__(self):
+        """Pickling copies to the host, as CuPy's does (Dask hashes unknown objects by pickling
+        them, so an unnamed ``from_array`` of a device array is a download)."""
+        # an empty or 0-d array (a Dask ``meta``, hashed as a task argument) carries no data
+        data = self._a.ndim and self._a.size
+        LOG.append(f"download:pickle:{self._a.shape}" if data else "pickle:meta")
+        return (StandInArray, (self._a,))
+
     def get(self):
         """Explicit copy to the host, as ``cupy.ndarray.get``."""
         LOG.append("download")

@@ -90,3 +90,20 @@ def test_device_operand_with_a_host_input_is_a_clear_error():
     gyd = _device(rng.standard_normal((2, 6, 6, 6)), (1, 6, 6, 6))
     with pytest.raises(TypeError, match="but the input has NumPy blocks"):
         dp.conv2d_vjp(x, rng.standard_normal((6, 4, 3, 3)), gyd)
+
+
+def test_wrapping_device_arrays_does_not_copy_them_to_the_host():
+    """Raw device arrays handed to the ops are wrapped without hashing their data (hashing
+    pickles them, a copy to the host); NumPy arrays keep content-hashed names."""
+    from dask_pconv.ops._device import wrap
+
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((2, 4, 8, 8)), rng.standard_normal((6, 4, 3, 3))
+    standin.LOG.clear()
+    xd, wd = wrap(to_device(x), x.shape), wrap(to_device(w), w.shape)
+    y = dp.conv2d(to_device(x), to_device(w), padding=1)
+    assert not [e for e in standin.LOG if e.startswith("download")]
+    assert isinstance(xd._meta, StandInArray) and isinstance(wd._meta, StandInArray)
+    with dask.config.set(scheduler="synchronous"):
+        assert_close(blocks_to_host(y), conv2d_ref(x, w, padding=1), np.float64)
+    assert wrap(x, x.shape).name == wrap(x.copy(), x.shape).name

@@ -14,7 +14,7 @@ import numpy as np
 from .. import autodiff as ad
 from ..geometry import even_chunks
 from ..ops import conv2d, max_pool2d
-from ..ops._device import on_device_of
+from ..ops._device import on_device_of, wrap
 from ..ops.nn import batch_norm, batch_norm_running_update, batch_norm_stats
 
 __all__ = ["VGG16", "VGG16_CONFIG"]
@@ -190,8 +190,7 @@ class VGG16:
     def forward(self, x, train=True, dropout=True, step=0, params=None):
         """Logits (a :class:`~dask_pconv.autodiff.Tensor` of shape (N, n_classes)) and the
         lazily updated BatchNorm state (training mode) or the current one (evaluation)."""
-        if not isinstance(x, da.Array):
-            x = da.from_array(x, chunks=x.shape, asarray=False)
+        x = wrap(x, x.shape)
         p = params if params is not None else self._tensors(like=x)
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -250,8 +249,7 @@ class VGG16:
         """
         if not (isinstance(blocks, int) and 1 <= blocks <= len(VGG16_CONFIG)):
             raise ValueError(f"blocks must be an int from 1 to {len(VGG16_CONFIG)}, got {blocks!r}")
-        if isinstance(x, np.ndarray):
-            x = da.from_array(x, chunks=x.shape)
+        x = wrap(x, x.shape)
         if x.ndim != 4 or x.shape[1] != self.in_channels or min(x.shape[2:]) < 2**blocks:
             raise ValueError(
                 f"x must be (N, {self.in_channels}, H, W) with H, W >= {2**blocks}, got shape {x.shape}"
@@ -282,13 +280,10 @@ class VGG16:
         ``params`` (name -> Dask array, as from :meth:`dask_params`) replaces the model's own,
         so that an optimizer update built from the same arrays shares their graph keys (and a
         parameter copied to the device is copied once)."""
-        if not isinstance(x, da.Array):
-            x = da.from_array(x, chunks=x.shape, asarray=False)
+        x = wrap(x, x.shape)
         p = self._tensors(like=x, params=params)
         z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p)
-        if not isinstance(t, da.Array):
-            t = np.asarray(t) if not hasattr(t, "shape") else t
-            t = da.from_array(t, chunks=(z.value.chunks[0],), asarray=False)
+        t = wrap(t, (z.value.chunks[0],))
         if t.chunks[0] != z.value.chunks[0]:
             t = t.rechunk((z.value.chunks[0],))
         loss = ad.softmax_cross_entropy(z, t)

@@ -13,6 +13,20 @@ from dask.utils import typename
 from ..kernels._namespace import asarray_like
 
 
+def wrap(a, chunks):
+    """``a`` (a NumPy or device array, or a list) as a Dask array with blocks of its own
+    library; a Dask array is returned as it is.
+
+    Device arrays get a random name instead of one hashed from their data: Dask has no
+    tokenizer for CuPy, so hashing would pickle the array, which copies it to the host.
+    """
+    if isinstance(a, da.Array):
+        return a
+    if not hasattr(a, "shape"):
+        a = np.asarray(a)
+    return da.from_array(a, chunks=chunks, asarray=False, name=None if isinstance(a, np.ndarray) else False)
+
+
 def on_device_of(a, like):
     """``a`` (a Dask array) with blocks of the same library as ``like``'s (a Dask array).
 

@@ -8,6 +8,8 @@ import numbers
 import dask.array as da
 import numpy as np
 
+from ._device import wrap
+
 
 def as_dask(a, name, ndim):
     """``a`` as a Dask array of ``ndim`` dims with known chunks and a floating dtype.
@@ -17,7 +19,7 @@ def as_dask(a, name, ndim):
     if not isinstance(a, da.Array):
         if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim")):
             raise TypeError(f"{name} must be a Dask, NumPy or CuPy array, got {type(a).__name__}")
-        a = da.from_array(a, chunks=a.shape or (), asarray=False)
+        a = wrap(a, a.shape or ())
     if a.ndim != ndim:
         layout = {4: " (N, C, H, W)", 1: ""}.get(ndim, "")
         raise ValueError(f"{name} must be {ndim}-D{layout}, got shape {a.shape}")

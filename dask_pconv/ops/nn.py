@@ -25,7 +25,7 @@ from ..kernels import (
     get_namespace,
     onehot,
 )
-from ._device import on_device_of
+from ._device import on_device_of, wrap
 from ._graph import tree_sum
 
 __all__ = [
@@ -64,9 +64,7 @@ def _bn_index(x):
 
 def _as_dask(v):
     """A NumPy/CuPy array (or a list) as a one-chunk Dask array of the same library."""
-    if isinstance(v, da.Array):
-        return v
-    return da.from_array(v if hasattr(v, "shape") else np.asarray(v), chunks=-1, asarray=False)
+    return wrap(v, -1)
 
 
 def _per_channel(v, x, dtype=None):
