@@ -89,7 +89,7 @@ class Backend:
 
     def sync(self):
         if self.name == "cupy":
-            self.xp.cuda.get_current_stream().synchronize()
+            self.xp.cuda.Device().synchronize()  # every stream, PyTorch's (cuDNN path) too
 
     def torch(self):
         """PyTorch for this backend's device, or None."""
