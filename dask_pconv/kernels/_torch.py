@@ -17,8 +17,9 @@ TF32 for float32 convolutions on recent GPUs (about 1e-3 relative) is switched o
 worker process (``torch.backends.cudnn.allow_tf32 = False``) unless the ``pconv.allow-tf32``
 config is true.  Blocks made by ``cupy.from_dlpack`` own memory from PyTorch's caching
 allocator while CuPy keeps its own pool, so memory freed by one is not reused by the other
-(``torch.cuda.empty_cache()`` / CuPy's ``free_all_blocks()`` release it).  CI has no GPU: this path is checked by ``benchmarks/gpu_check.py`` on a
-machine with one, not by the test suite.
+(``torch.cuda.empty_cache()`` / CuPy's ``free_all_blocks()`` release it).  CI has no GPU:
+this path is checked by ``benchmarks/gpu_check.py`` on a machine with one, not by the test
+suite.
 """
 
 from __future__ import annotations
