@@ -107,3 +107,12 @@ def test_wrapping_device_arrays_does_not_copy_them_to_the_host():
     with dask.config.set(scheduler="synchronous"):
         assert_close(blocks_to_host(y), conv2d_ref(x, w, padding=1), np.float64)
     assert wrap(x, x.shape).name == wrap(x.copy(), x.shape).name
+
+
+@pytest.mark.parametrize("device", [False, True])
+def test_onehot_kernel(device):
+    t = np.array([3, 0, 2, 2, 1])
+    block = to_device(t) if device else t
+    out = kernels.onehot(block, 4, np.float32)
+    assert isinstance(out, StandInArray if device else np.ndarray) and out.dtype == np.float32
+    np.testing.assert_array_equal(out.get() if device else out, np.eye(4, dtype=np.float32)[t])
