@@ -17,6 +17,20 @@ class _OwningClient(Client):
         return out
 
 
+class _ClosingClient(Client):
+    """A client that, when it cannot reach its scheduler, stops the event-loop thread it
+    started instead of leaving it running (a later cluster in the same process then failed
+    to start its own loop)."""
+
+    def start(self, **kwargs):
+        try:
+            return super().start(**kwargs)
+        except BaseException:
+            # close() does nothing for a client that never connected: stop its loop directly
+            self._loop_runner.stop()
+            raise
+
+
 def connect(
     address=None,
     *,
@@ -59,7 +73,7 @@ def connect(
                 "'tcp://host:8786' (or 'tls://...')"
             )
         try:
-            return Client(address, security=None if security is True else security)
+            return _ClosingClient(address, security=None if security is True else security)
         except OSError as e:
             raise OSError(
                 f"could not connect to the scheduler at {address!r}: {e} "

@@ -179,9 +179,21 @@ def test_a_new_cluster_listens_on_loopback_only(dashboard):
 
 
 def test_connect_names_an_unreachable_scheduler():
+    """A clear error, and nothing left running: the failed client's event-loop thread stops (a
+    leftover one kept the next cluster in the process from starting its own loop)."""
+    import threading
+
+    def loops():
+        return sum(t.name == "IO loop" and t.is_alive() for t in threading.enumerate())
+
+    before = loops()
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         with pytest.raises(OSError, match=r"could not connect to the scheduler at 'tcp://127.0.0.1:1'"):
             connect("tcp://127.0.0.1:1")
+    deadline = time.monotonic() + 10
+    while loops() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert loops() == before
 
 
 @pytest.mark.cluster
