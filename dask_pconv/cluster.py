@@ -111,7 +111,7 @@ def connect(
             ) from e
         if kwargs["n_workers"] is None:
             del kwargs["n_workers"]  # one worker per GPU
-        cluster = LocalCUDACluster(ip="127.0.0.1", **kwargs)
+        cluster = LocalCUDACluster(host="127.0.0.1", **kwargs)
     else:
         cluster = LocalCluster(host="127.0.0.1", processes=True, **kwargs)
     return _OwningClient(cluster)
