@@ -15,12 +15,14 @@ size of the image.  Needs the ``zarr`` extra (``pip install 'dask-pconv[zarr]'``
 
 from __future__ import annotations
 
+import copy
 import os
 
 import dask.array as da
 import numpy as np
 
 from . import geometry as geo
+from .cluster import _active_client, _scatter_arrays
 from .ops import conv2d
 
 __all__ = ["conv2d_to_zarr", "features_to_zarr", "open_image", "to_zarr"]
@@ -240,7 +242,9 @@ def features_to_zarr(
     ``to_zarr(model.features(open_image(src, component, tile), blocks), dst, ...)``: for
     :class:`~dask_pconv.models.VGG16`, the 3x3 convs, BatchNorm with the running statistics
     (evaluation mode) and ReLU, and the 2x2 max-pools of the first ``blocks`` blocks, each
-    layer tile by tile with halos, so the result equals the unsplit network's.
+    layer tile by tile with halos, so the result equals the unsplit network's.  With a
+    ``distributed`` client active, the model's NumPy weights are scattered to the workers once
+    instead of travelling inside the graph; ``model`` itself is not changed.
 
     Parameters
     ----------
@@ -261,6 +265,12 @@ def features_to_zarr(
     """
     _check_not_in_place(src, component, dst, dst_component)
     x = open_image(src, component, tile)
+    client = _active_client()
+    if client is not None and isinstance(getattr(model, "params", None), dict):
+        # the weights go to the workers once instead of inside the graph; the model is unchanged
+        model = copy.copy(model)
+        model.params = _scatter_arrays(model.params, client)
+        model.state = _scatter_arrays(getattr(model, "state", {}), client)
     return to_zarr(model.features(x, blocks), dst, dst_component, overwrite=overwrite, **zarr_kwargs)
 
 

@@ -15,9 +15,9 @@ import zipfile
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 
+from .cluster import _active_client, _scatter_arrays
 from .data import epoch_batches, to_dask
 from .optim import MomentumSGD
 
@@ -213,21 +213,12 @@ class Trainer:
     def _place_on_workers(self):
         """Scatter NumPy parameters and BatchNorm state to the cluster once, so that no step's
         graph carries them (at width 1 they are 60 MB); a no-op without a distributed client."""
-        stores = [
-            s
-            for s in (self.model.params, self.model.state)
-            if any(isinstance(v, np.ndarray) for v in s.values())
-        ]
-        if not stores:
-            return
         client = _active_client()
         if client is None:
             return
-        for store in stores:
-            names = [k for k, v in store.items() if isinstance(v, np.ndarray)]
-            futures = client.scatter([store[k] for k in names])
-            for k, f in zip(names, futures):
-                store[k] = da.from_delayed(f, shape=store[k].shape, dtype=store[k].dtype)
+        for store in (self.model.params, self.model.state):
+            if any(isinstance(v, np.ndarray) for v in store.values()):
+                store.update(_scatter_arrays(store, client))
 
     def _to_dask(self, x, t, split):
         """:func:`~dask_pconv.data.to_dask`, then ``to_device`` on every block if set."""
@@ -443,16 +434,6 @@ class _Interrupts:
 
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def _active_client():
-    """The default ``distributed.Client``, or None when none is active."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
 
 
 def _replicate(collections):

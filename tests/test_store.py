@@ -274,3 +274,22 @@ def test_to_zarr_copies_device_blocks_to_the_host(tmp_path):
     y = da.from_array(a, chunks=(1, 1, 4, 4)).map_blocks(standin.to_device, meta=standin.meta(4, "f4"))
     z = dp.to_zarr(y, tmp_path / "d.zarr")
     np.testing.assert_array_equal(z[:], a)
+
+
+@pytest.mark.cluster
+def test_features_to_zarr_sends_the_weights_once_not_in_the_graph(tmp_path):
+    """On a distributed cluster the model's NumPy weights are scattered to the workers instead
+    of travelling in the graph (width 1/2: 15 MB, over distributed's large-graph warning, an
+    error here); the model itself is left unchanged and the features are the in-memory ones."""
+    from distributed import Client
+
+    m = VGG16(width=0.5, seed=5)
+    assert sum(v.nbytes for v in m.params.values()) > 10 * MiB
+    x = np.random.default_rng(5).random((1, 3, 64, 64), dtype=np.float32)
+    dp.to_zarr(da.from_array(x, chunks=(1, 3, 32, 32)), tmp_path / "x.zarr")
+    with local_cluster() as c, Client(c):
+        z = dp.features_to_zarr(m, tmp_path / "x.zarr", tmp_path / "f.zarr", blocks=5)
+    assert all(isinstance(v, np.ndarray) for v in m.params.values())
+    with dask.config.set(scheduler="synchronous"):
+        want = m.features(da.from_array(x, chunks=(1, 3, 32, 32)), 5).compute()
+    assert_close(z[:], want, np.float32)
