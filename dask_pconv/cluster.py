@@ -3,11 +3,15 @@ every op returns a lazy Dask array and runs on whatever scheduler is active."""
 
 from __future__ import annotations
 
+import logging
+
 import dask.array as da
 import numpy as np
 from distributed import Client, LocalCluster
 
 __all__ = ["connect"]
+
+logger = logging.getLogger(__name__)
 
 
 def _active_client():
@@ -51,8 +55,12 @@ class _ClosingClient(Client):
         try:
             return super().start(**kwargs)
         except BaseException:
-            # close() does nothing for a client that never connected: stop its loop directly
-            self._loop_runner.stop()
+            # close() does nothing for a client that never connected: stop its loop directly.
+            # The connection error is what the caller needs, even if the loop is slow to stop.
+            try:
+                self._loop_runner.stop()
+            except Exception as stop_error:
+                logger.warning("the failed client's event loop did not stop: %s", stop_error)
             raise
 
 
