@@ -231,3 +231,33 @@ def test_worker_killed_during_or_after_a_step(small_data):
             assert loss1 == loss0, when
             for k in p0:
                 np.testing.assert_array_equal(p1[k], p0[k], err_msg=f"{when}: {k}")
+
+
+def test_evaluate_splits_a_large_set_into_bounded_graphs(small_data):
+    """The batches travel inside the graphs, so evaluation builds several graphs of at most
+    ``eval_graph_bytes`` of images each; the result equals the one-graph result exactly."""
+    from dask.callbacks import Callback
+
+    train, _ = small_data
+    tr = Trainer(VGG16(n_classes=4, width=0.0625, seed=0), train, train, batch_size=8, progress=False)
+
+    class Graphs(Callback):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def _start(self, dsk):
+            self.n += 1
+
+    batch_bytes = 8 * train.x[:1].nbytes
+    results = {}
+    for per_graph, want_graphs in [(100, 1), (3, 3), (1, 8)]:  # 60 images: 8 batches
+        tr.eval_graph_bytes = per_graph * batch_bytes
+        with Graphs() as g:
+            results[per_graph] = tr.evaluate(train)
+        assert g.n == want_graphs
+    assert results[3] == results[1] == results[100]
+    tr.eval_graph_bytes = 1  # smaller than a batch: still one batch per graph
+    with Graphs() as g:
+        assert tr.evaluate(train) == results[1]
+    assert g.n == 8
