@@ -130,7 +130,9 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
         What to write; its graph runs on the active scheduler (a ``distributed.Client`` if
         there is one).
     url : str or os.PathLike or zarr store
-        Where to create the array (a directory store for a path).
+        Where to create the array (a directory store for a path).  An in-memory store is
+        refused while a ``distributed.Client`` is active: the workers would write into copies
+        of it.
     component : str, optional
         Name of the array inside a zarr group at ``url``.
     overwrite : bool
@@ -179,8 +181,25 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
         overwrite=overwrite,
         **zarr_kwargs,
     )
+    _refuse_memory_store_under_distributed(z)
     stored = da.store(y, z, lock=False, compute=compute)
     return z if compute else stored
+
+
+def _refuse_memory_store_under_distributed(z):
+    """A zarr ``MemoryStore`` lives in this process, and distributed pickles every task, even
+    for workers in this process: each write would go into a copy of the store and be lost
+    (dask's ``to_zarr`` refuses the same)."""
+    from zarr.storage import MemoryStore
+
+    from .cluster import _active_client
+
+    if isinstance(z.store, MemoryStore) and _active_client() is not None:
+        raise ValueError(
+            "cannot write into an in-memory zarr store with a distributed client (the workers "
+            "would write into copies of it and the result would be lost): give a path, or a "
+            "store that every worker can reach"
+        )
 
 
 def conv2d_to_zarr(

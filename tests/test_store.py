@@ -293,3 +293,28 @@ def test_features_to_zarr_sends_the_weights_once_not_in_the_graph(tmp_path):
     with dask.config.set(scheduler="synchronous"):
         want = m.features(da.from_array(x, chunks=(1, 3, 32, 32)), 5).compute()
     assert_close(z[:], want, np.float32)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("processes", [True, False])
+def test_to_zarr_refuses_an_in_memory_store_under_distributed(processes):
+    """distributed pickles every task, even for workers in this process
+    (``processes=False``): they would write into copies of an in-memory store and the result
+    would be lost.  Refused, as dask's to_zarr does; without a client the write goes through."""
+    from distributed import Client, LocalCluster
+    from zarr.storage import MemoryStore
+
+    a = np.arange(64, dtype="f4").reshape(1, 1, 8, 8)
+    x = da.from_array(a, chunks=(1, 1, 4, 4))
+    if processes:
+        cluster = local_cluster(n_workers=1)
+    else:  # in-process workers; the scheduler's HTTP endpoints on a free port, not 8787
+        http = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+        cluster = LocalCluster(n_workers=1, processes=False, dashboard_address=None, scheduler_kwargs=http)
+    with cluster, Client(cluster):
+        with pytest.raises(ValueError, match="in-memory zarr store with a distributed client"):
+            dp.to_zarr(x, MemoryStore())
+        with pytest.raises(ValueError, match="in-memory zarr store"):
+            dp.to_zarr(x, MemoryStore(), compute=False)  # the write would run there later
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_array_equal(dp.to_zarr(x, MemoryStore())[:], a)
