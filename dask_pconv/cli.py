@@ -81,7 +81,12 @@ def build_parser():
         default=parse_split("batch:2"),
         help="batch:N, channel:N (output channels), spatial:HxW, or a mix: batch:2,spatial:2x2",
     )
-    tr.add_argument("--workers", type=_positive_int, default=2)
+    tr.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="workers of a new cluster (default: 2; with --cuda, one per GPU)",
+    )
     tr.add_argument("--threads-per-worker", type=_positive_int, default=1)
     tr.add_argument("--scheduler", default=None, help="address of an existing scheduler (tcp://host:port)")
     tr.add_argument(
@@ -174,7 +179,7 @@ def train_command(args, stream=None):
     with _setup("connecting to the scheduler" if args.scheduler else "starting the cluster"):
         client = connect(
             args.scheduler,
-            n_workers=args.workers,
+            n_workers=args.workers if args.workers is not None or args.cuda else 2,
             threads_per_worker=args.threads_per_worker,
             dashboard_address=args.dashboard or None,
             security=True if args.tls else None,

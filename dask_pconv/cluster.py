@@ -84,7 +84,9 @@ def connect(
     cuda : bool
         Start dask-cuda's ``LocalCUDACluster`` (one worker per GPU) instead of a LocalCluster.
     n_workers, threads_per_worker, memory_limit, dashboard_address
-        For a new cluster.  ``dashboard_address=None`` turns the dashboard off.
+        For a new cluster.  ``dashboard_address=None`` turns the dashboard off.  With
+        ``cuda=True``, ``None`` workers or threads mean dask-cuda's defaults: one worker per
+        GPU, one thread each.
     security : distributed.Security or bool, optional
         TLS settings (``distributed.Security``, e.g. from certificate files).  ``True`` runs a
         new cluster over TLS with temporary self-signed credentials (needs ``cryptography``:
@@ -142,8 +144,10 @@ def connect(
                 "cuda=True needs dask-cuda and CuPy: pip install 'dask-pconv[gpu]' "
                 "(or: pip install dask-cuda cupy-cuda12x)"
             ) from e
-        if kwargs["n_workers"] is None:
-            del kwargs["n_workers"]  # one worker per GPU
+        # dask-cuda's own defaults: one worker per GPU, one thread each (it refuses None)
+        for name in ("n_workers", "threads_per_worker"):
+            if kwargs[name] is None:
+                del kwargs[name]
         cluster = LocalCUDACluster(host="127.0.0.1", **kwargs)
     else:
         cluster = LocalCluster(host="127.0.0.1", processes=True, **kwargs)

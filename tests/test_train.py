@@ -2,6 +2,8 @@
 
 import io
 import json
+import sys
+import types
 
 import dask
 import numpy as np
@@ -10,6 +12,7 @@ from clusters import local_cluster
 from distributed import Client
 
 from dask_pconv import cli
+from dask_pconv.cluster import connect
 from dask_pconv.data import synthetic
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
@@ -261,3 +264,44 @@ def test_evaluate_splits_a_large_set_into_bounded_graphs(small_data):
     with Graphs() as g:
         assert tr.evaluate(train) == results[1]
     assert g.n == 8
+
+
+def _fake_dask_cuda(monkeypatch, calls):
+    """dask-cuda 26.10's ``LocalCUDACluster`` signature and its first check, then an error as
+    on a machine without a GPU: what ``connect(cuda=True)`` hands dask-cuda, tested without
+    one."""
+    mod = types.ModuleType("dask_cuda")
+
+    def LocalCUDACluster(CUDA_VISIBLE_DEVICES=None, n_workers=None, threads_per_worker=1, **kwargs):
+        if threads_per_worker < 1:  # dask-cuda's own check (None fails it with a TypeError)
+            raise ValueError("threads_per_worker must be higher than 0.")
+        calls.append(dict(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs))
+        raise OSError("no GPU here (test stand-in)")
+
+    mod.LocalCUDACluster = LocalCUDACluster
+    monkeypatch.setitem(sys.modules, "dask_cuda", mod)
+
+
+def test_cuda_cluster_gets_dask_cudas_defaults(monkeypatch, tmp_path, capsys):
+    """``connect(cuda=True)`` and ``--cuda`` leave the number of workers and threads to
+    dask-cuda (one worker per GPU, one thread) unless asked: the CLI's default of 2 workers
+    would not start on a one-GPU machine."""
+    calls = []
+    _fake_dask_cuda(monkeypatch, calls)
+    with pytest.raises(OSError, match="no GPU here"):
+        connect(cuda=True)
+    assert calls[-1]["n_workers"] is None and calls[-1]["threads_per_worker"] == 1
+    assert calls[-1]["host"] == "127.0.0.1" and "dask_pconv._worker_init" in calls[-1]["preload"]
+    with pytest.raises(OSError, match="no GPU here"):
+        connect(cuda=True, n_workers=3, threads_per_worker=2)
+    assert (calls[-1]["n_workers"], calls[-1]["threads_per_worker"]) == (3, 2)
+
+    cupy = types.ModuleType("cupy")
+    cupy.asarray = np.asarray
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    argv = ["train", "--dataset", "synthetic", "--cuda", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "starting the cluster: no GPU here" in capsys.readouterr().err
+    assert calls[-1]["n_workers"] is None
+    assert cli.main([*argv, "--workers", "1"]) == 2
+    assert calls[-1]["n_workers"] == 1
