@@ -120,6 +120,8 @@ def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
     """
     ind = _bn_index(x)
     stats = _stats(x, mean, var)
+    # tokenized as Dask arrays: a raw device (CuPy) array would be pickled, a copy to the host
+    gamma, beta = _per_channel(gamma, x), _per_channel(beta, x)
     return da.blockwise(
         bn_forward,
         ind,
@@ -127,9 +129,9 @@ def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
         ind,
         stats,
         "z" + ind[1],
-        _per_channel(gamma, x),
+        gamma,
         "c",
-        _per_channel(beta, x),
+        beta,
         "c",
         eps=eps,
         relu=relu,
@@ -161,6 +163,7 @@ def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=Non
     partial = functools.partial(bn_backward_partial, eps=eps, relu=relu)
     sums = _per_channel_reduce(name, partial, [x, y, g], rows=2, channel=[stats])
     count = x.size // x.shape[1]
+    gamma = _per_channel(gamma, x)  # tokenized as a Dask array (see batch_norm)
     g_x = da.blockwise(
         bn_backward,
         ind,
@@ -174,7 +177,7 @@ def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=Non
         "z" + ind[1],
         sums,
         "s" + ind[1],
-        _per_channel(gamma, x),
+        gamma,
         "c",
         count=count,
         eps=eps,
