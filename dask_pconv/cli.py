@@ -158,7 +158,7 @@ def train_command(args, stream=None):
         except ImportError as e:
             raise SetupError(
                 "--cuda needs CuPy and dask-cuda: pip install 'dask-pconv[gpu]' (or: pip install "
-                "dask-cuda cupy-cuda12x)"
+                "dask-cuda 'cupy-cuda12x[ctk]')"
             ) from e
         to_device = cupy.asarray  # each batch's blocks; the weights follow them once
     with _setup(f"loading dataset {args.dataset!r}"):

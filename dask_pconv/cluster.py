@@ -142,7 +142,7 @@ def connect(
         except ImportError as e:
             raise ImportError(
                 "cuda=True needs dask-cuda and CuPy: pip install 'dask-pconv[gpu]' "
-                "(or: pip install dask-cuda cupy-cuda12x)"
+                "(or: pip install dask-cuda 'cupy-cuda12x[ctk]')"
             ) from e
         # dask-cuda's own defaults: one worker per GPU, one thread each (it refuses None)
         for name in ("n_workers", "threads_per_worker"):

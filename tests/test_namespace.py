@@ -49,6 +49,20 @@ def test_kernels_on_standin_match_numpy():
     np.testing.assert_array_equal(p.get(), kernels.max_pool2d_forward(x, (3, 2), (2, 2)))
 
 
+def test_im2col_bands_are_large_for_device_blocks():
+    """Device blocks get one GEMM for a whole 4.6 MB column matrix (no cache to fit; small
+    bands would leave a GPU idle); NumPy blocks are cut into cache-sized bands."""
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((1, 16, 66, 514)), rng.standard_normal((8, 16, 3, 3))
+    with dask.config.set({"pconv.conv-kernel": "numpy"}):
+        standin.LOG.clear()
+        y = kernels.conv2d_forward(to_device(x), to_device(w))
+        assert standin.LOG.count("matmul") == 1
+        want = kernels.conv2d_forward(x, w)
+    assert kernels.conv.COL_BYTES < 16 * 9 * 64 * 512 * 8  # so NumPy used several bands
+    np.testing.assert_allclose(y.get(), want, rtol=1e-12, atol=1e-12)
+
+
 def test_ops_keep_standin_blocks_end_to_end():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 4, 11, 10))

@@ -200,6 +200,10 @@ def test_im2col_in_small_bands_matches_reference(case):
 
     from dask_pconv.kernels import conv as conv_kernels
 
-    with mock.patch.object(conv_kernels, "COL_BYTES", 1), dask.config.set({"pconv.conv-kernel": "numpy"}):
+    with (
+        mock.patch.object(conv_kernels, "COL_BYTES", 1),
+        mock.patch.object(conv_kernels, "DEVICE_COL_BYTES", 1),
+        dask.config.set({"pconv.conv-kernel": "numpy"}),
+    ):
         _check_conv2d(case)
         _check_conv2d_vjp(case)

@@ -15,8 +15,13 @@ installed, for any contraction length; otherwise they use the im2col kernels in 
 Only genuine ``cupy.ndarray`` blocks qualify, never other array types.  PyTorch's default of
 TF32 for float32 convolutions on recent GPUs (about 1e-3 relative) is switched off in the
 worker process (``torch.backends.cudnn.allow_tf32 = False``) unless the ``pconv.allow-tf32``
-config is true.  Blocks made by ``cupy.from_dlpack`` own memory from PyTorch's caching
-allocator while CuPy keeps its own pool, so memory freed by one is not reused by the other
+config is true, and cuDNN is held to its deterministic algorithms
+(``torch.backends.cudnn.deterministic = True``), so that a task computed again (a lost worker)
+gives the same bits.  Both configs are read by the tasks, on the workers: set them before the
+cluster starts (workers take the config they start with), e.g. ``DASK_PCONV__ALLOW_TF32=True``
+or ``DASK_PCONV__CONV_KERNEL=numpy`` in the environment.  Blocks made by ``cupy.from_dlpack``
+own memory from PyTorch's caching allocator while CuPy keeps its own pool, so memory freed by
+one is not reused by the other
 (``torch.cuda.empty_cache()`` / CuPy's ``free_all_blocks()`` release it).  CI has no GPU:
 this path is checked by ``benchmarks/gpu_check.py`` on a machine with one, not by the test
 suite.
@@ -81,10 +86,13 @@ def _cuda_ok(arrays, choice):
         if choice == "torch":
             raise ImportError(f"config {CONFIG_KEY!r} is 'torch' but PyTorch with CUDA is not installed")
         return False
-    if not dask.config.get(TF32_KEY, False):
-        # PyTorch runs float32 convs in TF32 on Ampere and later by default (about 1e-3
-        # relative): keep full float32, as the im2col path in CuPy has
-        torch.backends.cudnn.allow_tf32 = False
+    # PyTorch runs float32 convs in TF32 on Ampere and later by default (about 1e-3 relative):
+    # keep full float32, as the im2col path in CuPy has, unless asked (set both ways: the flag
+    # is process-wide and outlives one task)
+    torch.backends.cudnn.allow_tf32 = bool(dask.config.get(TF32_KEY, False))
+    # cuDNN may otherwise pick backward algorithms with atomics, whose sums differ in the last
+    # bits from run to run: a recomputed task would not equal the lost one
+    torch.backends.cudnn.deterministic = True
     return all(a.dtype in (np.float32, np.float64) for a in arrays)
 
 

@@ -84,11 +84,15 @@ def _correlate_single(x, W, stride, dilation):
 #: the im2col kernels build the column matrix in bands of output rows of about this size, so it
 #: stays in cache and is never a huge allocation (450 MB for one 2048x2048, 3-channel image)
 COL_BYTES = 4 * 2**20
+#: the band size for device (CuPy) blocks: there is no cache to fit, and each band is one GEMM
+#: plus a kernel launch per tap, so small bands would leave the GPU idle
+DEVICE_COL_BYTES = 256 * 2**20
 
 
-def _bands(N, oH, row_bytes):
-    """``(n0, n1, r0, r1)`` bands of images and output rows whose columns fit ``COL_BYTES``."""
-    rows = max(1, COL_BYTES // max(row_bytes, 1))
+def _bands(N, oH, row_bytes, xp):
+    """``(n0, n1, r0, r1)`` bands of images and output rows whose columns fit ``COL_BYTES``
+    (``DEVICE_COL_BYTES`` for blocks not in NumPy)."""
+    rows = max(1, (COL_BYTES if xp is np else DEVICE_COL_BYTES) // max(row_bytes, 1))
     if rows >= oH:  # whole images: group several
         per = max(1, rows // oH)
         for n0 in range(0, N, per):
@@ -120,7 +124,7 @@ def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     oW = _out_size(Ww, kw, stride[1], dilation[1])
     Wm = W.reshape(1, G, O // G, K)  # (1, G, Og, Cg*kh*kw)
     y = xp.empty((N, O, oH, oW), dtype=xp.result_type(x.dtype, W.dtype))
-    for n0, n1, r0, r1 in _bands(N, oH, C * kh * kw * oW * x.dtype.itemsize):
+    for n0, n1, r0, r1 in _bands(N, oH, C * kh * kw * oW * x.dtype.itemsize, xp):
         xs = x[n0:n1, :, _band_rows(r0, r1, kh, stride[0], dilation[0])]
         col = _im2col(xs, kh, kw, r1 - r0, oW, stride, dilation)
         col = col.reshape(n1 - n0, G, K, (r1 - r0) * oW)  # (n, G, Cg*kh*kw, rows*oW)
@@ -144,7 +148,7 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
     Ww = _window_size(oW, kw, stride[1], dilation[1])
     Wt = W.reshape(1, G, O // G, Cg * kh * kw).transpose(0, 1, 3, 2)  # (1, G, Cg*kh*kw, Og)
     gx = xp.zeros((N, G * Cg, Hw, Ww), dtype=xp.result_type(gy.dtype, W.dtype))
-    for n0, n1, r0, r1 in _bands(N, oH, G * Cg * kh * kw * oW * gx.dtype.itemsize):
+    for n0, n1, r0, r1 in _bands(N, oH, G * Cg * kh * kw * oW * gx.dtype.itemsize, xp):
         n, rb = n1 - n0, r1 - r0
         g = gy[n0:n1, :, r0:r1].reshape(n, G, O // G, rb * oW)
         col = xp.matmul(Wt, g).reshape(n, G * Cg, kh, kw, rb, oW)  # (n, C, kh, kw, rows, oW)
@@ -170,7 +174,7 @@ def conv2d_grad_w(x, gy, kernel_size, stride=(1, 1), dilation=(1, 1), groups=1):
     Cg = C // G
     K = Cg * kh * kw
     gW = xp.zeros((G, O // G, K), dtype=xp.result_type(x.dtype, gy.dtype))
-    for n0, n1, r0, r1 in _bands(N, oH, C * kh * kw * oW * x.dtype.itemsize):
+    for n0, n1, r0, r1 in _bands(N, oH, C * kh * kw * oW * x.dtype.itemsize, xp):
         n, rb = n1 - n0, r1 - r0
         xs = x[n0:n1, :, _band_rows(r0, r1, kh, stride[0], dilation[0])]
         col = _im2col(xs, kh, kw, rb, oW, stride, dilation)
