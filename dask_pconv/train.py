@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -225,8 +226,18 @@ class Trainer:
         xd, td = to_dask(x, t, split)
         if self.to_device is None:
             return xd, td
+        # a new name per call: with a name hashed from the batch, a batch seen again (the same
+        # images evaluated after training on them, or full-batch steps) reused the keys of an
+        # earlier graph, which Dask's optimisation had fused differently there, and the
+        # distributed worker then waited forever for the earlier graph's dependency
         return tuple(
-            a.map_blocks(self.to_device, dtype=a.dtype, meta=self.to_device(a._meta)) for a in (xd, td)
+            a.map_blocks(
+                self.to_device,
+                dtype=a.dtype,
+                meta=self.to_device(a._meta),
+                name=f"to-device-batch-{uuid.uuid4().hex}",
+            )
+            for a in (xd, td)
         )
 
     def _split_for(self, n):

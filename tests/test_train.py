@@ -1,5 +1,6 @@
 """The training loop: loss falls on a LocalCluster, checkpoints resume exactly, the CLI."""
 
+import dataclasses
 import io
 import json
 import sys
@@ -305,3 +306,30 @@ def test_cuda_cluster_gets_dask_cudas_defaults(monkeypatch, tmp_path, capsys):
     assert calls[-1]["n_workers"] is None
     assert cli.main([*argv, "--workers", "1"]) == 2
     assert calls[-1]["n_workers"] == 1
+
+
+@pytest.mark.cluster
+def test_evaluating_the_batch_just_trained_on_completes(small_data):
+    """With ``to_device``, a batch seen again (here: evaluated right after a full-batch step on
+    it) once reused the keys of the step's graph, fused differently there, and the worker
+    waited forever for a dependency of the earlier graph.  It completes, with the result of the
+    synchronous scheduler."""
+    import threading
+
+    train, _ = small_data
+    data = dataclasses.replace(train, x=train.x[:8], t=train.t[:8])
+
+    def run():
+        m = VGG16(n_classes=4, width=0.0625, seed=3)
+        tr = Trainer(m, data, data, batch_size=8, split={"batch": 2}, progress=False, to_device=np.asarray)
+        return tr.train_step(data.x, data.t), tr.evaluate(data)
+
+    with dask.config.set(scheduler="synchronous"):
+        want = run()
+    got = []
+    with local_cluster(n_workers=1) as c, Client(c):
+        worker = threading.Thread(target=lambda: got.append(run()), daemon=True)
+        worker.start()
+        worker.join(120)
+        assert got, "the evaluation did not finish within 120 s"
+    assert got[0] == want
