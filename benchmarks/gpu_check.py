@@ -13,10 +13,15 @@ the cuDNN block kernel and the baseline):
     ``Trainer(to_device=cupy.asarray)`` against the same steps on NumPy blocks: loss, accuracy
     and every parameter must agree to 1e-8 (relative), and the parameters must stay CuPy.
 (b) Speed (float32): ``conv2d`` forward and forward + backward, and a VGG16 training step, on
-    CuPy blocks against PyTorch (cuDNN) on the same GPU; ratio = ours / PyTorch.
+    CuPy blocks against PyTorch (cuDNN) on the same GPU; ratio = ours / PyTorch.  Two PyTorch
+    baselines: ``torch``, with the numerics our cuDNN path uses (full float32, deterministic
+    algorithms), and ``torch TF32``, PyTorch's defaults (TF32 convolutions, any algorithm).
 
-The synchronous scheduler runs every graph (one GPU, no worker processes).  Without CuPy or a
-GPU the script exits with status 2 saying what is missing.  ``--numpy`` runs the same checks
+(c) On a cluster: a VGG16 training step, an evaluation and a checkpoint through
+    ``connect(cuda=True)`` (dask-cuda's LocalCUDACluster), against the same on NumPy blocks.
+
+Apart from (c), the synchronous scheduler runs every graph (one GPU, no worker processes).
+Without CuPy or a GPU the script exits with status 2 saying what is missing.  ``--numpy`` runs the same checks
 and timings with NumPy blocks on the CPU (PyTorch's CPU kernels as the baseline), so the script
 itself is exercised on machines without a GPU; ``--quick`` shrinks every size.  Writes
 ``gpu_check.json`` into ``--out``; exits 1 if a check fails.
@@ -49,6 +54,18 @@ SPLITS = {
     "mixed": ({"batch": 2, "channel": 2, "spatial": (2, 3)}, 2),
 }
 TOL = 1e-8  # float64, relative to the largest reference value
+# cuDNN settings of the PyTorch baselines on a GPU: the numerics our cuDNN path uses (full
+# float32, deterministic algorithms), and PyTorch's defaults (TF32 convolutions on Ampere and
+# later, any algorithm).  The flags are process-wide, so every timed run sets its own.
+NUMERICS = {
+    "torch": {"allow_tf32": False, "deterministic": True},
+    "torch TF32": {"allow_tf32": True, "deterministic": False},
+}
+
+
+def _cudnn(torch, flags):
+    torch.backends.cudnn.allow_tf32 = flags["allow_tf32"]
+    torch.backends.cudnn.deterministic = flags["deterministic"]
 
 
 class Backend:
@@ -104,6 +121,13 @@ class Backend:
     def kernels(self):
         """The conv kernel choices to check: im2col in the blocks' namespace, and PyTorch's."""
         return ["numpy"] + (["torch"] if self.torch() is not None else [])
+
+    def baselines(self):
+        """The PyTorch baselines to time: on a GPU with both cuDNN settings of ``NUMERICS``;
+        on the CPU, where those flags do nothing, one."""
+        if self.torch() is None:
+            return []
+        return list(NUMERICS) if self.torch_device == "cuda" else ["torch"]
 
 
 def _missing(why):
@@ -168,7 +192,7 @@ def _vgg_data(n, seed=0):
     return Dataset(rng.random((n, 3, 32, 32), dtype=np.float32), rng.integers(0, 10, n), 10, "random")
 
 
-def _trainer(model, data, split, to_device=None):
+def _trainer(model, data, split, to_device=None, out=None):
     tr = Trainer(
         model,
         data,
@@ -178,6 +202,7 @@ def _trainer(model, data, split, to_device=None):
         optimizer=MomentumSGD(0.05, 0.9, 5e-4),
         progress=False,
         to_device=to_device,
+        out=out,
     )
     tr.tasks_per_step = 0  # not counted: counting optimises the whole graph, as slow as a step
     return tr
@@ -208,6 +233,50 @@ def check_vgg(be, quick):
             }
         )
     return rows
+
+
+def check_cluster(be, quick, out):
+    """A training step, an evaluation and a checkpoint on a real cluster, started by
+    ``connect``: dask-cuda's LocalCUDACluster (one worker per GPU) for CuPy blocks, a one-worker
+    LocalCluster for NumPy blocks; against the same on NumPy blocks, synchronous scheduler."""
+    from dask_pconv.cluster import connect
+    from dask_pconv.train import load_checkpoint
+
+    width, n = (0.0625, 4) if quick else (0.25, 16)
+    data = _vgg_data(n, seed=3)
+    split = {"batch": 2}
+    with dask.config.set(scheduler="synchronous"):
+        ref = _trainer(VGG16(width=width, dtype=np.float64), data, split)
+        l0, a0 = ref.train_step(data.x, data.t)
+        e0 = ref.evaluate(data)
+        (want,) = dask.compute(ref.model.params)
+    cuda = be.name == "cupy"
+    with connect(
+        cuda=cuda, n_workers=None if cuda else 1, threads_per_worker=1, dashboard_address=None
+    ) as client:
+        workers = len(client.scheduler_info()["workers"])
+        tr = _trainer(VGG16(width=width, dtype=np.float64), data, split, be.to_device, out)
+        l1, a1 = tr.train_step(data.x, data.t)
+        e1 = tr.evaluate(data)
+        out.mkdir(parents=True, exist_ok=True)
+        tr.save()
+        on_device = all(isinstance(v._meta, be.array_type) for v in tr.model.params.values())
+    got, _, _, meta = load_checkpoint(tr.checkpoint_path(0))
+    err = max(_rel_err(got[k], want[k]) for k in want)
+    where = f"{workers} worker(s) of {'LocalCUDACluster' if cuda else 'LocalCluster'}"
+    return [
+        {
+            "check": f"cluster: VGG16 step loss, {where}",
+            "rel err": abs(l1 - l0) / abs(l0),
+            "ok": abs(l1 - l0) <= TOL * abs(l0) and a1 == a0 and on_device,
+        },
+        {
+            "check": "cluster: evaluate",
+            "rel err": abs(e1[0] - e0[0]) / abs(e0[0]),
+            "ok": abs(e1[0] - e0[0]) <= TOL * abs(e0[0]) and e1[1] == e0[1],
+        },
+        {"check": "cluster: checkpoint parameters", "rel err": err, "ok": err <= TOL and meta["step"] == 1},
+    ]
 
 
 # -- (b) speed -----------------------------------------------------------------------------
@@ -249,29 +318,30 @@ def time_conv(be, quick):
         for backward in (False, True):
             for kernel in be.kernels():
                 fns[(kernel, backward)] = ours(kernel, backward)
-            if torch is not None:
-                fns[("torch-direct", backward)] = _torch_conv(torch, be, x, w, gy, backward)
+            for b in be.baselines():
+                fns[("base", b, backward)] = _torch_conv(torch, be, x, w, gy, backward, NUMERICS[b])
         times = interleaved(fns, repeat=3 if quick else 7)
         for backward in (False, True):
             row = {"case": f"{N}, {C}->{O}, {H}x{H}, {_label(spec)}", "op": "fwd+bwd" if backward else "fwd"}
-            base = times.get(("torch-direct", backward))
+            base = {b: times[("base", b, backward)] for b in be.baselines()}
             for kernel in be.kernels():
                 row[f"ours[{kernel}] s"] = times[(kernel, backward)]
-                if base:
-                    row[f"ours[{kernel}] / torch"] = times[(kernel, backward)] / base
-            row["torch s"] = base
+                for b, t in base.items():
+                    row[f"ours[{kernel}] / {b}"] = times[(kernel, backward)] / t
+            row.update({f"{b} s": t for b, t in base.items()})
             rows.append(row)
             print(row, flush=True)
     return rows
 
 
-def _torch_conv(torch, be, x, w, gy, backward):
+def _torch_conv(torch, be, x, w, gy, backward, flags):
     dev = be.torch_device
     tx = torch.from_numpy(x).to(dev).requires_grad_(backward)
     tw = torch.from_numpy(w).to(dev).requires_grad_(backward)
     tgy = torch.from_numpy(gy).to(dev)
 
     def run():
+        _cudnn(torch, flags)
         y = torch.nn.functional.conv2d(tx, tw, padding=1)
         if backward:
             torch.autograd.grad(y, (tx, tw), tgy)
@@ -301,11 +371,12 @@ def time_vgg(be, quick, steps):
             "case": f"VGG16 width {width}, batch {n}, {_label(split)}",
             "ours step s": float(np.median(walls)),
         }
-        if be.torch() is not None:
-            row["torch step s"] = torch_step_time(
+        for baseline in be.baselines():
+            _cudnn(be.torch(), NUMERICS[baseline])
+            row[f"{baseline} step s"] = torch_step_time(
                 VGG16(width=width), data.x, data.t, steps, device=be.torch_device
             )
-            row["ratio"] = row["ours step s"] / row["torch step s"]
+            row[f"ours / {baseline}"] = row["ours step s"] / row[f"{baseline} step s"]
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -324,14 +395,27 @@ def main(argv=None):
     print(f"blocks: {be.name} {be.info}; conv kernels: {', '.join(be.kernels())}", flush=True)
     with dask.config.set(scheduler="synchronous"):
         checks = check_ops(be, args.quick) + check_vgg(be, args.quick)
-        table(checks, ["check", "rel err", "ok"])
+    checks += check_cluster(be, args.quick, out / "cluster-checkpoint")
+    table(checks, ["check", "rel err", "ok"])
+    with dask.config.set(scheduler="synchronous"):
         conv = time_conv(be, args.quick)
         vgg = time_vgg(be, args.quick, args.steps)
-    conv_cols = ["case", "op"] + [c for k in be.kernels() for c in (f"ours[{k}] s", f"ours[{k}] / torch")]
-    table(conv, conv_cols + ["torch s"])
-    table(vgg, ["case", "ours step s", "torch step s", "ratio"])
+    bases = be.baselines()
+    conv_cols = ["case", "op"] + [
+        c for k in be.kernels() for c in [f"ours[{k}] s"] + [f"ours[{k}] / {b}" for b in bases]
+    ]
+    table(conv, conv_cols + [f"{b} s" for b in bases])
+    table(vgg, ["case", "ours step s"] + [c for b in bases for c in (f"{b} step s", f"ours / {b}")])
     failed = [c["check"] for c in checks if not c["ok"]]
-    write_json(out / "gpu_check.json", "gpu_check", conv + vgg, checks=checks, blocks=be.name, device=be.info)
+    write_json(
+        out / "gpu_check.json",
+        "gpu_check",
+        conv + vgg,
+        checks=checks,
+        blocks=be.name,
+        device=be.info,
+        baseline_cudnn={b: NUMERICS[b] for b in bases} if be.torch_device == "cuda" else None,
+    )
     if failed:
         print(f"gpu_check: {len(failed)} check(s) failed: {failed}", file=sys.stderr)
         return 1

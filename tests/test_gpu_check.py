@@ -23,7 +23,9 @@ def test_dry_run_with_numpy_blocks(tmp_path):
     assert out["blocks"] == "numpy"
     checks = {c["check"].split(",")[0] for c in out["checks"]}
     ops = {"conv2d", "conv2d_vjp g_x", "conv2d_vjp g_w", "max_pool2d", "max_pool2d_vjp"}
-    assert ops | {"VGG16 step 1 loss", "VGG16 step 2 loss", "VGG16 parameters after 2 steps"} == checks
+    vgg = {"VGG16 step 1 loss", "VGG16 step 2 loss", "VGG16 parameters after 2 steps"}
+    cluster = {"cluster: VGG16 step loss", "cluster: evaluate", "cluster: checkpoint parameters"}
+    assert ops | vgg | cluster == checks
     assert all(c["ok"] for c in out["checks"])
     assert {r["op"] for r in out["rows"] if "op" in r} == {"fwd", "fwd+bwd"}
     assert all(r["ours[numpy] s"] > 0 for r in out["rows"] if "op" in r)
