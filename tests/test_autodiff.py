@@ -157,3 +157,18 @@ def test_batch_norm_vjp_with_relu_needs_the_forward_output():
 
     with pytest.raises(ValueError, match="needs y"):
         batch_norm_vjp(d(X4, CH4), d(GAMMA), d(X4, CH4), relu=True)
+
+
+@pytest.mark.parametrize("chunks", [(4, 5), (3, 2), (2, (1, 3, 1))])
+def test_accuracy_matches_numpy_for_any_chunking(chunks):
+    """The fraction of rows whose arg-max is the label, row and class axes chunked any way;
+    ties go to the first maximum, as in NumPy."""
+    from dask_pconv.ops.nn import accuracy
+
+    rng = np.random.default_rng(8)
+    z = rng.integers(0, 3, (10, 5)).astype("f4")  # many ties
+    t = rng.integers(0, 5, 10)
+    want = np.mean(z.argmax(axis=1) == t)
+    assert 0 < want < 1
+    got = accuracy(da.from_array(z, chunks=chunks), da.from_array(t, chunks=chunks[0])).compute()
+    assert got == want

@@ -306,6 +306,20 @@ def softmax_cross_entropy_vjp(z, t, g):
     return (da.exp(_log_softmax(z)) - _onehot(t, z)) * (g / z.shape[0])
 
 
+def _argmax_rows(block):
+    return block.argmax(axis=1)
+
+
 def accuracy(z, t):
-    """Fraction of rows whose arg-max equals the label (a lazy scalar)."""
-    return (z.argmax(axis=1) == on_device_of(_as_dask(t), z)).mean()
+    """Fraction of rows whose arg-max equals the label (a lazy scalar).
+
+    The arg-max is taken block by block over whole rows (the class axis is one chunk, rechunked
+    if it was split): Dask's general arg-reduction across chunks goes through a structured
+    dtype that CuPy supports only partly."""
+    if z.numblocks[1] > 1:
+        z = z.rechunk({1: -1})
+    meta = meta_from_array(z._meta, ndim=1, dtype=np.intp)
+    pred = z.map_blocks(
+        _argmax_rows, drop_axis=1, dtype=np.intp, meta=meta, name=f"accuracy-argmax-{tokenize(z)}"
+    )
+    return (pred == on_device_of(_as_dask(t), z)).mean()
