@@ -172,6 +172,7 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
         y = y.rechunk(irregular)
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
+    _refuse_memory_store_under_distributed(url)  # before creating: overwrite=True would erase
     z = zarr.create_array(
         store=url,
         name=component,
@@ -181,20 +182,19 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
         overwrite=overwrite,
         **zarr_kwargs,
     )
-    _refuse_memory_store_under_distributed(z)
     stored = da.store(y, z, lock=False, compute=compute)
     return z if compute else stored
 
 
-def _refuse_memory_store_under_distributed(z):
-    """A zarr ``MemoryStore`` lives in this process, and distributed pickles every task, even
-    for workers in this process: each write would go into a copy of the store and be lost
-    (dask's ``to_zarr`` refuses the same)."""
+def _refuse_memory_store_under_distributed(store):
+    """A zarr ``MemoryStore`` (or a dict, which zarr wraps in one) lives in this process, and
+    distributed pickles every task, even for workers in this process: each write would go into
+    a copy of the store and be lost (dask's ``to_zarr`` refuses the same)."""
     from zarr.storage import MemoryStore
 
     from .cluster import _active_client
 
-    if isinstance(z.store, MemoryStore) and _active_client() is not None:
+    if isinstance(store, (MemoryStore, dict)) and _active_client() is not None:
         raise ValueError(
             "cannot write into an in-memory zarr store with a distributed client (the workers "
             "would write into copies of it and the result would be lost): give a path, or a "

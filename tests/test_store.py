@@ -316,5 +316,10 @@ def test_to_zarr_refuses_an_in_memory_store_under_distributed(processes):
             dp.to_zarr(x, MemoryStore())
         with pytest.raises(ValueError, match="in-memory zarr store"):
             dp.to_zarr(x, MemoryStore(), compute=False)  # the write would run there later
+        kept = MemoryStore()
+        zarr.create_array(kept, shape=(2,), dtype="i4", fill_value=7)
+        with pytest.raises(ValueError, match="in-memory zarr store"):
+            dp.to_zarr(x, kept, overwrite=True)  # refused before anything is erased
+        np.testing.assert_array_equal(zarr.open_array(kept, mode="r")[:], 7)
     with dask.config.set(scheduler="threads"):
         np.testing.assert_array_equal(dp.to_zarr(x, MemoryStore())[:], a)
