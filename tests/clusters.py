@@ -18,13 +18,17 @@ def _thread_stacks():
     )
 
 
-def local_cluster(n_workers=2, threads_per_worker=1, **kwargs):
+def local_cluster(n_workers=2, threads_per_worker=1, processes=True, **kwargs):
+    """Worker processes by default; ``processes=False`` keeps the workers in this process (over
+    TCP: the in-process transport takes no host)."""
     kwargs.setdefault("memory_limit", "2GiB")
+    if not processes:
+        kwargs.setdefault("protocol", "tcp://")
     try:
         return LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
-            processes=True,
+            processes=processes,
             host="127.0.0.1",
             dashboard_address=None,
             scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},

@@ -4,6 +4,7 @@ listens on."""
 import dataclasses
 import io
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -183,9 +184,10 @@ def test_a_new_cluster_listens_on_loopback_only(dashboard):
 
 
 _UNREACHABLE = """
-import threading, time
+import sys, threading, time
 import dask
-from distributed import LocalCluster
+sys.path.insert(0, sys.argv[1])  # the tests' folder
+from clusters import local_cluster
 from dask_pconv.cluster import connect
 
 def loops():
@@ -201,9 +203,7 @@ while loops() and time.monotonic() < deadline:
     time.sleep(0.05)
 print("LOOPS LEFT:", loops())
 # the process can still start a cluster of its own
-with LocalCluster(n_workers=1, processes=False, protocol="tcp://", host="127.0.0.1",
-                  dashboard_address=None,
-                  scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"}) as c:
+with local_cluster(n_workers=1, processes=False) as c:
     print("STARTED:", len(c.workers))
 """
 
@@ -212,7 +212,9 @@ def test_connect_names_an_unreachable_scheduler():
     """A clear error, and nothing left running: the failed client's event-loop thread stops,
     and the same process then starts a cluster of its own.  In a fresh process, so that what
     a failed connection leaves behind cannot reach the other tests."""
-    proc = subprocess.run([sys.executable, "-c", _UNREACHABLE], capture_output=True, text=True, timeout=120)
+    tests = str(pathlib.Path(__file__).parent)
+    cmd = [sys.executable, "-c", _UNREACHABLE, tests]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "ERROR: could not connect to the scheduler at 'tcp://127.0.0.1:1'" in out, out

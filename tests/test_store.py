@@ -301,17 +301,12 @@ def test_to_zarr_refuses_an_in_memory_store_under_distributed(processes):
     """distributed pickles every task, even for workers in this process
     (``processes=False``): they would write into copies of an in-memory store and the result
     would be lost.  Refused, as dask's to_zarr does; without a client the write goes through."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from zarr.storage import MemoryStore
 
     a = np.arange(64, dtype="f4").reshape(1, 1, 8, 8)
     x = da.from_array(a, chunks=(1, 1, 4, 4))
-    if processes:
-        cluster = local_cluster(n_workers=1)
-    else:  # in-process workers; the scheduler's HTTP endpoints on a free port, not 8787
-        http = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
-        cluster = LocalCluster(n_workers=1, processes=False, dashboard_address=None, scheduler_kwargs=http)
-    with cluster, Client(cluster):
+    with local_cluster(n_workers=1, processes=processes) as cluster, Client(cluster):
         with pytest.raises(ValueError, match="in-memory zarr store with a distributed client"):
             dp.to_zarr(x, MemoryStore())
         with pytest.raises(ValueError, match="in-memory zarr store"):
