@@ -31,6 +31,8 @@ CATEGORIES = {
     "conv forward": ("conv2d-fwd",),
     "conv grad-x": ("conv2d-gx",),
     "conv grad-w": ("conv2d-gw",),
+    "conv grad-b": ("conv2d-gb",),
+    "linear": ("linear-",),
     "pooling": ("max_pool2d",),
     "batchnorm": ("batch_norm",),
     "dropout": ("dropout",),

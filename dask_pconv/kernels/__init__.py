@@ -3,19 +3,24 @@
 Every function takes and returns blocks of one array library and uses only that library's
 namespace (slicing, ``zeros``, ``matmul``, ``maximum``, ``where``), so the same code runs on
 NumPy blocks on CPUs and CuPy blocks on GPUs.  Inputs are *windows*: blocks that already hold
-their halo and padding, so no function here knows about chunks.
+their halo and padding, so no function here knows about chunks.  Every kernel computes on
+C-contiguous blocks and returns them (:func:`layout_invariant`), so that its result does not
+depend on where its inputs were computed.
 """
 
-from ._namespace import get_namespace
+from ._namespace import canonical, get_namespace, layout_invariant
 from ._window import Padded, materialize
-from .conv import conv2d_forward, conv2d_grad_w, conv2d_grad_x
+from .conv import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block
 from .labels import onehot
+from .linear import linear_forward, linear_grad_w, linear_grad_x
 from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats
 from .pool import max_pool2d_backward, max_pool2d_forward
 
 __all__ = [
     "Padded",
+    "canonical",
+    "layout_invariant",
     "materialize",
     "bn_backward",
     "bn_backward_partial",
@@ -24,9 +29,13 @@ __all__ = [
     "combine_stats",
     "dropout_block",
     "conv2d_forward",
+    "conv2d_grad_b",
     "conv2d_grad_w",
     "conv2d_grad_x",
     "get_namespace",
+    "linear_forward",
+    "linear_grad_w",
+    "linear_grad_x",
     "max_pool2d_backward",
     "max_pool2d_forward",
     "onehot",

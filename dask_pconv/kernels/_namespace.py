@@ -1,6 +1,23 @@
-"""The array namespace of a block: one code path for NumPy and CuPy (and look-alikes)."""
+"""The array namespace of a block, and the one block layout every kernel computes on.
+
+One code path serves NumPy and CuPy (and look-alikes): a kernel asks a block for its namespace
+and uses only that.
+
+Layout: NumPy's reductions and BLAS kernels round differently depending on a block's memory
+layout (``x.sum(axis=(0, 2, 3))`` of a cropped view or a permuted copy differs in the last bits
+from the same values stored C-contiguously, and OpenBLAS's AVX-512 GEMM kernels give other
+bits for F- and C-ordered operands), and where a block was computed decides its layout: on the
+worker that made it a kernel may receive a strided view (a crop, a channel slice), while a copy
+that crossed to another worker arrives re-laid out by distributed's serialisation (a
+non-contiguous view becomes C-contiguous, in a new buffer).  So every kernel takes its blocks
+through :func:`canonical` and returns canonical blocks (:func:`layout_invariant`): its result
+is then a function of the values alone, the same on any worker, whatever the number of workers
+or the order the scheduler ran the tasks in.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -30,3 +47,44 @@ def asarray_like(block, like):
     """``block`` as an array of ``like``'s library, copied with that library's ``asarray``
     (for CuPy: an explicit copy from the host to the device)."""
     return get_namespace(like).asarray(block)
+
+
+def canonical(a):
+    """``a`` as a C-contiguous block aligned to its item size: ``a`` itself when it already is
+    one, else a copy.
+
+    Anything that is not an array (scalars, tuples, a :class:`~dask_pconv.kernels.Padded`
+    window, whose block is made canonical) passes through.  Device blocks go through their
+    library's ``ascontiguousarray``, which returns a contiguous block as it is.
+    """
+    if isinstance(a, (type, np.generic)):  # dtypes and NumPy scalars
+        return a
+    if isinstance(a, np.ndarray):
+        if a.flags.c_contiguous and a.flags.aligned:
+            return a
+        return np.require(a, requirements=("C", "A"))
+    if hasattr(a, "__array_namespace__") or type(a).__module__.split(".")[0] == "cupy":
+        return get_namespace(a).ascontiguousarray(a)
+    if hasattr(a, "canonical"):  # a Padded window
+        return a.canonical()
+    return a
+
+
+def _canonical_args(v):
+    if isinstance(v, list):  # lists of blocks (the statistics merged by combine_stats)
+        return [canonical(p) for p in v]
+    return canonical(v)
+
+
+def layout_invariant(kernel):
+    """Decorate a kernel so that it sees only canonical blocks and returns canonical blocks
+    (a tuple of results: each one), see the module's docstring."""
+
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        out = kernel(
+            *(_canonical_args(a) for a in args), **{k: _canonical_args(v) for k, v in kwargs.items()}
+        )
+        return tuple(canonical(o) for o in out) if isinstance(out, tuple) else canonical(out)
+
+    return run

@@ -8,7 +8,7 @@ on the fly, so the padding travels as a description and only kernels that need a
 
 from __future__ import annotations
 
-from ._namespace import get_namespace
+from ._namespace import canonical, get_namespace
 
 
 class Padded:
@@ -39,6 +39,12 @@ class Padded:
         """``(ph, pw)`` if the padding is zeros and symmetric on each axis, else None."""
         t, b, l, r = self.pads
         return (t, l) if t == b and l == r and self.fill == 0 else None
+
+    def canonical(self):
+        """The same window over a canonical block (see
+        :func:`~dask_pconv.kernels._namespace.canonical`)."""
+        block = canonical(self.block)
+        return self if block is self.block else Padded(block, self.pads, self.fill)
 
     def materialize(self):
         xp = get_namespace(self.block)

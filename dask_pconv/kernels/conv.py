@@ -16,7 +16,7 @@ import dask
 import numpy as np
 
 from . import _torch
-from ._namespace import get_namespace
+from ._namespace import get_namespace, layout_invariant
 from ._window import materialize
 
 
@@ -108,6 +108,7 @@ def _band_rows(r0, r1, k, s, d):
     return slice(r0 * s, (r1 - 1) * s + d * (k - 1) + 1)
 
 
+@layout_invariant
 def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     """Cross-correlation of a padded window ``x`` with ``W`` (no padding added here)."""
     if W.shape[:2] == (1, 1) and _single_channel_ok(x, W):
@@ -132,6 +133,7 @@ def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     return y
 
 
+@layout_invariant
 def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
     """Gradient with respect to the window: a transposed conv of ``gy`` with ``W``.
 
@@ -161,6 +163,14 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
     return gx
 
 
+@layout_invariant
+def conv2d_grad_b(gy):
+    """Gradient with respect to the bias from one block of ``gy``: its sum over (N, H, W), as a
+    ``(1, O, 1, 1)`` block."""
+    return gy.sum(axis=(0, 2, 3), keepdims=True)
+
+
+@layout_invariant
 def conv2d_grad_w(x, gy, kernel_size, stride=(1, 1), dilation=(1, 1), groups=1):
     """Gradient with respect to ``W`` from one window ``x`` and its ``gy``: ``(O, C/groups, kh, kw)``."""
     if _torch.use_torch(x, gy, k=x.shape[1] // groups * kernel_size[0] * kernel_size[1]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._namespace import get_namespace
+from ._namespace import get_namespace, layout_invariant
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -15,6 +15,7 @@ def _splitmix64(z):
     return z ^ (z >> np.uint64(31))
 
 
+@layout_invariant
 def dropout_block(x, ratio, key, shape, location):
     """``x`` times the scaled keep-mask of its elements.
 

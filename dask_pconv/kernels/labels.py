@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ._namespace import get_namespace
+from ._namespace import get_namespace, layout_invariant
 
 
+@layout_invariant
 def onehot(t, n_classes, dtype):
     """``(N, n_classes)`` rows of ``dtype``: 1 at each label of ``t`` (N,), 0 elsewhere."""
     xp = get_namespace(t)

@@ -7,7 +7,7 @@ and stable in any order, so a tree over chunks gives the same mean and variance 
 
 from __future__ import annotations
 
-from ._namespace import get_namespace
+from ._namespace import get_namespace, layout_invariant
 
 
 def _axes(x):
@@ -19,6 +19,7 @@ def _bcast(v, x):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
+@layout_invariant
 def bn_partial_stats(x):
     """``(count, mean, M2)`` per channel of one block: ``(3, C)`` float64."""
     xp = get_namespace(x)
@@ -36,6 +37,7 @@ def bn_partial_stats(x):
     return out
 
 
+@layout_invariant
 def combine_stats(parts):
     """Merge ``(count, mean, M2)`` blocks of the same channels (Chan et al., 1979)."""
     acc = parts[0].copy()
@@ -56,6 +58,7 @@ def _mean_invstd(stats, eps, dtype):
     return mean.astype(dtype), (1.0 / xp.sqrt(var + eps)).astype(dtype)
 
 
+@layout_invariant
 def bn_forward(x, stats, gamma, beta, eps, relu):
     """``gamma * (x - mean) * invstd + beta`` (then ``max(., 0)`` if ``relu``)."""
     xp = get_namespace(x)
@@ -70,6 +73,7 @@ def _masked(g, y, relu):
     return xp.where(y > 0, g, g.dtype.type(0)) if relu else g
 
 
+@layout_invariant
 def bn_backward_partial(x, y, g, stats, eps, relu):
     """Per-channel ``(sum g', sum g' * xhat)`` of one block, ``(2, C)`` float64, where ``g'``
     is ``g`` through the ReLU mask (``y > 0``)."""
@@ -84,6 +88,7 @@ def bn_backward_partial(x, y, g, stats, eps, relu):
     return out
 
 
+@layout_invariant
 def bn_backward(x, y, g, stats, sums, gamma, count, eps, relu, train):
     """``g_x`` of one block.  In training mode the batch statistics depend on ``x`` too:
     ``g_x = gamma * invstd * (g' - sum(g')/m - xhat * sum(g' xhat)/m)``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._namespace import get_namespace
+from ._namespace import get_namespace, layout_invariant
 from ._window import materialize
 from .conv import _out_size, _taps, _window_size
 
@@ -28,11 +28,13 @@ def _argmax_taps(x, kernel_size, stride):
     return best, idx
 
 
+@layout_invariant
 def max_pool2d_forward(x, kernel_size, stride):
     """Max over each ``kernel_size`` window of ``x``: ``(N, C, oH, oW)``."""
     return _argmax_taps(x, kernel_size, stride)[0]
 
 
+@layout_invariant
 def max_pool2d_backward(x, gy, kernel_size, stride):
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
     x = materialize(x)

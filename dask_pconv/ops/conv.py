@@ -8,13 +8,14 @@ into tiles) and ``conv2d-gw`` (grad-w partials and their tree sum).
 
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 from dask.array.core import Array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
-from ..kernels import conv2d_forward, conv2d_grad_w, conv2d_grad_x, get_namespace
+from ..kernels import canonical, conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, get_namespace
 from ._device import on_device_of
 from ._graph import Windows, scatter_windows, tree_sum, window_reach
 from ._validate import as_dask, check_groups, check_kernel_fits
@@ -119,7 +120,7 @@ def _gx_pair(gy, W, calls, n_in, stride, dilation, crop=None):
         out[:, c0:c1] += g
     if crop is not None:
         (y0, y1), (x0, x1) = crop
-        out = out[:, :, y0:y1, x0:x1]
+        out = canonical(out[:, :, y0:y1, x0:x1])  # a task's result is a canonical block
     return out
 
 
@@ -300,7 +301,19 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
     graph = HighLevelGraph.from_collections(gw_name, dsk, dependencies=[s.x, g_y])
     g_w = Array(graph, gw_name, s.w.chunks, meta=meta)
 
-    g_b = g_y.sum(axis=(0, 2, 3))
+    # one (1, O, 1, 1) partial sum per block, then Dask's sum of the partials: Dask's own sum
+    # of the blocks would round by each block's memory layout
+    parts = da.blockwise(
+        conv2d_grad_b,
+        "nohw",
+        g_y,
+        "nohw",
+        adjust_chunks={"n": 1, "h": 1, "w": 1},
+        dtype=g_y.dtype,
+        meta=g_y._meta,
+        name=f"conv2d-gb-{tok}",
+    )
+    g_b = parts.sum(axis=(0, 2, 3))
     return g_x, g_w, g_b
 
 

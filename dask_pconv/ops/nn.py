@@ -23,6 +23,9 @@ from ..kernels import (
     combine_stats,
     dropout_block,
     get_namespace,
+    linear_forward,
+    linear_grad_w,
+    linear_grad_x,
     onehot,
 )
 from ._device import on_device_of, wrap
@@ -241,17 +244,53 @@ def batch_norm_running_update(stats, mean, var, decay=0.9):
 
 def linear(x, W):
     """``x @ W.T`` for ``x`` (N, in) and ``W`` (out, in) (PyTorch layout); chunks of ``W`` on
-    axis 0 split the outputs, chunks of ``x`` on axis 1 are contracted as a tree."""
+    axis 0 split the outputs.  The contraction is whole in each task: chunks of ``x`` on axis 1
+    (and of ``W``) are concatenated there, so the result does not depend on them."""
     W = on_device_of(_as_dask(W), x)
-    return da.matmul(x, W.T.rechunk((x.chunks[1], W.chunks[0])))
+    return da.blockwise(
+        linear_forward,
+        "no",
+        x,
+        "ni",
+        W,
+        "oi",
+        concatenate=True,
+        dtype=np.result_type(x.dtype, W.dtype),
+        meta=x._meta,
+        name=f"linear-fwd-{tokenize(x, W)}",
+    )
 
 
 def linear_vjp(x, W, g):
-    """Gradients ``(g_x, g_W)`` of :func:`linear`."""
+    """Gradients ``(g_x, g_W)`` of :func:`linear`, chunked like ``x`` and ``W``; each task's
+    contraction is whole (over the output features for ``g_x``, the batch for ``g_W``)."""
     W = on_device_of(_as_dask(W), x)
-    g_x = da.matmul(g, W.rechunk((g.chunks[1], x.chunks[1])))
-    g_W = da.matmul(g.T, x).rechunk((W.chunks[0], W.chunks[1]))
-    return g_x, g_W
+    tok = tokenize(x, W, g)
+    g_x = da.blockwise(
+        linear_grad_x,
+        "ni",
+        g,
+        "no",
+        W.rechunk((g.chunks[1], x.chunks[1])),
+        "oi",
+        concatenate=True,
+        dtype=g.dtype,
+        meta=g._meta,
+        name=f"linear-gx-{tok}",
+    )
+    g_W = da.blockwise(
+        linear_grad_w,
+        "oi",
+        g,
+        "no",
+        x.rechunk({0: g.chunks[0]}),
+        "ni",
+        concatenate=True,
+        dtype=g.dtype,
+        meta=g._meta,
+        name=f"linear-gw-{tok}",
+    )
+    return g_x, g_W.rechunk(W.chunks)
 
 
 def _dropout_map(x, ratio, key, shape, block_info=None):
