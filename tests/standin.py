@@ -307,6 +307,7 @@ namespace = types.SimpleNamespace(
     exp=_fn("exp", np.exp),
     log=_fn("log", np.log),
     sqrt=_fn("sqrt", np.sqrt),
+    ascontiguousarray=_fn("ascontiguousarray", np.ascontiguousarray),
     result_type=np.result_type,
     int8=np.int8,
     int32=np.int32,

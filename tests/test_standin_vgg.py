@@ -168,9 +168,12 @@ def test_pytorch_kernels_never_take_lookalike_blocks(choice):
     w = standin.to_device(np.ones((8, 64, 3, 3), np.float32))
     with dask.config.set({_torch.CONFIG_KEY: choice}):
         assert not _torch.use_torch(x, w, k=64 * 9)
-        assert _torch.use_torch(np.ones(1, np.float32), np.ones(1, np.float32), k=64 * 9) == (
-            _torch._torch() is not None
-        )
+        host = (np.ones(1, np.float32), np.ones(1, np.float32))
+        if choice == "torch" and _torch._torch() is None:  # forced but absent: said, not ignored
+            with pytest.raises(ImportError, match="PyTorch is not installed"):
+                _torch.use_torch(*host, k=64 * 9)
+        else:
+            assert _torch.use_torch(*host, k=64 * 9) == (_torch._torch() is not None)
     assert not _torch._is_cupy(x)
 
 
