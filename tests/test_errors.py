@@ -317,7 +317,10 @@ CLI_CASES = [
         "cli cuda without cupy",
         lambda d: ("--cuda",),
         r"--cuda needs CuPy and dask-cuda: pip install 'dask-pconv\[gpu\]'",
-        marks=pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed"),
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("cupy") is not None,
+            reason="CuPy is installed: the error without CuPy cannot be shown",
+        ),
     ),
     (
         "cli corrupt checkpoint",

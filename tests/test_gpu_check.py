@@ -32,7 +32,10 @@ def test_dry_run_with_numpy_blocks(tmp_path):
     assert [r["ours step s"] > 0 for r in out["rows"] if "op" not in r] == [True]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("cupy") is not None,
+    reason="CuPy is installed: this is the dry run for machines without it (run benchmarks/gpu_check.py)",
+)
 def test_without_cupy_it_says_so(tmp_path):
     r = _run("--out", str(tmp_path))
     assert r.returncode == 2

@@ -3,6 +3,7 @@
 import dask
 import dask.array as da
 import numpy as np
+import optional
 import pytest
 
 import dask_pconv as dp
@@ -84,7 +85,7 @@ def test_gradients_equal_under_every_split(split):
     "split", ["batch", "channel", "spatial 3x3 (tiles not aligned with the pools)", "mixed"]
 )
 def test_matches_pytorch(split, dtype, tol):
-    pytest.importorskip("torch")
+    optional.need_torch()
     from torch_vgg import torch_loss_and_grads
 
     # float32 needs a batch of 16: with 6 images a ReLU or max-pool input of this seed lies so
@@ -104,7 +105,7 @@ def test_matches_pytorch(split, dtype, tol):
 
 
 def test_eval_mode_matches_pytorch_with_running_statistics():
-    pytest.importorskip("torch")
+    optional.need_torch()
     from torch_vgg import torch_loss_and_grads
 
     x, t = _batch(np.float64)

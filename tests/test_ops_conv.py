@@ -3,18 +3,12 @@
 import dask
 import dask.array as da
 import numpy as np
+import optional
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import dask_pconv as dp
-
-try:
-    import torch  # noqa: F401
-
-    HAVE_TORCH = True
-except ImportError:
-    HAVE_TORCH = False
 
 from reference import conv2d_ref, conv2d_vjp_ref
 from strategies import assert_close, conv_cases
@@ -33,7 +27,7 @@ def _kw(case):
 KERNELS = [
     "numpy",
     "auto",
-    pytest.param("torch", marks=pytest.mark.skipif(not HAVE_TORCH, reason="no torch")),
+    pytest.param("torch", marks=pytest.mark.skipif(not optional.HAVE_TORCH, reason=optional.TORCH)),
 ]
 
 
@@ -167,7 +161,7 @@ def test_numpy_inputs_are_wrapped_and_result_is_lazy():
 
 
 def test_torch_oracle():
-    torch = pytest.importorskip("torch")
+    torch = optional.need_torch()
     F = torch.nn.functional
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 4, 15, 12)).astype(np.float32)

@@ -2,7 +2,7 @@
 
 import dask.array as da
 import numpy as np
-import pytest
+import optional
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -66,7 +66,7 @@ def test_nan_propagates_and_ties_go_to_the_first_maximum():
 
 
 def test_torch_oracle_pool():
-    torch = pytest.importorskip("torch")
+    torch = optional.need_torch()
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 17, 14)).astype(np.float32)
     xt = torch.from_numpy(x).requires_grad_()

@@ -9,6 +9,7 @@ import os
 import dask
 import dask.array as da
 import numpy as np
+import optional
 import pytest
 from clusters import local_cluster
 
@@ -19,7 +20,7 @@ from dask_pconv.profiling import peak_memory
 from strategies import assert_close
 
 # CI installs the zarr extra: there a missing zarr is a failure, not a skip
-zarr = __import__("zarr") if os.environ.get("CI") else pytest.importorskip("zarr")
+zarr = __import__("zarr") if os.environ.get("CI") else pytest.importorskip("zarr", reason=optional.ZARR)
 
 MiB = 2**20
 

@@ -3,13 +3,17 @@
 One code path serves NumPy and CuPy (and look-alikes): a kernel asks a block for its namespace
 and uses only that.
 
-Layout: NumPy's reductions and BLAS kernels round differently depending on a block's memory
-layout (``x.sum(axis=(0, 2, 3))`` of a cropped view or a permuted copy differs in the last bits
-from the same values stored C-contiguously, and OpenBLAS's AVX-512 GEMM kernels give other
-bits for F- and C-ordered operands), and where a block was computed decides its layout: on the
-worker that made it a kernel may receive a strided view (a crop, a channel slice), while a copy
-that crossed to another worker arrives re-laid out by distributed's serialisation (a
-non-contiguous view becomes C-contiguous, in a new buffer).  So every kernel takes its blocks
+Layout: a block's bits after a kernel may depend on how its inputs are stored, not only on
+their values.  NumPy's ``matmul`` hands an operand that is not aligned to its item size to its
+own loop instead of BLAS, which rounds differently from OpenBLAS's AVX-512 kernels; those
+kernels also give other bits for F- and C-ordered operands; and NumPy's reductions round by
+layout (``x.sum(axis=(0, 2, 3))`` of a permuted block).  Where a block was computed decides
+how it is stored: the worker that made it may hand on a strided view (a crop, a channel slice,
+a transpose), while a copy that crossed to another worker arrives re-laid out by distributed's
+serialisation: a non-contiguous view as a C-contiguous copy, and the first array of a message
+read into one buffer with the message's header, so it starts at whatever byte offset the
+header ends and is often not aligned (``TCP.read``/``TCP.write`` in distributed's
+``comm/tcp.py``, 2026.8).  So every kernel takes its blocks
 through :func:`canonical` and returns canonical blocks (:func:`layout_invariant`): its result
 is then a function of the values alone, the same on any worker, whatever the number of workers
 or the order the scheduler ran the tasks in.
