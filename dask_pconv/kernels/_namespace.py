@@ -13,10 +13,10 @@ a transpose), while a copy that crossed to another worker arrives re-laid out by
 serialisation: a non-contiguous view as a C-contiguous copy, and the first array of a message
 read into one buffer with the message's header, so it starts at whatever byte offset the
 header ends and is often not aligned (``TCP.read``/``TCP.write`` in distributed's
-``comm/tcp.py``, 2026.8).  So every kernel takes its blocks
-through :func:`canonical` and returns canonical blocks (:func:`layout_invariant`): its result
-is then a function of the values alone, the same on any worker, whatever the number of workers
-or the order the scheduler ran the tasks in.
+``comm/tcp.py``, 2026.8).  So every kernel takes its blocks through :func:`canonical` and
+returns canonical blocks (:func:`layout_invariant`): its result is then a function of the
+values alone, the same on any worker, whatever the number of workers or the order the
+scheduler ran the tasks in.
 """
 
 from __future__ import annotations
