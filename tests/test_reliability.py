@@ -6,6 +6,7 @@ import io
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -181,6 +182,47 @@ def test_a_new_cluster_listens_on_loopback_only(dashboard):
             assert {ip for ip, _ in socks} == {"127.0.0.1"}, (who, socks)
         if dashboard:
             assert client.dashboard_link.startswith("http://127.0.0.1:")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("form", [":0", ":PORT", "PORT", "0.0.0.0:PORT"])
+def test_a_dashboard_port_without_a_host_listens_on_loopback(form):
+    """``dashboard_address=":8799"`` (or ``":0"``, or a bare port) listens on 127.0.0.1, as every
+    other socket of a cluster started here; distributed alone binds it on every interface.  A
+    host the user names (``"0.0.0.0:8799"``) is taken as given."""
+    port = _free_port() if "PORT" in form else 0
+    address = form.replace("PORT", str(port))
+    before = _listening(os.getpid())
+    with connect(n_workers=1, threads_per_worker=1, dashboard_address=address) as client:
+        link_port = int(client.dashboard_link.split(":")[2].split("/")[0])
+        assert link_port == port or port == 0
+        dashboard = {(ip, p) for ip, p in _listening(os.getpid()) - before if p == link_port}
+    want = "0.0.0.0" if form.startswith("0.0.0.0") else "127.0.0.1"
+    assert dashboard == {(want, link_port)}
+
+
+@pytest.mark.cluster
+def test_cli_dashboard_port_listens_on_loopback(tmp_path, monkeypatch):
+    """``dask-pconv train --dashboard :PORT`` serves the dashboard on 127.0.0.1:PORT only."""
+    port = _free_port()
+    seen = []
+    before = _listening(os.getpid())
+
+    def run(self, epochs):  # the cluster is up: look at its sockets instead of training
+        seen.append(_listening(os.getpid()) - before)
+        return []
+
+    monkeypatch.setattr(Trainer, "run", run)
+    argv = _cli_argv(tmp_path, epochs=1)
+    argv[argv.index("--dashboard") + 1] = f":{port}"
+    assert cli.main(argv) == 0
+    assert {(ip, p) for ip, p in seen[0] if p == port} == {("127.0.0.1", port)}
 
 
 _UNREACHABLE = """
