@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -68,29 +69,114 @@ def save_checkpoint(path, params, state, velocities, meta):
         raise
 
 
+class _Refused(ValueError):
+    """A checkpoint field that fails its check; the message already names the file and field."""
+
+
+def _read_member(zf, info, path, disk_size):
+    """One ``.npy`` member of a checkpoint.  Its header is checked against the member's size
+    before anything is allocated: a crafted header could declare terabytes."""
+    name = info.filename
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _Refused(
+            f"checkpoint {path}: member {name!r} is compressed; checkpoints are written uncompressed"
+        )
+    if info.file_size > disk_size:  # stored: the data must be in the file
+        raise _Refused(
+            f"checkpoint {path}: member {name!r} claims {info.file_size} bytes, more than the file"
+        )
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise _Refused(f"checkpoint {path}: member {name!r} has .npy format version {version}")
+        if dtype.hasobject:
+            raise _Refused(f"checkpoint {path}: member {name!r} holds Python objects ({dtype})")
+        declared = dtype.itemsize * math.prod(shape)
+        held = info.file_size - f.tell()
+        if declared != held:
+            raise _Refused(
+                f"checkpoint {path}: member {name!r} declares a {dtype} array of shape {shape} "
+                f"({declared} bytes) but holds {held} bytes"
+            )
+    with zf.open(info) as f:
+        return fmt.read_array(f, allow_pickle=False)
+
+
+def _check_meta(meta, path):
+    """``meta`` as :meth:`Trainer.save` writes it, or a ``ValueError`` naming the field."""
+    if not isinstance(meta, dict):
+        raise _Refused(f"checkpoint {path}: meta must be a JSON object, got {type(meta).__name__}")
+    for field in ("epoch", "step", "seed", "log"):
+        if field not in meta:
+            raise _Refused(f"checkpoint {path}: meta has no {field!r} field")
+
+    def integer(v):  # JSON's true/false would pass isinstance(v, int)
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field in ("epoch", "step"):
+        if not (integer(meta[field]) and meta[field] >= 0):
+            raise _Refused(f"checkpoint {path}: meta {field!r} must be an integer >= 0, got {meta[field]!r}")
+    if not integer(meta["seed"]):
+        raise _Refused(f"checkpoint {path}: meta 'seed' must be an integer, got {meta['seed']!r}")
+    log = meta["log"]
+    if not (isinstance(log, list) and all(isinstance(e, dict) for e in log)):
+        raise _Refused(f"checkpoint {path}: meta 'log' must be a list of per-epoch objects")
+    elapsed = meta.get("elapsed", 0.0)
+    if not (isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and 0 <= elapsed < math.inf):
+        raise _Refused(f"checkpoint {path}: meta 'elapsed' must be a finite number >= 0, got {elapsed!r}")
+
+
 def load_checkpoint(path):
     """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``.
 
-    A truncated, altered or foreign file raises ``ValueError`` naming it (the checksum in
-    ``meta`` must match the arrays).
+    Every field is checked before anything is returned, and any failure is a one-line
+    ``ValueError`` naming the file and the field: a truncated, altered or foreign file (the
+    checksum in ``meta`` must match the arrays), a member whose header declares more (or less)
+    data than it holds, arrays that are not finite floating-point numbers, and ``meta`` that is
+    not an object with integer ``epoch`` >= 0, ``step`` >= 0 and ``seed``, a list ``log`` and a
+    finite ``elapsed`` >= 0.  Names and shapes are checked against the model by
+    :meth:`Trainer.resume` (and :meth:`~dask_pconv.models.VGG16.load_params`).
     """
     out = {"param": {}, "state": {}, "velocity": {}}
     arrays = {}
     try:
-        # our own handle: np.load leaks its file when the zip is corrupt
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            for key in f.files:
-                if key == "meta":
-                    continue
-                prefix, _, name = key.partition("/")
-                if prefix not in out:
-                    raise ValueError(f"unexpected entry {key!r}")
-                out[prefix][name] = arrays[key] = f[key]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        disk_size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as zf:
+            members = {}
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                if key in members or key == info.filename:
+                    raise ValueError(f"unexpected or repeated member {info.filename!r}")
+                members[key] = _read_member(zf, info, path, disk_size)
+    except _Refused:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"checkpoint {path} is unreadable or malformed: {e}") from e
+    raw = members.pop("meta", None)
+    if raw is None or raw.shape != () or raw.dtype.kind != "U":
+        raise ValueError(f"checkpoint {path} is unreadable or malformed: no 'meta' string")
+    try:
+        meta = json.loads(str(raw))
+    except ValueError as e:
+        raise _Refused(f"checkpoint {path}: meta is not JSON ({e})") from e
+    _check_meta(meta, path)
+    for key, a in members.items():
+        prefix, _, name = key.partition("/")
+        if prefix not in out or not name:
+            raise ValueError(f"checkpoint {path} is unreadable or malformed: unexpected entry {key!r}")
+        out[prefix][name] = arrays[key] = a
     if meta.get("sha256") != _checksum(arrays):
         raise ValueError(f"checkpoint {path} fails its checksum: altered or incomplete, not loading it")
+    for key, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise _Refused(f"checkpoint {path}: {key} must hold floating-point numbers, got dtype {a.dtype}")
+        if not np.isfinite(a).all():
+            raise _Refused(f"checkpoint {path}: {key} holds NaN or Inf")
     return out["param"], out["state"], out["velocity"], meta
 
 
@@ -198,16 +284,33 @@ class Trainer:
         return max(found)[1] if found else None
 
     def resume(self, path=None):
-        """Continue from ``path`` or the newest checkpoint in ``out``; False if there is none."""
+        """Continue from ``path`` or the newest checkpoint in ``out``; False if there is none.
+
+        The checkpoint is checked whole first (:func:`load_checkpoint`, then its names and
+        shapes against the model, BatchNorm running variances >= 0): a ``ValueError`` naming
+        the file and the field, and nothing in the model or the trainer is replaced.
+        """
         path = path or self.latest_checkpoint()
         if path is None:
             return False
         params, state, vel, meta = load_checkpoint(path)
-        self.model.load_params(params, state)
-        self.velocities = {k: v for k, v in vel.items()}
-        if set(self.velocities) != set(self.model.params):
-            raise ValueError(f"checkpoint {path} has velocities for other parameters")
-        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        names = self.model.params
+        missing, extra = sorted(set(names) - set(vel)), sorted(set(vel) - set(names))
+        if missing or extra:
+            raise ValueError(
+                f"checkpoint {path}: velocities do not match the parameters: "
+                f"missing {missing}, unexpected {extra}"
+            )
+        for k, v in vel.items():
+            want = tuple(names[k].shape)
+            if v.shape != want:
+                raise ValueError(f"checkpoint {path}: velocity[{k!r}] has shape {v.shape}, expected {want}")
+        try:
+            self.model.load_params(params, state)  # checks everything before it replaces anything
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {path}: {e.args[0] if e.args else e}") from e
+        self.velocities = {k: v.astype(self.model.dtype, copy=False) for k, v in vel.items()}
+        self.epoch, self.step = meta["epoch"], meta["step"]
         self.log, self._elapsed = list(meta["log"]), float(meta.get("elapsed", 0.0))
         return True
 
