@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 import zipfile
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import dask
@@ -23,7 +24,7 @@ from .cluster import _active_client, _scatter_arrays
 from .data import epoch_batches, to_dask
 from .optim import MomentumSGD
 
-__all__ = ["LOG_KEYS", "Trainer", "load_checkpoint", "save_checkpoint"]
+__all__ = ["LOG_KEYS", "Trainer", "WorkerLossError", "load_checkpoint", "save_checkpoint"]
 
 LOG_KEYS = (
     "epoch",
@@ -33,6 +34,11 @@ LOG_KEYS = (
     "validation/main/accuracy",
     "elapsed_time",
 )
+
+
+class WorkerLossError(RuntimeError):
+    """Workers were lost in the same epoch more often than ``Trainer(max_restarts=...)``
+    allows."""
 
 
 def _checksum(arrays):
@@ -219,6 +225,10 @@ class Trainer:
         blocks, the parameters, velocities and BatchNorm state move to the device with the
         first step and stay there; only the loss and accuracy come back (checkpoints copy the
         arrays back explicitly).
+    max_restarts : int
+        How often :meth:`run` restarts from the last complete epoch after losing a worker with
+        data nothing else can recompute (the parameters persisted only there), before it gives
+        up with :class:`WorkerLossError`.  Counted per epoch.
     """
 
     def __init__(
@@ -237,6 +247,7 @@ class Trainer:
         stream=None,
         replicate=False,
         to_device=None,
+        max_restarts=3,
     ):
         if batch_size < 1 or batch_size > len(train_set.t):
             raise ValueError(f"batch_size must be in [1, {len(train_set.t)}], got {batch_size}")
@@ -247,6 +258,9 @@ class Trainer:
         self.opt = optimizer or MomentumSGD()
         self.seed, self.dropout, self.progress, self.replicate = seed, dropout, progress, replicate
         self.to_device = to_device
+        if not (isinstance(max_restarts, int) and max_restarts >= 0):
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        self.max_restarts = max_restarts
         self._amm_stopped = False
         self.out = Path(out) if out is not None else None
         self.stream = stream or sys.stdout
@@ -255,22 +269,46 @@ class Trainer:
         self.log = []
         self.tasks_per_step = None
         self._elapsed = 0.0
+        self._restart_point = None  # a _host_copy while run() trains
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_path(self, epoch):
         return self.out / f"checkpoint_epoch_{epoch}.npz"
 
     def save(self):
+        """Write ``checkpoint_epoch_E.npz`` (E the epoch done) to ``out``."""
+        self._save(self._host_copy())
+
+    def _host_copy(self):
+        """Host (NumPy) copies of the parameters, BatchNorm state and velocities, with the
+        counters: what a checkpoint holds, and what :meth:`run` restarts from after a lost
+        worker."""
         params, state, vel = dask.compute(self.model.params, self.model.state, self.velocities)
-        params, state, vel = (_to_host(d) for d in (params, state, vel))
-        meta = {
+        return {
+            "params": _to_host(params),
+            "state": _to_host(state),
+            "velocities": None if vel is None else _to_host(vel),
             "epoch": self.epoch,
             "step": self.step,
-            "seed": self.seed,
-            "log": self.log,
+            "log": list(self.log),
             "elapsed": self._elapsed,
         }
-        save_checkpoint(self.checkpoint_path(self.epoch), params, state, vel, meta)
+
+    def _save(self, host):
+        meta = {k: host[k] for k in ("epoch", "step", "log", "elapsed")}
+        meta["seed"] = self.seed
+        save_checkpoint(
+            self.checkpoint_path(host["epoch"]), host["params"], host["state"], host["velocities"], meta
+        )
+
+    def _restore(self, host):
+        """Back to a :meth:`_host_copy`: the parameters go to the cluster again with the next
+        step (nothing computed after the copy survives a restart)."""
+        self.model.params.update(host["params"])
+        self.model.state.update(host["state"])
+        self.velocities = None if host["velocities"] is None else dict(host["velocities"])
+        self.epoch, self.step, self._elapsed = host["epoch"], host["step"], host["elapsed"]
+        self.log = list(host["log"])
 
     def latest_checkpoint(self):
         if self.out is None or not self.out.is_dir():
@@ -429,6 +467,15 @@ class Trainer:
         being written completes, and raises ``KeyboardInterrupt`` there; a second stops at once.
         Either way the last complete checkpoint stays intact and :meth:`resume` continues from
         it.
+
+        A worker lost with data that cannot be recomputed (without ``replicate``: parameters
+        persisted only there) ends the epoch's computation in a ``CancelledError`` or
+        ``KilledWorker``.  ``run`` then goes back to the end of the last complete epoch (host
+        copies taken there, the checkpoint's contents; where ``run`` began if no epoch is done
+        yet), says so on one line of standard error, and trains from there: shuffling and
+        dropout depend only on the seed, epoch and step, so the result is bitwise that of a run
+        without the fault.  After ``max_restarts`` restarts from the same point it raises
+        :class:`WorkerLossError`.
         """
 
         if self.out is not None:
@@ -437,12 +484,48 @@ class Trainer:
             print(_format_row(LOG_KEYS), file=self.stream, flush=True)
         try:
             with _Interrupts() as interrupts:
-                self._run(epochs, interrupts)
+                self._run_restarting(epochs, interrupts)
         finally:
             if self._amm_stopped:  # replicate=True stopped it: give the cluster its AMM back
                 _active_client().amm.start()
                 self._amm_stopped = False
         return self.log
+
+    def _run_restarting(self, epochs, interrupts):
+        """:meth:`_run`, restarted from the end of the last complete epoch (or from where ``run``
+        began) when a worker is lost with data nothing else can recompute."""
+        from distributed.scheduler import KilledWorker
+
+        self._restart_point = self._host_copy()
+        restarts, restarted_at = 0, None
+        while True:
+            try:
+                return self._run(epochs, interrupts)
+            except (CancelledError, KilledWorker) as e:
+                host = self._restart_point
+                failed = host["epoch"] + 1  # the epoch it redoes
+                # count per restart point: a long run survives occasional losses, while one
+                # epoch that keeps losing workers ends
+                restarts = restarts + 1 if host["epoch"] == restarted_at else 1
+                restarted_at = host["epoch"]
+                cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                if restarts > self.max_restarts:
+                    last = self.latest_checkpoint()
+                    times = "once" if restarts == 1 else f"{restarts} times"
+                    raise WorkerLossError(
+                        f"workers were lost {times} in epoch {failed}, more than max_restarts="
+                        f"{self.max_restarts} allows ({cause})"
+                        + (f"; the last complete checkpoint is {last}" if last else "")
+                    ) from e
+                self._restore(host)
+                where = f"the end of epoch {host['epoch']}" if host["epoch"] else "the start of the run"
+                where += f" (step {host['step']})"
+                print(
+                    f"a worker was lost in epoch {failed} ({cause}); restarting from {where}, "
+                    f"restart {restarts} of at most {self.max_restarts}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _run(self, epochs, interrupts):
         from tqdm.auto import tqdm
@@ -488,9 +571,11 @@ class Trainer:
             }
             self.log.append(entry)
             print(_format_row([_fmt(entry[k]) for k in LOG_KEYS]), file=self.stream, flush=True)
+            host = self._host_copy()
             if self.out is not None:
-                self.save()
+                self._save(host)
                 self.write_log()
+            self._restart_point = host
 
     def _record(self, pending, losses, accs, bar):
         step, pending = pending
