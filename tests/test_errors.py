@@ -151,6 +151,12 @@ def _params(**replace):
 
 
 _FC2 = (4, 32)  # fc2.W of VGG16(n_classes=4, width=0.0625)
+
+
+def _negative_state(m):
+    return {**m.state, "bn_fc1.avg_var": np.full(m.state["bn_fc1.avg_var"].shape, -1.0)}
+
+
 MODEL_CASES = [
     ("params not a mapping", lambda m: m.load_params([1, 2]), TypeError, r"params must be a mapping"),
     ("params missing", lambda m: m.load_params({"fc2.W": np.zeros(_FC2)}), KeyError, r"missing \['block1_1"),
@@ -183,6 +189,12 @@ MODEL_CASES = [
         lambda m: m.load_params(_params(**{"fc2.W": np.full(_FC2, np.inf)})),
         ValueError,
         r"NaN or Inf",
+    ),
+    (
+        "state negative variance",
+        lambda m: m.load_params(_params(), _negative_state(m)),
+        ValueError,
+        r"state\['bn_fc1.avg_var'\] \(a BatchNorm running variance\) has negative values",
     ),
     (
         "state wrong names",
