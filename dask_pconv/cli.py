@@ -246,7 +246,8 @@ def main(argv=None):
     """The ``dask-pconv`` command; returns its exit status.
 
     0 on success, 2 for bad arguments or bad input found while setting up (one line on standard
-    error, no traceback), 1 when the training loss becomes NaN/Inf, 130 after Ctrl-C.  With no
+    error, no traceback), 1 when the training loss becomes NaN/Inf or workers are lost more
+    often than training restarts, 130 after Ctrl-C.  With no
     sub-command (or only options) it runs ``train``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -255,12 +256,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
+        from .train import WorkerLossError
+
         try:
             train_command(args)
         except SetupError as e:
             print(f"dask-pconv train: error: {e}", file=sys.stderr)
             return 2
-        except FloatingPointError as e:  # diverged: a message, not a traceback
+        except (FloatingPointError, WorkerLossError) as e:  # diverged, or workers kept dying
             print(f"dask-pconv train: error: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

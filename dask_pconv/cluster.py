@@ -64,6 +64,21 @@ class _ClosingClient(Client):
             raise
 
 
+def _loopback_dashboard(address):
+    """``address`` with 127.0.0.1 filled in where it names only a port (``":8799"``, ``":0"``,
+    ``8799``): distributed binds such an address on every interface, and a cluster started here
+    listens on loopback unless the user names the host."""
+    if isinstance(address, int) and not isinstance(address, bool):
+        return f"127.0.0.1:{address}"
+    if isinstance(address, str):
+        text = address.strip()
+        if text.startswith(":"):
+            return f"127.0.0.1{text}"
+        if text.isdigit():
+            return f"127.0.0.1:{text}"
+    return address
+
+
 def connect(
     address=None,
     *,
@@ -84,7 +99,9 @@ def connect(
     cuda : bool
         Start dask-cuda's ``LocalCUDACluster`` (one worker per GPU) instead of a LocalCluster.
     n_workers, threads_per_worker, memory_limit, dashboard_address
-        For a new cluster.  ``dashboard_address=None`` turns the dashboard off.  With
+        For a new cluster.  ``dashboard_address=None`` turns the dashboard off; a port alone
+        (``":8799"``, ``":0"`` for a free one) listens on 127.0.0.1, and a named host
+        (``"0.0.0.0:8799"``) is taken as given.  With
         ``cuda=True``, ``None`` workers or threads mean dask-cuda's defaults: one worker per
         GPU, one thread each.
     security : distributed.Security or bool, optional
@@ -119,7 +136,7 @@ def connect(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         memory_limit=memory_limit,
-        dashboard_address=dashboard_address,
+        dashboard_address=_loopback_dashboard(dashboard_address),
         # the workers ignore Ctrl-C: the client stops cleanly between steps, then closes them
         preload=["dask_pconv._worker_init"],
     )

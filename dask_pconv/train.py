@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ import threading
 import time
 import uuid
 import zipfile
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import dask
@@ -22,7 +24,7 @@ from .cluster import _active_client, _scatter_arrays
 from .data import epoch_batches, to_dask
 from .optim import MomentumSGD
 
-__all__ = ["LOG_KEYS", "Trainer", "load_checkpoint", "save_checkpoint"]
+__all__ = ["LOG_KEYS", "Trainer", "WorkerLossError", "load_checkpoint", "save_checkpoint"]
 
 LOG_KEYS = (
     "epoch",
@@ -32,6 +34,11 @@ LOG_KEYS = (
     "validation/main/accuracy",
     "elapsed_time",
 )
+
+
+class WorkerLossError(RuntimeError):
+    """Workers were lost in the same epoch more often than ``Trainer(max_restarts=...)``
+    allows."""
 
 
 def _checksum(arrays):
@@ -68,29 +75,114 @@ def save_checkpoint(path, params, state, velocities, meta):
         raise
 
 
+class _Refused(ValueError):
+    """A checkpoint field that fails its check; the message already names the file and field."""
+
+
+def _read_member(zf, info, path, disk_size):
+    """One ``.npy`` member of a checkpoint.  Its header is checked against the member's size
+    before anything is allocated: a crafted header could declare terabytes."""
+    name = info.filename
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _Refused(
+            f"checkpoint {path}: member {name!r} is compressed; checkpoints are written uncompressed"
+        )
+    if info.file_size > disk_size:  # stored: the data must be in the file
+        raise _Refused(
+            f"checkpoint {path}: member {name!r} claims {info.file_size} bytes, more than the file"
+        )
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise _Refused(f"checkpoint {path}: member {name!r} has .npy format version {version}")
+        if dtype.hasobject:
+            raise _Refused(f"checkpoint {path}: member {name!r} holds Python objects ({dtype})")
+        declared = dtype.itemsize * math.prod(shape)
+        held = info.file_size - f.tell()
+        if declared != held:
+            raise _Refused(
+                f"checkpoint {path}: member {name!r} declares a {dtype} array of shape {shape} "
+                f"({declared} bytes) but holds {held} bytes"
+            )
+    with zf.open(info) as f:
+        return fmt.read_array(f, allow_pickle=False)
+
+
+def _check_meta(meta, path):
+    """``meta`` as :meth:`Trainer.save` writes it, or a ``ValueError`` naming the field."""
+    if not isinstance(meta, dict):
+        raise _Refused(f"checkpoint {path}: meta must be a JSON object, got {type(meta).__name__}")
+    for field in ("epoch", "step", "seed", "log"):
+        if field not in meta:
+            raise _Refused(f"checkpoint {path}: meta has no {field!r} field")
+
+    def integer(v):  # JSON's true/false would pass isinstance(v, int)
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field in ("epoch", "step"):
+        if not (integer(meta[field]) and meta[field] >= 0):
+            raise _Refused(f"checkpoint {path}: meta {field!r} must be an integer >= 0, got {meta[field]!r}")
+    if not integer(meta["seed"]):
+        raise _Refused(f"checkpoint {path}: meta 'seed' must be an integer, got {meta['seed']!r}")
+    log = meta["log"]
+    if not (isinstance(log, list) and all(isinstance(e, dict) for e in log)):
+        raise _Refused(f"checkpoint {path}: meta 'log' must be a list of per-epoch objects")
+    elapsed = meta.get("elapsed", 0.0)
+    if not (isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and 0 <= elapsed < math.inf):
+        raise _Refused(f"checkpoint {path}: meta 'elapsed' must be a finite number >= 0, got {elapsed!r}")
+
+
 def load_checkpoint(path):
     """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``.
 
-    A truncated, altered or foreign file raises ``ValueError`` naming it (the checksum in
-    ``meta`` must match the arrays).
+    Every field is checked before anything is returned, and any failure is a one-line
+    ``ValueError`` naming the file and the field: a truncated, altered or foreign file (the
+    checksum in ``meta`` must match the arrays), a member whose header declares more (or less)
+    data than it holds, arrays that are not finite floating-point numbers, and ``meta`` that is
+    not an object with integer ``epoch`` >= 0, ``step`` >= 0 and ``seed``, a list ``log`` and a
+    finite ``elapsed`` >= 0.  Names and shapes are checked against the model by
+    :meth:`Trainer.resume` (and :meth:`~dask_pconv.models.VGG16.load_params`).
     """
     out = {"param": {}, "state": {}, "velocity": {}}
     arrays = {}
     try:
-        # our own handle: np.load leaks its file when the zip is corrupt
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            for key in f.files:
-                if key == "meta":
-                    continue
-                prefix, _, name = key.partition("/")
-                if prefix not in out:
-                    raise ValueError(f"unexpected entry {key!r}")
-                out[prefix][name] = arrays[key] = f[key]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        disk_size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as zf:
+            members = {}
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                if key in members or key == info.filename:
+                    raise ValueError(f"unexpected or repeated member {info.filename!r}")
+                members[key] = _read_member(zf, info, path, disk_size)
+    except _Refused:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"checkpoint {path} is unreadable or malformed: {e}") from e
+    raw = members.pop("meta", None)
+    if raw is None or raw.shape != () or raw.dtype.kind != "U":
+        raise ValueError(f"checkpoint {path} is unreadable or malformed: no 'meta' string")
+    try:
+        meta = json.loads(str(raw))
+    except ValueError as e:
+        raise _Refused(f"checkpoint {path}: meta is not JSON ({e})") from e
+    _check_meta(meta, path)
+    for key, a in members.items():
+        prefix, _, name = key.partition("/")
+        if prefix not in out or not name:
+            raise ValueError(f"checkpoint {path} is unreadable or malformed: unexpected entry {key!r}")
+        out[prefix][name] = arrays[key] = a
     if meta.get("sha256") != _checksum(arrays):
         raise ValueError(f"checkpoint {path} fails its checksum: altered or incomplete, not loading it")
+    for key, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise _Refused(f"checkpoint {path}: {key} must hold floating-point numbers, got dtype {a.dtype}")
+        if not np.isfinite(a).all():
+            raise _Refused(f"checkpoint {path}: {key} holds NaN or Inf")
     return out["param"], out["state"], out["velocity"], meta
 
 
@@ -133,6 +225,10 @@ class Trainer:
         blocks, the parameters, velocities and BatchNorm state move to the device with the
         first step and stay there; only the loss and accuracy come back (checkpoints copy the
         arrays back explicitly).
+    max_restarts : int
+        How often :meth:`run` restarts from the last complete epoch after losing a worker with
+        data nothing else can recompute (the parameters persisted only there), before it gives
+        up with :class:`WorkerLossError`.  Counted per epoch.
     """
 
     def __init__(
@@ -151,6 +247,7 @@ class Trainer:
         stream=None,
         replicate=False,
         to_device=None,
+        max_restarts=3,
     ):
         if batch_size < 1 or batch_size > len(train_set.t):
             raise ValueError(f"batch_size must be in [1, {len(train_set.t)}], got {batch_size}")
@@ -161,6 +258,9 @@ class Trainer:
         self.opt = optimizer or MomentumSGD()
         self.seed, self.dropout, self.progress, self.replicate = seed, dropout, progress, replicate
         self.to_device = to_device
+        if not (isinstance(max_restarts, int) and max_restarts >= 0):
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        self.max_restarts = max_restarts
         self._amm_stopped = False
         self.out = Path(out) if out is not None else None
         self.stream = stream or sys.stdout
@@ -169,22 +269,46 @@ class Trainer:
         self.log = []
         self.tasks_per_step = None
         self._elapsed = 0.0
+        self._restart_point = None  # a _host_copy while run() trains
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_path(self, epoch):
         return self.out / f"checkpoint_epoch_{epoch}.npz"
 
     def save(self):
+        """Write ``checkpoint_epoch_E.npz`` (E the epoch done) to ``out``."""
+        self._save(self._host_copy())
+
+    def _host_copy(self):
+        """Host (NumPy) copies of the parameters, BatchNorm state and velocities, with the
+        counters: what a checkpoint holds, and what :meth:`run` restarts from after a lost
+        worker."""
         params, state, vel = dask.compute(self.model.params, self.model.state, self.velocities)
-        params, state, vel = (_to_host(d) for d in (params, state, vel))
-        meta = {
+        return {
+            "params": _to_host(params),
+            "state": _to_host(state),
+            "velocities": None if vel is None else _to_host(vel),
             "epoch": self.epoch,
             "step": self.step,
-            "seed": self.seed,
-            "log": self.log,
+            "log": list(self.log),
             "elapsed": self._elapsed,
         }
-        save_checkpoint(self.checkpoint_path(self.epoch), params, state, vel, meta)
+
+    def _save(self, host):
+        meta = {k: host[k] for k in ("epoch", "step", "log", "elapsed")}
+        meta["seed"] = self.seed
+        save_checkpoint(
+            self.checkpoint_path(host["epoch"]), host["params"], host["state"], host["velocities"], meta
+        )
+
+    def _restore(self, host):
+        """Back to a :meth:`_host_copy`: the parameters go to the cluster again with the next
+        step (nothing computed after the copy survives a restart)."""
+        self.model.params.update(host["params"])
+        self.model.state.update(host["state"])
+        self.velocities = None if host["velocities"] is None else dict(host["velocities"])
+        self.epoch, self.step, self._elapsed = host["epoch"], host["step"], host["elapsed"]
+        self.log = list(host["log"])
 
     def latest_checkpoint(self):
         if self.out is None or not self.out.is_dir():
@@ -198,16 +322,33 @@ class Trainer:
         return max(found)[1] if found else None
 
     def resume(self, path=None):
-        """Continue from ``path`` or the newest checkpoint in ``out``; False if there is none."""
+        """Continue from ``path`` or the newest checkpoint in ``out``; False if there is none.
+
+        The checkpoint is checked whole first (:func:`load_checkpoint`, then its names and
+        shapes against the model, BatchNorm running variances >= 0): a ``ValueError`` naming
+        the file and the field, and nothing in the model or the trainer is replaced.
+        """
         path = path or self.latest_checkpoint()
         if path is None:
             return False
         params, state, vel, meta = load_checkpoint(path)
-        self.model.load_params(params, state)
-        self.velocities = {k: v for k, v in vel.items()}
-        if set(self.velocities) != set(self.model.params):
-            raise ValueError(f"checkpoint {path} has velocities for other parameters")
-        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        names = self.model.params
+        missing, extra = sorted(set(names) - set(vel)), sorted(set(vel) - set(names))
+        if missing or extra:
+            raise ValueError(
+                f"checkpoint {path}: velocities do not match the parameters: "
+                f"missing {missing}, unexpected {extra}"
+            )
+        for k, v in vel.items():
+            want = tuple(names[k].shape)
+            if v.shape != want:
+                raise ValueError(f"checkpoint {path}: velocity[{k!r}] has shape {v.shape}, expected {want}")
+        try:
+            self.model.load_params(params, state)  # checks everything before it replaces anything
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {path}: {e.args[0] if e.args else e}") from e
+        self.velocities = {k: v.astype(self.model.dtype, copy=False) for k, v in vel.items()}
+        self.epoch, self.step = meta["epoch"], meta["step"]
         self.log, self._elapsed = list(meta["log"]), float(meta.get("elapsed", 0.0))
         return True
 
@@ -326,6 +467,15 @@ class Trainer:
         being written completes, and raises ``KeyboardInterrupt`` there; a second stops at once.
         Either way the last complete checkpoint stays intact and :meth:`resume` continues from
         it.
+
+        A worker lost with data that cannot be recomputed (without ``replicate``: parameters
+        persisted only there) ends the epoch's computation in a ``CancelledError`` or
+        ``KilledWorker``.  ``run`` then goes back to the end of the last complete epoch (host
+        copies taken there, the checkpoint's contents; where ``run`` began if no epoch is done
+        yet), says so on one line of standard error, and trains from there: shuffling and
+        dropout depend only on the seed, epoch and step, so the result is bitwise that of a run
+        without the fault.  After ``max_restarts`` restarts from the same point it raises
+        :class:`WorkerLossError`.
         """
 
         if self.out is not None:
@@ -334,12 +484,48 @@ class Trainer:
             print(_format_row(LOG_KEYS), file=self.stream, flush=True)
         try:
             with _Interrupts() as interrupts:
-                self._run(epochs, interrupts)
+                self._run_restarting(epochs, interrupts)
         finally:
             if self._amm_stopped:  # replicate=True stopped it: give the cluster its AMM back
                 _active_client().amm.start()
                 self._amm_stopped = False
         return self.log
+
+    def _run_restarting(self, epochs, interrupts):
+        """:meth:`_run`, restarted from the end of the last complete epoch (or from where ``run``
+        began) when a worker is lost with data nothing else can recompute."""
+        from distributed.scheduler import KilledWorker
+
+        self._restart_point = self._host_copy()
+        restarts, restarted_at = 0, None
+        while True:
+            try:
+                return self._run(epochs, interrupts)
+            except (CancelledError, KilledWorker) as e:
+                host = self._restart_point
+                failed = host["epoch"] + 1  # the epoch it redoes
+                # count per restart point: a long run survives occasional losses, while one
+                # epoch that keeps losing workers ends
+                restarts = restarts + 1 if host["epoch"] == restarted_at else 1
+                restarted_at = host["epoch"]
+                cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                if restarts > self.max_restarts:
+                    last = self.latest_checkpoint()
+                    times = "once" if restarts == 1 else f"{restarts} times"
+                    raise WorkerLossError(
+                        f"workers were lost {times} in epoch {failed}, more than max_restarts="
+                        f"{self.max_restarts} allows ({cause})"
+                        + (f"; the last complete checkpoint is {last}" if last else "")
+                    ) from e
+                self._restore(host)
+                where = f"the end of epoch {host['epoch']}" if host["epoch"] else "the start of the run"
+                where += f" (step {host['step']})"
+                print(
+                    f"a worker was lost in epoch {failed} ({cause}); restarting from {where}, "
+                    f"restart {restarts} of at most {self.max_restarts}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _run(self, epochs, interrupts):
         from tqdm.auto import tqdm
@@ -385,9 +571,11 @@ class Trainer:
             }
             self.log.append(entry)
             print(_format_row([_fmt(entry[k]) for k in LOG_KEYS]), file=self.stream, flush=True)
+            host = self._host_copy()
             if self.out is not None:
-                self.save()
+                self._save(host)
                 self.write_log()
+            self._restart_point = host
 
     def _record(self, pending, losses, accs, bar):
         step, pending = pending

@@ -6,20 +6,24 @@ instead, checked against the unsplit reference."""
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import pickle
 import re
+import zipfile
 
 import dask
 import dask.array as da
 import numpy as np
 import pytest
+from clusters import local_cluster
 
 import dask_pconv as dp
 from dask_pconv import cli
 from dask_pconv.cluster import connect
 from dask_pconv.data import load_cifar10, load_dataset, parse_split, synthetic
 from dask_pconv.models import VGG16
+from dask_pconv.train import Trainer, _checksum, save_checkpoint
 
 from reference import conv2d_ref, conv2d_vjp_ref, max_pool2d_ref
 
@@ -147,6 +151,12 @@ def _params(**replace):
 
 
 _FC2 = (4, 32)  # fc2.W of VGG16(n_classes=4, width=0.0625)
+
+
+def _negative_state(m):
+    return {**m.state, "bn_fc1.avg_var": np.full(m.state["bn_fc1.avg_var"].shape, -1.0)}
+
+
 MODEL_CASES = [
     ("params not a mapping", lambda m: m.load_params([1, 2]), TypeError, r"params must be a mapping"),
     ("params missing", lambda m: m.load_params({"fc2.W": np.zeros(_FC2)}), KeyError, r"missing \['block1_1"),
@@ -179,6 +189,12 @@ MODEL_CASES = [
         lambda m: m.load_params(_params(**{"fc2.W": np.full(_FC2, np.inf)})),
         ValueError,
         r"NaN or Inf",
+    ),
+    (
+        "state negative variance",
+        lambda m: m.load_params(_params(), _negative_state(m)),
+        ValueError,
+        r"state\['bn_fc1.avg_var'\] \(a BatchNorm running variance\) has negative values",
     ),
     (
         "state wrong names",
@@ -394,3 +410,183 @@ def test_mismatched_chunks_are_rechunked():
     )
     for a, e in zip((g_x, g_w, g_b), conv2d_vjp_ref(x, w, gy)):
         np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10)
+
+
+# -- crafted checkpoints -----------------------------------------------------------------------
+def _cli_model():
+    """The model ``dask-pconv train --dataset synthetic --width 0.0625`` builds."""
+    train, _ = load_dataset("synthetic", seed=0)
+    return VGG16(n_classes=train.n_classes, in_channels=train.x.shape[1], width=0.0625, seed=0)
+
+
+def _good_parts():
+    m = _cli_model()
+    params, state = dict(m.params), {k: v.copy() for k, v in m.state.items()}
+    vel = {k: np.zeros_like(v) for k, v in params.items()}
+    meta = {"epoch": 1, "step": 3, "seed": 0, "log": [{"epoch": 1}], "elapsed": 1.5}
+    return params, state, vel, meta
+
+
+def _crafted(change):
+    """A checkpoint with a valid checksum, changed by ``change(params, state, vel, meta)``: the
+    field checks are what refuses it, not the checksum."""
+
+    def write(path):
+        params, state, vel, meta = _good_parts()
+        change(params, state, vel, meta)
+        save_checkpoint(path, params, state, vel, meta)
+
+    return write
+
+
+def _members(meta_text=None):
+    """The members of a good checkpoint, name -> array (meta replaced by ``meta_text``)."""
+    params, state, vel, meta = _good_parts()
+    arrays = {f"param/{k}": v for k, v in params.items()}
+    arrays.update({f"state/{k}": v for k, v in state.items()})
+    arrays.update({f"velocity/{k}": v for k, v in vel.items()})
+    text = meta_text if meta_text is not None else json.dumps(dict(meta, sha256=_checksum(arrays)))
+    return {**arrays, "meta": np.array(text)}
+
+
+def _raw_meta(text):
+    def write(path):
+        np.savez(path, **_members(text))
+
+    return write
+
+
+def _compressed(path):
+    np.savez_compressed(path, **_members())
+
+
+def _huge_header(path):
+    """fc2.W's header declares a 4 TiB float32 array; the member holds 16 bytes."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for key, a in _members().items():
+            buf = io.BytesIO()
+            if key == "param/fc2.W":
+                header = {"descr": "<f4", "fortran_order": False, "shape": (2**40,)}
+                np.lib.format.write_array_header_1_0(buf, header)
+                buf.write(bytes(16))
+            else:
+                np.lib.format.write_array(buf, a, allow_pickle=False)
+            zf.writestr(f"{key}.npy", buf.getvalue())
+
+
+def _set(group, key, value):
+    return lambda p, s, v, m: {"param": p, "state": s, "velocity": v, "meta": m}[group].update({key: value})
+
+
+def _negative_var(p, s, v, m):
+    s["block1_1.bn.avg_var"] = s["block1_1.bn.avg_var"].copy()
+    s["block1_1.bn.avg_var"][0] = -0.5
+
+
+_FC2_CLI = _cli_model().params["fc2.W"].shape
+CHECKPOINT_CASES = [
+    (
+        "header declares 4 TiB",
+        _huge_header,
+        r"'param/fc2.W.npy' declares .*\(4398046511104 bytes\) but holds 16",
+    ),
+    ("compressed member", _compressed, r"is compressed"),
+    ("meta a list", _raw_meta("[1, 2]"), r"meta must be a JSON object, got list"),
+    ("meta not JSON", _raw_meta("{epoch: 1"), r"meta is not JSON"),
+    ("meta without step", _crafted(lambda p, s, v, m: m.pop("step")), r"meta has no 'step' field"),
+    (
+        "meta epoch fractional",
+        _crafted(_set("meta", "epoch", 1.5)),
+        r"meta 'epoch' must be an integer >= 0, got 1.5",
+    ),
+    (
+        "meta epoch negative",
+        _crafted(_set("meta", "epoch", -1)),
+        r"meta 'epoch' must be an integer >= 0, got -1",
+    ),
+    ("meta epoch bool", _crafted(_set("meta", "epoch", True)), r"meta 'epoch' must be an integer"),
+    (
+        "meta step a string",
+        _crafted(_set("meta", "step", "3")),
+        r"meta 'step' must be an integer >= 0, got '3'",
+    ),
+    ("meta seed a float", _crafted(_set("meta", "seed", 0.5)), r"meta 'seed' must be an integer"),
+    ("meta log not a list", _crafted(_set("meta", "log", {"epoch": 1})), r"meta 'log' must be a list"),
+    ("meta elapsed NaN", _crafted(_set("meta", "elapsed", float("nan"))), r"meta 'elapsed' must be a finite"),
+    (
+        "velocity wrong shape",
+        _crafted(_set("velocity", "fc2.W", np.zeros((2, 3), np.float32))),
+        r"velocity\['fc2.W'\] has shape \(2, 3\), expected",
+    ),
+    (
+        "velocity strings",
+        _crafted(_set("velocity", "fc2.W", np.full(_FC2_CLI, "a"))),
+        r"velocity/fc2.W must hold floating-point numbers, got dtype <U1",
+    ),
+    (
+        "velocity NaN",
+        _crafted(_set("velocity", "fc2.W", np.full(_FC2_CLI, np.nan, np.float32))),
+        r"velocity/fc2.W holds NaN or Inf",
+    ),
+    (
+        "velocity missing",
+        _crafted(lambda p, s, v, m: v.pop("fc2.W")),
+        r"velocities do not match the parameters: missing \['fc2.W'\]",
+    ),
+    (
+        "param wrong shape",
+        _crafted(_set("param", "fc2.W", np.zeros((2, 3), np.float32))),
+        r"params\['fc2.W'\] has shape \(2, 3\)",
+    ),
+    (
+        "param integers",
+        _crafted(_set("param", "fc2.W", np.zeros(_FC2_CLI, np.int64))),
+        r"param/fc2.W must hold floating-point numbers, got dtype int64",
+    ),
+    ("state missing", _crafted(lambda p, s, v, m: s.pop("bn_fc1.avg_mean")), r"state names do not match"),
+    ("negative running variance", _crafted(_negative_var), r"state\['block1_1.bn.avg_var'\].*negative"),
+    (
+        "unexpected member",
+        _crafted(lambda p, s, v, m: p.update({"../x": np.zeros(1, np.float32)})),
+        r"params names do not match: .*unexpected \['../x'\]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "write, match", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES]
+)
+def test_crafted_checkpoint_is_refused_and_nothing_is_replaced(write, match, tmp_path):
+    """A one-line ``ValueError`` naming the file and the field; the model and the trainer keep
+    everything they had."""
+    path = tmp_path / "checkpoint_epoch_1.npz"
+    write(path)
+    m = _cli_model()
+    data = synthetic(n=40, n_classes=m.n_classes, seed=0)[0]
+    tr = Trainer(m, data, data, batch_size=8, out=tmp_path, progress=False)
+    params, state = dict(m.params), dict(m.state)
+    with pytest.raises(ValueError, match=match) as e:
+        tr.resume()
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert all(m.params[k] is params[k] for k in params) and all(m.state[k] is state[k] for k in state)
+    assert (tr.epoch, tr.step, tr.velocities, tr.log) == (0, 0, None, [])
+
+
+@pytest.fixture(scope="module")
+def scheduler_address():
+    with local_cluster(n_workers=1, processes=False) as c:
+        yield c.scheduler_address
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    "write, match", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES]
+)
+def test_cli_refuses_a_crafted_checkpoint(write, match, tmp_path, scheduler_address):
+    """``--resume`` from a crafted checkpoint: exit status 2 and one line on standard error."""
+    write(tmp_path / "checkpoint_epoch_1.npz")
+    argv = ("--width", "0.0625", "--resume", "--out", str(tmp_path), "--scheduler", scheduler_address)
+    rc, err = _run_cli("train", "--dataset", "synthetic", "--no-progress", *argv)
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(r"^dask-pconv train: error: resuming from .*: checkpoint .*" + match, err), err

@@ -1,11 +1,13 @@
-"""Faults and security: interrupting training, determinism, divergence, and what a new cluster
-listens on."""
+"""Faults and security: interrupting training, determinism, divergence, lost workers, and what a
+new cluster listens on."""
 
+import collections
 import dataclasses
 import io
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,14 +17,14 @@ import numpy as np
 import psutil
 import pytest
 from clusters import local_cluster
-from distributed import Client
+from distributed import Client, default_client, futures_of, wait
 
 from dask_pconv import cli
 from dask_pconv.cluster import connect
 from dask_pconv.data import synthetic
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
-from dask_pconv.train import Trainer, load_checkpoint
+from dask_pconv.train import Trainer, WorkerLossError, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +176,47 @@ def test_a_new_cluster_listens_on_loopback_only(dashboard):
             assert client.dashboard_link.startswith("http://127.0.0.1:")
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("form", [":0", ":PORT", "PORT", "0.0.0.0:PORT"])
+def test_a_dashboard_port_without_a_host_listens_on_loopback(form):
+    """``dashboard_address=":8799"`` (or ``":0"``, or a bare port) listens on 127.0.0.1, as every
+    other socket of a cluster started here; distributed alone binds it on every interface.  A
+    host the user names (``"0.0.0.0:8799"``) is taken as given."""
+    port = _free_port() if "PORT" in form else 0
+    address = form.replace("PORT", str(port))
+    before = _listening(os.getpid())
+    with connect(n_workers=1, threads_per_worker=1, dashboard_address=address) as client:
+        link_port = int(client.dashboard_link.split(":")[2].split("/")[0])
+        assert link_port == port or port == 0
+        dashboard = {(ip, p) for ip, p in _listening(os.getpid()) - before if p == link_port}
+    want = "0.0.0.0" if form.startswith("0.0.0.0") else "127.0.0.1"
+    assert dashboard == {(want, link_port)}
+
+
+@pytest.mark.cluster
+def test_cli_dashboard_port_listens_on_loopback(tmp_path, monkeypatch):
+    """``dask-pconv train --dashboard :PORT`` serves the dashboard on 127.0.0.1:PORT only."""
+    port = _free_port()
+    seen = []
+    before = _listening(os.getpid())
+
+    def run(self, epochs):  # the cluster is up: look at its sockets instead of training
+        seen.append(_listening(os.getpid()) - before)
+        return []
+
+    monkeypatch.setattr(Trainer, "run", run)
+    argv = _cli_argv(tmp_path, epochs=1)
+    argv[argv.index("--dashboard") + 1] = f":{port}"
+    assert cli.main(argv) == 0
+    assert {(ip, p) for ip, p in seen[0] if p == port} == {("127.0.0.1", port)}
+
+
 _UNREACHABLE = """
 import sys, threading, time
 import dask
@@ -227,3 +270,99 @@ def test_replicate_gives_the_cluster_its_memory_manager_back(small_data):
         tr.run(1)
         assert client.amm.running()
         assert len(tr.log) == 1 and np.isfinite(tr.log[0]["main/loss"])
+
+
+def _kill_a_worker_holding(arrays):
+    """SIGKILL the worker process that holds most chunks of these persisted arrays."""
+    client = default_client()
+    futures = futures_of(list(arrays.values()))
+    wait(futures)  # the step that computes them may still be running
+    who = client.who_has(futures)
+    victim = collections.Counter(w for ws in who.values() for w in ws).most_common(1)[0][0]
+    os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+
+
+def _kill_after_submitting(monkeypatch, calls):
+    """From now on, ``Trainer.submit_step`` kills a worker right after its calls number ``calls``
+    (counting from 1, restarts included) have handed their step to the scheduler: the worker
+    holding most of the previous step's parameters, which nothing else can recompute."""
+    submit, n = Trainer.submit_step, []
+
+    def killing_submit(self, x, t):
+        previous = dict(self.model.params)
+        out = submit(self, x, t)
+        n.append(1)
+        if len(n) in calls:
+            _kill_a_worker_holding(previous)
+        return out
+
+    monkeypatch.setattr(Trainer, "submit_step", killing_submit)
+
+
+@pytest.mark.cluster
+def test_a_worker_lost_without_replicate_restarts_from_the_last_epoch(monkeypatch, capsys):
+    """Without ``replicate``, a worker killed in the middle of a step takes parameters nothing
+    can recompute.  Training restarts from the last complete epoch (here once from the start of
+    the run, in epoch 1, and once from the end of epoch 1, in epoch 2), says so on one line of
+    standard error each time, and ends bitwise where a run without the faults ends (dropout on,
+    2 workers).  Workers lost more often than ``max_restarts`` end in ``WorkerLossError``."""
+    train, val = synthetic(n=32, n_classes=4, seed=1, val_fraction=0.25)  # 2 steps per epoch
+
+    def run(epochs=2, **kw):
+        m = VGG16(n_classes=4, width=0.0625, seed=0)
+        tr = Trainer(
+            m, train, val, batch_size=12, split={"batch": 2}, progress=False, stream=io.StringIO(), **kw
+        )
+        tr.run(epochs)
+        return tr, dask.compute(m.params, m.state, tr.velocities)
+
+    with local_cluster() as c, Client(c) as client:
+        tr0, want = run()
+        assert not [line for line in capsys.readouterr().err.splitlines() if "worker was lost" in line]
+        _kill_after_submitting(monkeypatch, {2, 6})  # step 2 of epoch 1, step 2 of epoch 2
+        tr1, got = run()
+        lost = [line for line in capsys.readouterr().err.splitlines() if "worker was lost" in line]
+        assert len(lost) == 2, lost
+        assert "in epoch 1" in lost[0] and "restarting from the start of the run (step 0)" in lost[0]
+        assert "in epoch 2" in lost[1] and "restarting from the end of epoch 1 (step 2)" in lost[1]
+        for group_want, group_got in zip(want, got):
+            for k in group_want:
+                np.testing.assert_array_equal(group_got[k], group_want[k], err_msg=k)
+        losses = [(e["main/loss"], e["validation/main/loss"]) for e in tr1.log]
+        assert losses == [(e["main/loss"], e["validation/main/loss"]) for e in tr0.log]
+
+        client.wait_for_workers(2)
+        _kill_after_submitting(monkeypatch, {2})
+        with pytest.raises(
+            WorkerLossError, match=r"workers were lost once in epoch 1, more than max_restarts=0"
+        ):
+            run(epochs=1, max_restarts=0)
+
+
+@pytest.mark.cluster
+def test_cli_survives_a_lost_worker(tmp_path, monkeypatch, capsys):
+    """``dask-pconv train`` (no ``--replicate``) with a worker killed in the middle of a step:
+    one line on standard error says it restarts, and training finishes with exit status 0."""
+    _kill_after_submitting(monkeypatch, {2})
+    argv = _cli_argv(tmp_path, epochs=1)
+    argv[argv.index("--workers") + 1] = "2"
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    lost = [line for line in err.splitlines() if "worker was lost" in line]
+    assert len(lost) == 1 and "restarting from the start of the run (step 0)" in lost[0], err
+    assert "Traceback" not in err
+    _, _, _, meta = load_checkpoint(tmp_path / "checkpoint_epoch_1.npz")
+    assert meta["epoch"] == 1
+
+
+def test_cli_workers_lost_too_often_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """``WorkerLossError`` from training ends the command with exit status 1 and one line."""
+
+    def run(self, epochs):
+        raise WorkerLossError("workers were lost 4 times in epoch 1, more than max_restarts=3 allows")
+
+    monkeypatch.setattr(Trainer, "run", run)
+    assert cli.main(_cli_argv(tmp_path, epochs=1)) == 1
+    err = capsys.readouterr().err
+    want = "dask-pconv train: error: workers were lost 4 times in epoch 1, more than max_restarts=3 allows"
+    assert err.strip() == want

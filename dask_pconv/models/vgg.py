@@ -128,8 +128,9 @@ class VGG16:
 
         Names and shapes must match exactly (``KeyError``/``ValueError`` otherwise); values must
         be real numbers (``TypeError``) and, for NumPy values, finite (``ValueError``: training
-        never starts from NaN or Inf).  Dask (and device) values are taken as they are, not
-        checked for finiteness (that would compute them or copy them to the host).  Every value
+        never starts from NaN or Inf), and NumPy BatchNorm running variances ``*.avg_var`` must
+        be >= 0.  Dask (and device) values are taken as they are, not checked for finiteness or
+        sign (that would compute them or copy them to the host).  Every value
         is cast to the model's dtype.  Nothing is replaced unless everything checks out.
         """
         from collections.abc import Mapping
@@ -154,6 +155,8 @@ class VGG16:
                     raise TypeError(f"{what}[{k!r}] must hold real numbers, got dtype {v.dtype}")
                 if isinstance(v, np.ndarray) and not np.isfinite(v).all():
                     raise ValueError(f"{what}[{k!r}] holds NaN or Inf; refusing to load it")
+                if what == "state" and k.endswith(".avg_var") and isinstance(v, np.ndarray) and (v < 0).any():
+                    raise ValueError(f"{what}[{k!r}] (a BatchNorm running variance) has negative values")
                 values[k] = v.astype(self.dtype, copy=False)  # lazy for Dask, on the device for CuPy
             checked.append((target, values))
         for target, values in checked:
