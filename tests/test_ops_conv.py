@@ -17,7 +17,7 @@ except ImportError:
     HAVE_TORCH = False
 
 from reference import conv2d_ref, conv2d_vjp_ref
-from strategies import assert_close, conv_cases
+from strategies import assert_blocks_have_dtype, assert_close, conv_cases
 
 
 def _inputs(case):
@@ -207,3 +207,29 @@ def test_im2col_in_small_bands_matches_reference(case):
     ):
         _check_conv2d(case)
         _check_conv2d_vjp(case)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reported_dtype_is_computed_in_every_block(dtype, kernel):
+    """conv2d and conv2d_vjp compute, block by block, the dtype they report, in every split
+    (batch, input and output channels, tiles, mixed)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 9, 8)).astype(dtype)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    gy = rng.standard_normal((3, 6, 9, 8)).astype(dtype)
+    splits = [  # (split of x, chunks of w on axis 0: the output-channel split)
+        (dict(), 6),
+        (dict(batch=3), 4),
+        (dict(channel=2), 1),
+        (dict(spatial=(3, 2)), 6),
+        (dict(batch=2, channel=4, spatial=(9, 2)), 4),
+    ]
+    with dask.config.set({"pconv.conv-kernel": kernel}):
+        for s, w_chunks in splits:
+            xd, wd = dp.split(x, **s), da.from_array(w, chunks=(w_chunks, -1, -1, -1))
+            outs = (dp.conv2d(xd, wd, padding=1, groups=2), dp.conv2d(xd, wd, b, padding=1, groups=2))
+            outs += dp.conv2d_vjp(xd, wd, gy, padding=1, groups=2)
+            assert all(o.dtype == dtype for o in outs)
+            assert_blocks_have_dtype(*outs)

@@ -12,7 +12,7 @@ from .conv import conv2d_forward, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block
 from .labels import onehot
 from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats
-from .pool import max_pool2d_backward, max_pool2d_forward
+from .pool import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
 
 __all__ = [
     "Padded",
@@ -27,6 +27,7 @@ __all__ = [
     "conv2d_grad_w",
     "conv2d_grad_x",
     "get_namespace",
+    "max_pool2d_argmax",
     "max_pool2d_backward",
     "max_pool2d_forward",
     "onehot",
