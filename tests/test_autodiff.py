@@ -31,6 +31,10 @@ CASES = {
         [d(X4, CH4), d(RNG.standard_normal((6, 1, 3, 2)))],
     ),
     "max_pool2d": (lambda x: ad.max_pool2d(x, 3, 2, 1), [d(X4, CH4)]),
+    "max_pool2d dilated ceil_mode": (
+        lambda x: ad.max_pool2d(x, (2, 3), stride=2, padding=1, dilation=(2, 1), ceil_mode=True),
+        [d(X4, CH4)],
+    ),
     "relu": (ad.relu, [d(X4, CH4)]),
     "batch_norm train": (lambda x, g, b: ad.batch_norm(x, g, b), [d(X4, CH4), d(GAMMA), d(BETA)]),
     "batch_norm train relu": (

@@ -473,6 +473,50 @@ def test_bad_command_line(argv, match, tmp_path):
     assert "Traceback" not in err
 
 
+def _torch_cases():
+    torch = pytest.importorskip("torch", reason="the PyTorch oracle: pip install torch==2.13.0")
+    t = torch.zeros
+    return [
+        lambda: dp.conv2d(t(2, 4, 8, 8, dtype=torch.float64), W),
+        lambda: dp.conv2d(X, t(6, 4, 3, 3, dtype=torch.float64)),
+        lambda: dp.conv2d(X, W, t(6, dtype=torch.float64)),
+        lambda: dp.conv2d_vjp(X, W, t(2, 6, 6, 6, dtype=torch.float64)),
+        lambda: dp.max_pool2d(t(2, 4, 8, 8), 2),
+        lambda: dp.max_pool2d_vjp(X, t(2, 4, 4, 4, dtype=torch.float64), 2),
+        lambda: dp.split(t(2, 4, 8, 8), batch=2),
+        lambda: nn.linear(X[:, :, 0, 0], t(3, 4, dtype=torch.float64)),
+    ], ["x", "w", "b", "g_y", "x", "g_y", "x", "W"]
+
+
+def test_torch_tensors_are_refused_naming_the_argument():
+    """A torch.Tensor failed inside Dask ("Cannot interpret 'torch.float64' as a data type");
+    now a TypeError on the client names the argument and says how to pass it."""
+    calls, names = _torch_cases()
+    for call, name in zip(calls, names):
+        with pytest.raises(
+            TypeError, match=rf"^{name} is a torch.Tensor; .*{name}.detach\(\).cpu\(\).numpy\(\)"
+        ):
+            call()
+
+
+def test_the_checks_do_not_import_torch():
+    """Recognising a tensor never imports PyTorch (its import costs a worker ~180 MiB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, dask_pconv as dp\n"
+        "x = np.zeros((1, 1, 4, 4), np.float32)\n"
+        "dp.max_pool2d(dp.conv2d(x, np.ones((1, 1, 3, 3), np.float32)), 2).compute()\n"
+        "try:\n"
+        "    dp.conv2d(np.ma.masked_array(x), x)\n"
+        "except TypeError:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # -- documented results for legal but unusual input --------------------------------------------
 def _with_nonfinite(shape, chunks):
     x = np.random.default_rng(0).standard_normal(shape)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import dask_pconv as dp
 
 from reference import _pool_argmax, _pool_out, max_pool2d_ref, max_pool2d_vjp_ref
-from strategies import assert_close, partitions
+from strategies import assert_blocks_have_dtype, assert_close, partitions
 
 try:
     import torch
@@ -136,3 +136,73 @@ def test_torch_oracle_pool():
     xd = dp.split(x, spatial=(4, 3))
     np.testing.assert_array_equal(dp.max_pool2d(xd, 3, 2, 1).compute(), yt.detach().numpy())
     assert_close(dp.max_pool2d_vjp(xd, gy, 3, 2, 1).compute(), xt.grad.numpy(), np.float32)
+
+
+# -- what torch.nn.functional.max_pool2d accepts: an empty batch, unbatched input, 1-tuples -----
+def _like_torch_cases():
+    x4 = np.random.default_rng(9).standard_normal((2, 3, 11, 9))
+    kw = dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1), ceil_mode=True)
+    one = dict(stride=(2,), padding=[1], dilation=(2,), ceil_mode=True)  # the same on both axes
+    as_ints = dict(stride=2, padding=1, dilation=2, ceil_mode=True)
+    return [
+        # (name, x, chunks of x, kernel_size, kwargs, kernel_size and kwargs for the reference)
+        ("empty batch", np.zeros((0, 3, 11, 9)), None, (3, 2), kw, (3, 2), kw),
+        ("empty batch, split", np.zeros((0, 3, 11, 9)), (0, 1, 4, 2), (3, 2), kw, (3, 2), kw),
+        ("unbatched", x4[0], None, (3, 2), kw, (3, 2), kw),
+        ("unbatched, split", x4[0], (2, 3, 4), (3, 2), kw, (3, 2), kw),
+        ("one-element tuples", x4, (1, 2, 5, 4), (3,), one, 3, as_ints),
+    ]
+
+
+def _run_like_torch(x, chunks, kernel, kw, gy):
+    xd = x if chunks is None else da.from_array(x, chunks=chunks)
+    y, idx = dp.max_pool2d(xd, kernel, **kw, return_indices=True)
+    g_x = dp.max_pool2d_vjp(xd, gy, kernel, **kw)
+    assert y.shape == idx.shape == gy.shape and g_x.shape == x.shape
+    return dask.compute(y, idx, g_x)
+
+
+def test_empty_batch_unbatched_input_and_one_element_tuples():
+    rng = np.random.default_rng(10)
+    for name, x, chunks, kernel, kw, ref_kernel, ref_kw in _like_torch_cases():
+        x4 = x[None] if x.ndim == 3 else x
+        ey, ei = max_pool2d_ref(x4, ref_kernel, **ref_kw, return_indices=True)
+        gy = rng.standard_normal(ey.shape)
+        ex = max_pool2d_vjp_ref(x4, gy, ref_kernel, **ref_kw)
+        if x.ndim == 3:
+            ey, ei, ex, gy = ey[0], ei[0], ex[0], gy[0]
+        got = _run_like_torch(x, chunks, kernel, kw, gy)
+        for a, e in zip(got, (ey, ei, ex)):
+            assert a.shape == e.shape and a.dtype == e.dtype, name
+        np.testing.assert_array_equal(got[0], ey)
+        np.testing.assert_array_equal(got[1], ei)
+        if x.size:  # overlapping windows add in another order
+            assert_close(got[2], ex, np.float64)
+
+
+@needs_torch
+def test_empty_batch_unbatched_input_and_one_element_tuples_match_torch():
+    rng = np.random.default_rng(11)
+    for name, x, chunks, kernel, kw, _, _ in _like_torch_cases():
+        xt = torch.from_numpy(x.copy()).requires_grad_()
+        yt, it = torch.nn.functional.max_pool2d(xt, kernel, **kw, return_indices=True)
+        gy = rng.standard_normal(tuple(yt.shape))
+        yt.backward(torch.from_numpy(gy))
+        got = _run_like_torch(x, chunks, kernel, kw, gy)
+        for a, e in zip(got, (yt.detach(), it, xt.grad)):
+            assert a.shape == tuple(e.shape), name
+        np.testing.assert_array_equal(got[0], yt.detach().numpy())
+        np.testing.assert_array_equal(got[1], it.numpy())
+        if x.size:
+            assert_close(got[2], xt.grad.numpy(), np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reported_dtype_is_computed_in_every_block(dtype):
+    x = np.random.default_rng(12).standard_normal((3, 4, 9, 8)).astype(dtype)
+    for chunks in [(3, 4, 9, 8), (1, 4, 9, 8), (3, 1, 9, 8), (3, 4, 2, 3), (2, 3, 1, 5)]:
+        xd = da.from_array(x, chunks=chunks)
+        y, idx = dp.max_pool2d(xd, 3, 2, 1, ceil_mode=True, return_indices=True)
+        g_x = dp.max_pool2d_vjp(xd, np.ones(y.shape, dtype), 3, 2, 1, ceil_mode=True)
+        assert (y.dtype, idx.dtype, g_x.dtype) == (dtype, np.int64, dtype)
+        assert_blocks_have_dtype(y, idx, g_x, dp.max_pool2d(xd, 2))
