@@ -147,26 +147,32 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 
     Parameters
     ----------
-    x : dask.array.Array, shape (N, C, H, W)
+    x : dask.array.Array, shape (N, C, H, W) or (C, H, W)
         Images, chunked any way on all four axes (a NumPy or CuPy array is wrapped as one
-        chunk).  Floating dtype.
+        chunk).  Floating dtype.  ``N`` may be 0 (an empty result); an unbatched ``(C, H, W)``
+        input gives an unbatched ``(O, oH, oW)`` result, as in PyTorch.
     w : array, shape (O, C/groups, kh, kw)
-        Filters: a NumPy/CuPy array or a Dask array.  Chunks of ``w`` on axis 0 split the
+        Filters: a NumPy/CuPy array or a Dask array, of ``x``'s dtype (nothing is promoted:
+        mixed dtypes are a ``TypeError``, as in PyTorch).  Chunks of ``w`` on axis 0 split the
         output channels (model parallelism); chunks on the other axes are merged.
     b : array, shape (O,), optional
-        Bias.
+        Bias, of ``x``'s dtype.
     stride, dilation : int or (int, int)
-        Positive.
+        Positive; a one-element tuple means the same on both axes, as in PyTorch.
     padding : int, (int, int), 'same' or 'valid'
         Zero padding on both sides of each spatial axis.  'same' keeps the size (stride 1
         only); an odd total goes to the end, as in PyTorch.
     groups : int
         Grouped convolution; ``groups == C`` is depthwise.
 
+    Masked arrays (NumPy's or ``dask.array.ma``'s) and ``torch.Tensor`` operands are a
+    ``TypeError``: the kernels would ignore a mask, and a tensor is passed as ``t.numpy()``.
+
     Returns
     -------
     dask.array.Array, shape (N, O, oH, oW)
-        ``oH = floor((H + 2*ph - dy*(kh-1) - 1) / sy) + 1`` and likewise ``oW``.  Chunks: the
+        ``oH = floor((H + 2*ph - dy*(kh-1) - 1) / sy) + 1`` and likewise ``oW``; the dtype of
+        ``x``.  Chunks: the
         batch chunks of ``x``, the output-channel chunks of ``w``, and spatial chunks from the
         tiles of ``x`` through the stride (output ``o`` belongs to the tile holding the centre
         of its window; empty chunks are dropped).  Input-channel chunks of ``x`` are summed
@@ -213,15 +219,16 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
     x, w, stride, padding, dilation, groups
         As in :func:`conv2d`.
     g_y : array, shape (N, O, oH, oW)
-        Gradient with respect to the output; rechunked to the output chunks of :func:`conv2d`
-        if it is chunked otherwise.
+        Gradient with respect to the output (``(O, oH, oW)`` for an unbatched ``x``), of
+        ``x``'s dtype; rechunked to the output chunks of :func:`conv2d` if it is chunked
+        otherwise.
 
     Returns
     -------
     g_x : dask.array.Array, shape (N, C, H, W)
-        Chunked like ``x``.  A transposed convolution of ``g_y`` with ``w``, computed per
-        output tile on its window and added back into the tiles the window came from; summed
-        over output-channel chunks.
+        Chunked like ``x`` (and unbatched like it); all three results have ``x``'s dtype.  A
+        transposed convolution of ``g_y`` with ``w``, computed per output tile on its window
+        and added back into the tiles the window came from; summed over output-channel chunks.
     g_w : dask.array.Array, shape (O, C/groups, kh, kw)
         Chunked like ``w`` on axis 0, whole on the others; summed over batch chunks, tiles and
         input-channel chunks as a tree.
