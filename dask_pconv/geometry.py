@@ -34,6 +34,7 @@ __all__ = [
     "output_chunks",
     "output_length",
     "plan_axis",
+    "pool_pads",
     "resolve_padding",
     "window",
     "window_pieces",
@@ -43,17 +44,18 @@ __all__ = [
 def normalize_pair(value, name, *, minimum=1):
     """Return ``value`` as a pair of ints, each ``>= minimum``.
 
-    Raises ``TypeError`` for non-integers and ``ValueError`` for values below ``minimum``,
-    naming the argument.
+    ``value`` is an int, or a tuple or list of one int (the same on both axes, as PyTorch
+    reads it) or of two.  Raises ``TypeError`` for anything else and ``ValueError`` for values
+    below ``minimum``, naming the argument.
     """
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        pair = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-        pair = (int(value[0]), int(value[1]))
-    else:
+    seq = (value,) if isinstance(value, numbers.Integral) else value
+    if not (
+        isinstance(seq, (tuple, list))
+        and len(seq) in (1, 2)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in seq)
+    ):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    pair = (int(seq[0]), int(seq[-1]))
     if min(pair) < minimum:
         if minimum == 1:
             raise ValueError(f"{name} must be positive, got {value!r}")
@@ -88,6 +90,27 @@ def output_length(length, kernel, stride, pad, dilation):
     """Output length along one axis; ``pad`` is ``(lo, hi)``.  May be <= 0 (caller rejects)."""
     span = dilation * (kernel - 1) + 1
     return (length + pad[0] + pad[1] - span) // stride + 1
+
+
+def pool_pads(length, kernel, stride, pad, dilation, ceil_mode):
+    """Padding ``(lo, hi)`` of one axis of a max-pooling with padding ``pad`` on both sides.
+
+    With ``ceil_mode`` the output length rounds up, as in PyTorch:
+    ``L_out = ceil((L + 2p - d*(k-1) - 1) / s) + 1``, less one if the last window would start
+    past the input and its left padding (``(L_out - 1)*s >= L + p``).  The windows the extra
+    outputs read run past the padding; ``hi`` grows to cover them, so that
+    ``output_length(length, kernel, stride, (lo, hi), dilation)`` is the pooled length in
+    either mode.  Without ``ceil_mode`` it is ``(pad, pad)``.
+    """
+    if not ceil_mode:
+        return (pad, pad)
+    span = dilation * (kernel - 1) + 1
+    n = -(-(length + 2 * pad - span) // stride) + 1
+    if n >= 1 and (n - 1) * stride >= length + pad:
+        n -= 1
+    if n < 1:
+        return (pad, pad)  # no output at all; the caller rejects it
+    return (pad, max(pad, (n - 1) * stride + span - length - pad))
 
 
 def output_chunks(in_chunks, kernel, stride, pad, dilation):

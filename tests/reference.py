@@ -1,8 +1,8 @@
 """Independent dense references: whole arrays, no chunks, no code from dask_pconv.
 
 The conv reference accumulates one kernel tap at a time with ``einsum`` on a zero-padded copy
-(not im2col + matmul as the engine does); the pooling reference uses NumPy's
-``sliding_window_view`` and ``np.add.at``.
+(not im2col + matmul as the engine does); the pooling reference is
+PyTorch's CPU loop written out one output position at a time, and ``np.add.at``.
 """
 
 import numpy as np
@@ -76,29 +76,56 @@ def conv2d_vjp_ref(x, w, gy, stride=1, padding=0, dilation=1, groups=1):
     return gxp[:, :, ph0 : ph0 + H, pw0 : pw0 + W], gw, gy.sum((0, 2, 3))
 
 
-def _pool_windows(x, kernel_size, stride, padding):
-    kh, kw = _pair(kernel_size)
+def _pool_out(L, k, s, p, d, ceil_mode):
+    """PyTorch's ``pooling_output_shape``."""
+    n = (L + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (n - 1) * s >= L + p:
+        n -= 1
+    return n
+
+
+def _pool_argmax(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Values and flat indices of PyTorch's CPU max-pool loop, one output position at a time:
+    taps in row-major order inside the image only, a tap wins if greater or NaN, and a window
+    whose taps never win points at its first tap inside the image."""
+    x = np.asarray(x, np.float64)
+    (kh, kw), (ph, pw), (dy, dx) = _pair(kernel_size), _pair(padding), _pair(dilation)
     sy, sx = _pair(stride if stride is not None else kernel_size)
-    ph, pw = _pair(padding)
-    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
-    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
-    return xp, win[:, :, ::sy, ::sx], (kh, kw, sy, sx, ph, pw)
+    N, C, H, W = x.shape
+    oH, oW = _pool_out(H, kh, sy, ph, dy, ceil_mode), _pool_out(W, kw, sx, pw, dx, ceil_mode)
+    val = np.full((N, C, oH, oW), -np.inf)
+    idx = np.zeros((N, C, oH, oW), np.int64)
+    some = np.zeros((oH, oW), bool)  # the window has a tap inside the image
+    flat = x.reshape(N, C, H * W)
+    for oh in range(oH):
+        for ow in range(oW):
+            r0, c0 = oh * sy - ph, ow * sx - pw
+            rows = [r0 + t * dy for t in range(kh) if 0 <= r0 + t * dy < H]
+            cols = [c0 + t * dx for t in range(kw) if 0 <= c0 + t * dx < W]
+            first_r = r0 + dy * -(r0 // dy) if r0 < 0 else r0
+            first_c = c0 + dx * -(c0 // dx) if c0 < 0 else c0
+            idx[:, :, oh, ow] = first_r * W + first_c
+            some[oh, ow] = bool(rows and cols)
+            for r in rows:
+                for c in cols:
+                    v = flat[:, :, r * W + c]
+                    win = (v > val[:, :, oh, ow]) | np.isnan(v)
+                    val[:, :, oh, ow] = np.where(win, v, val[:, :, oh, ow])
+                    idx[:, :, oh, ow] = np.where(win, r * W + c, idx[:, :, oh, ow])
+    return val, idx, some
 
 
-def max_pool2d_ref(x, kernel_size, stride=None, padding=0):
-    _, win, _ = _pool_windows(x, kernel_size, stride, padding)
-    return win.max(axis=(4, 5))
+def max_pool2d_ref(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    val, idx, _ = _pool_argmax(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return (val, idx) if return_indices else val
 
 
-def max_pool2d_vjp_ref(x, gy, kernel_size, stride=None, padding=0):
-    xp, win, (kh, kw, sy, sx, ph, pw) = _pool_windows(x, kernel_size, stride, padding)
-    N, C, oH, oW = win.shape[:4]
-    flat = win.reshape(N, C, oH, oW, kh * kw)
-    arg = np.argmax(flat, axis=-1)  # first maximum; NaN counts as maximal
-    rows = np.arange(oH)[None, None, :, None] * sy + arg // kw
-    cols = np.arange(oW)[None, None, None, :] * sx + arg % kw
-    n = np.arange(N)[:, None, None, None]
-    c = np.arange(C)[None, :, None, None]
-    g = np.zeros_like(xp)
-    np.add.at(g, (n, c, rows, cols), np.asarray(gy, np.float64))
-    return g[:, :, ph : ph + x.shape[2], pw : pw + x.shape[3]]
+def max_pool2d_vjp_ref(x, gy, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    _, idx, some = _pool_argmax(x, kernel_size, stride, padding, dilation, ceil_mode)
+    N, C, H, W = np.shape(x)
+    g = np.zeros((N, C, H * W))
+    gy = np.asarray(gy, np.float64)
+    for oh, ow in zip(*np.nonzero(some)):  # a window with no tap in the image passes nothing on
+        for n in range(N):
+            np.add.at(g[n], (np.arange(C), idx[n, :, oh, ow]), gy[n, :, oh, ow])
+    return g.reshape(N, C, H, W)

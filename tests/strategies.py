@@ -88,3 +88,14 @@ def assert_close(actual, expected, dtype):
     scale = max(np.abs(expected).max(), 1e-30)
     err = np.abs(actual.astype(np.float64) - expected).max() / scale
     assert err <= tolerance(dtype), f"relative error {err:.3g} > {tolerance(dtype)}"
+
+
+def assert_blocks_have_dtype(*arrays):
+    """Every block of each lazy array has the dtype the array reports (the concatenated result
+    alone would hide a block computed in another dtype: concatenation promotes)."""
+    import dask
+
+    for a in arrays:
+        blocks = dask.compute(*a.to_delayed().ravel())
+        got = {np.asarray(b).dtype for b in blocks}
+        assert got == {a.dtype}, f"reported {a.dtype}, computed {sorted(map(str, got))}"

@@ -7,7 +7,7 @@ import pytest
 
 from dask_pconv import autodiff as ad
 
-from strategies import assert_close
+from strategies import assert_blocks_have_dtype, assert_close
 
 RNG = np.random.default_rng(0)
 X4 = RNG.standard_normal((4, 3, 7, 6))
@@ -31,6 +31,10 @@ CASES = {
         [d(X4, CH4), d(RNG.standard_normal((6, 1, 3, 2)))],
     ),
     "max_pool2d": (lambda x: ad.max_pool2d(x, 3, 2, 1), [d(X4, CH4)]),
+    "max_pool2d dilated ceil_mode": (
+        lambda x: ad.max_pool2d(x, (2, 3), stride=2, padding=1, dilation=(2, 1), ceil_mode=True),
+        [d(X4, CH4)],
+    ),
     "relu": (ad.relu, [d(X4, CH4)]),
     "batch_norm train": (lambda x, g, b: ad.batch_norm(x, g, b), [d(X4, CH4), d(GAMMA), d(BETA)]),
     "batch_norm train relu": (
@@ -172,3 +176,27 @@ def test_accuracy_matches_numpy_for_any_chunking(chunks):
     assert 0 < want < 1
     got = accuracy(da.from_array(z, chunks=chunks), da.from_array(t, chunks=chunks[0])).compute()
     assert got == want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nn_ops_compute_the_dtype_they_report(dtype):
+    """Every block of every layer's output (and gradient) has the reported dtype, whatever
+    the chunking (the conv and pooling ops are checked in their own test files)."""
+    from dask_pconv.ops import nn
+
+    x = RNG.standard_normal((4, 6, 5, 5)).astype(dtype)
+    v = np.ones(6, dtype)
+    W = RNG.standard_normal((7, 150)).astype(dtype)
+    t = np.array([0, 1, 2, 3])
+    for chunks in [(4, 6, 5, 5), (1, 2, 2, 3), (2, 6, 5, 1)]:
+        xd = d(x, chunks)
+        g = xd * dtype(2)
+        z = xd.reshape(4, 150).rechunk((chunks[0], 50))
+        logits = nn.linear(z, W)
+        outs = [nn.relu(xd), nn.relu_vjp(xd, g), nn.batch_norm(xd, v, v), *nn.batch_norm_vjp(xd, v, g)]
+        outs += [nn.batch_norm(xd, v, v, v, v, relu=True), nn.dropout(xd, 0.5, 0, 1, 2)]
+        outs += [logits, *nn.linear_vjp(z, W, logits), nn.softmax_cross_entropy(logits, t)]
+        outs += [nn.softmax_cross_entropy_vjp(logits, t, da.ones((), dtype=dtype))]
+        outs += list(nn.batch_norm_running_update(nn.batch_norm_stats(xd), v, v))
+        assert all(o.dtype == dtype for o in outs)
+        assert_blocks_have_dtype(*outs)

@@ -23,6 +23,7 @@ from dask_pconv import cli
 from dask_pconv.cluster import connect
 from dask_pconv.data import load_cifar10, load_dataset, parse_split, synthetic
 from dask_pconv.models import VGG16
+from dask_pconv.ops import nn
 from dask_pconv.train import Trainer, _checksum, save_checkpoint
 
 from reference import conv2d_ref, conv2d_vjp_ref, max_pool2d_ref
@@ -37,7 +38,8 @@ def _unknown_chunks():
 
 
 CASES = [
-    ("x ndim", lambda: dp.conv2d(da.zeros((4, 8, 8)), W), ValueError, r"x must be 4-D"),
+    ("x ndim", lambda: dp.conv2d(da.zeros((8, 8)), W), ValueError, r"x must be 3-D \(C, H, W\) or 4-D"),
+    ("x 5-D", lambda: dp.conv2d(da.zeros((1, 2, 4, 8, 8)), W), ValueError, r"x must be 3-D .* or 4-D"),
     ("w ndim", lambda: dp.conv2d(X, np.zeros((6, 4, 3))), ValueError, r"w must be 4-D"),
     ("x type", lambda: dp.conv2d([[1.0]], W), TypeError, r"x must be a Dask"),
     ("channel mismatch", lambda: dp.conv2d(X, np.zeros((6, 3, 3, 3))), ValueError, r"channel mismatch"),
@@ -82,7 +84,14 @@ CASES = [
         r"x must have a floating dtype",
     ),
     ("integer w", lambda: dp.conv2d(X, W.astype(int)), TypeError, r"w must have a floating dtype"),
-    ("empty x", lambda: dp.conv2d(da.zeros((0, 4, 8, 8)), W), ValueError, r"x must not be empty"),
+    (
+        "empty channels",
+        lambda: dp.conv2d(da.zeros((2, 0, 8, 8)), W),
+        ValueError,
+        r"x must not be empty \(only the batch axis may be 0\)",
+    ),
+    ("empty image", lambda: dp.conv2d(da.zeros((2, 4, 0, 8)), W), ValueError, r"x must not be empty"),
+    ("empty w", lambda: dp.conv2d(X, np.zeros((0, 4, 3, 3))), ValueError, r"w must not be empty"),
     ("bias shape", lambda: dp.conv2d(X, W, b=np.zeros(5)), ValueError, r"b must have shape \(6,\)"),
     (
         "vjp g_y shape",
@@ -99,7 +108,7 @@ CASES = [
     ("pool kernel zero", lambda: dp.max_pool2d(X, 0), ValueError, r"kernel_size must be positive"),
     ("pool padding", lambda: dp.max_pool2d(X, 2, padding=2), ValueError, r"at most half of kernel_size"),
     ("pool too large", lambda: dp.max_pool2d(X, 9), ValueError, r"larger than the padded input"),
-    ("pool ndim", lambda: dp.max_pool2d(da.zeros((8, 8)), 2), ValueError, r"x must be 4-D"),
+    ("pool ndim", lambda: dp.max_pool2d(da.zeros((8, 8)), 2), ValueError, r"x must be 3-D .* or 4-D"),
     (
         "pool vjp g_y",
         lambda: dp.max_pool2d_vjp(X, np.zeros((2, 4, 3, 3)), 2),
@@ -137,6 +146,124 @@ CASES = [
     ),
     ("pool stride zero", lambda: dp.max_pool2d(X, 2, stride=0), ValueError, r"stride must be positive"),
     ("pool bool x", lambda: dp.max_pool2d(X > 0, 2), TypeError, r"x must have a floating dtype"),
+]
+
+
+X32 = X.astype(np.float32)
+W32 = W.astype(np.float32)
+_MASKED = np.ma.masked_array(
+    np.zeros((2, 4, 8, 8)), mask=np.zeros((2, 4, 8, 8), bool) | np.eye(8, dtype=bool)
+)
+_DA_MASKED = da.ma.masked_greater(X, 0.5)  # a dask.array.ma array: its blocks are masked arrays
+_V = np.ones(4)
+CASES += [
+    ("masked x", lambda: dp.conv2d(_MASKED, W), TypeError, r"x is a masked array: .* ignore its mask"),
+    ("dask masked x", lambda: dp.conv2d(_DA_MASKED, W), TypeError, r"x is a masked array"),
+    ("masked w", lambda: dp.conv2d(X, np.ma.masked_array(W)), TypeError, r"w is a masked array"),
+    ("masked b", lambda: dp.conv2d(X, W, np.ma.masked_array(np.zeros(6))), TypeError, r"b is a masked array"),
+    (
+        "masked g_y",
+        lambda: dp.conv2d_vjp(X, W, np.ma.masked_array(np.zeros((2, 6, 6, 6)))),
+        TypeError,
+        r"g_y is a masked array",
+    ),
+    ("pool masked x", lambda: dp.max_pool2d(_DA_MASKED, 2), TypeError, r"x is a masked array"),
+    (
+        "pool vjp masked g_y",
+        lambda: dp.max_pool2d_vjp(X, np.ma.masked_array(np.zeros((2, 4, 4, 4))), 2),
+        TypeError,
+        r"g_y is a masked array",
+    ),
+    ("split masked", lambda: dp.split(_MASKED, batch=2), TypeError, r"x is a masked array"),
+    ("relu masked", lambda: nn.relu(_DA_MASKED), TypeError, r"x is a masked array"),
+    ("batch_norm masked x", lambda: nn.batch_norm(_DA_MASKED, _V, _V), TypeError, r"x is a masked array"),
+    (
+        "batch_norm masked gamma",
+        lambda: nn.batch_norm(X, np.ma.masked_array(_V, [1, 0, 0, 0]), _V),
+        TypeError,
+        r"gamma is a masked array",
+    ),
+    (
+        "linear masked W",
+        lambda: nn.linear(X[:, :, 0, 0], np.ma.ones((3, 4))),
+        TypeError,
+        r"W is a masked array",
+    ),
+    ("dropout masked", lambda: nn.dropout(_DA_MASKED, 0.5, 0, 0, 0), TypeError, r"x is a masked array"),
+    (
+        "cross-entropy masked",
+        lambda: nn.softmax_cross_entropy(da.ma.masked_array(X[:, :, 0, 0]), np.zeros(2, int)),
+        TypeError,
+        r"z is a masked array",
+    ),
+    (
+        "float64 w with float32 x",
+        lambda: dp.conv2d(X32, W),
+        TypeError,
+        r"w has dtype float64 but x has dtype float32; .*not promoted",
+    ),
+    (
+        "float32 w with float64 x",
+        lambda: dp.conv2d(X, W32),
+        TypeError,
+        r"w has dtype float32 but x has dtype float64",
+    ),
+    (
+        "float64 b",
+        lambda: dp.conv2d(X32, W32, np.zeros(6)),
+        TypeError,
+        r"b has dtype float64 but x has dtype float32",
+    ),
+    (
+        "float64 g_y",
+        lambda: dp.conv2d_vjp(X32, W32, np.zeros((2, 6, 6, 6))),
+        TypeError,
+        r"g_y has dtype float64 but x has dtype float32",
+    ),
+    (
+        "vjp float64 w",
+        lambda: dp.conv2d_vjp(X32, W, np.zeros((2, 6, 6, 6), np.float32)),
+        TypeError,
+        r"w has dtype float64 but x has dtype float32",
+    ),
+    (
+        "pool vjp float64 g_y",
+        lambda: dp.max_pool2d_vjp(X32, np.zeros((2, 4, 4, 4)), 2),
+        TypeError,
+        r"g_y has dtype float64 but x has dtype float32",
+    ),
+    (
+        "unbatched vjp with batched g_y",
+        lambda: dp.conv2d_vjp(X[0], W, np.zeros((1, 6, 6, 6))),
+        ValueError,
+        r"g_y must be 3-D",
+    ),
+    (
+        "unbatched vjp g_y shape",
+        lambda: dp.conv2d_vjp(X[0], W, np.zeros((6, 6, 5))),
+        ValueError,
+        r"g_y must have the output shape \(6, 6, 6\)",
+    ),
+    ("pool dilation zero", lambda: dp.max_pool2d(X, 2, dilation=0), ValueError, r"dilation must be positive"),
+    (
+        "pool ceil_mode",
+        lambda: dp.max_pool2d(X, 2, ceil_mode="yes"),
+        TypeError,
+        r"ceil_mode must be True or False",
+    ),
+    (
+        "pool dilated too large",
+        lambda: dp.max_pool2d(X, 3, dilation=4),
+        ValueError,
+        r"effective size \(9, 9\) .* larger than the padded input",
+    ),
+    (
+        "stride triple",
+        lambda: dp.conv2d(X, W, stride=(1, 1, 1)),
+        TypeError,
+        r"stride must be an int or a pair",
+    ),
+    ("stride empty", lambda: dp.conv2d(X, W, stride=()), TypeError, r"stride must be an int or a pair"),
 ]
 
 
@@ -363,6 +490,50 @@ def test_bad_command_line(argv, match, tmp_path):
     assert rc == 2, err
     assert re.search(match, err), err
     assert "Traceback" not in err
+
+
+def _torch_cases():
+    torch = pytest.importorskip("torch", reason="the PyTorch oracle: pip install torch==2.13.0")
+    t = torch.zeros
+    return [
+        lambda: dp.conv2d(t(2, 4, 8, 8, dtype=torch.float64), W),
+        lambda: dp.conv2d(X, t(6, 4, 3, 3, dtype=torch.float64)),
+        lambda: dp.conv2d(X, W, t(6, dtype=torch.float64)),
+        lambda: dp.conv2d_vjp(X, W, t(2, 6, 6, 6, dtype=torch.float64)),
+        lambda: dp.max_pool2d(t(2, 4, 8, 8), 2),
+        lambda: dp.max_pool2d_vjp(X, t(2, 4, 4, 4, dtype=torch.float64), 2),
+        lambda: dp.split(t(2, 4, 8, 8), batch=2),
+        lambda: nn.linear(X[:, :, 0, 0], t(3, 4, dtype=torch.float64)),
+    ], ["x", "w", "b", "g_y", "x", "g_y", "x", "W"]
+
+
+def test_torch_tensors_are_refused_naming_the_argument():
+    """A torch.Tensor failed inside Dask ("Cannot interpret 'torch.float64' as a data type");
+    now a TypeError on the client names the argument and says how to pass it."""
+    calls, names = _torch_cases()
+    for call, name in zip(calls, names):
+        with pytest.raises(
+            TypeError, match=rf"^{name} is a torch.Tensor; .*{name}.detach\(\).cpu\(\).numpy\(\)"
+        ):
+            call()
+
+
+def test_the_checks_do_not_import_torch():
+    """Recognising a tensor never imports PyTorch (its import costs a worker ~180 MiB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, dask_pconv as dp\n"
+        "x = np.zeros((1, 1, 4, 4), np.float32)\n"
+        "dp.max_pool2d(dp.conv2d(x, np.ones((1, 1, 3, 3), np.float32)), 2).compute()\n"
+        "try:\n"
+        "    dp.conv2d(np.ma.masked_array(x), x)\n"
+        "except TypeError:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # -- documented results for legal but unusual input --------------------------------------------

@@ -93,3 +93,42 @@ def test_even_chunks():
         geo.normalize_pair(1.0, "stride")
     with pytest.raises(ValueError, match="dilation"):
         geo.normalize_pair((1, 0), "dilation")
+
+
+def test_normalize_pair_takes_one_element_tuples_as_pytorch_does():
+    assert geo.normalize_pair((3,), "stride") == (3, 3)
+    assert geo.normalize_pair([2], "padding", minimum=0) == (2, 2)
+    assert geo.normalize_pair([2, 5], "dilation") == (2, 5)
+    for bad in [(), (1, 2, 3), (True,), (1.0,), "2"]:
+        with pytest.raises(TypeError, match="stride must be an int or a pair"):
+            geo.normalize_pair(bad, "stride")
+    with pytest.raises(ValueError, match=r"stride must be positive, got \(0,\)"):
+        geo.normalize_pair((0,), "stride")
+
+
+@given(
+    st.integers(1, 30),
+    st.integers(1, 5),
+    st.integers(1, 4),
+    st.integers(0, 2),
+    st.integers(1, 3),
+    st.booleans(),
+)
+def test_pool_pads_give_pytorchs_output_length(L, k, s, p, d, ceil_mode):
+    """``pool_pads`` against PyTorch's ``pooling_output_shape`` (written out here): the padded
+    length gives its output length, the extra padding only covers what the last window reads,
+    and that window starts inside the input or its left padding."""
+    if p > k // 2:
+        return
+    span = d * (k - 1) + 1
+    n = (L + 2 * p - span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (n - 1) * s >= L + p:
+        n -= 1
+    lo, hi = geo.pool_pads(L, k, s, p, d, ceil_mode)
+    assert lo == p and hi >= p and (ceil_mode or hi == p)
+    assert geo.output_length(L, k, s, (lo, hi), d) == n or (
+        n < 1 and geo.output_length(L, k, s, (lo, hi), d) < 1
+    )
+    if n >= 1:
+        assert (n - 1) * s - p < L  # the last window's first tap is in the image or left padding
+        assert hi == p or (n - 1) * s + span == L + lo + hi  # no more padding than read

@@ -89,6 +89,15 @@ def test_ops_keep_standin_blocks_end_to_end():
         gp = rng.standard_normal(p.shape)
         gpx = dp.max_pool2d_vjp(xd, _device(gp, p.chunks), 3, 2, 1)
         assert_close(blocks_to_host(gpx), max_pool2d_vjp_ref(x, gp, 3, 2, 1), np.float64)
+        pool = dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)
+        p, idx = dp.max_pool2d(xd, **pool, return_indices=True)
+        assert isinstance(p._meta, StandInArray) and isinstance(idx._meta, StandInArray)
+        ep, ei = max_pool2d_ref(x, **pool, return_indices=True)
+        np.testing.assert_array_equal(blocks_to_host(p), ep)
+        np.testing.assert_array_equal(blocks_to_host(idx), ei)
+        gp = rng.standard_normal(p.shape)
+        gpx = dp.max_pool2d_vjp(xd, _device(gp, p.chunks), **pool)
+        assert_close(blocks_to_host(gpx), max_pool2d_vjp_ref(x, gp, **pool), np.float64)
     refused = [e for e in standin.LOG if e == "__array__" or e.startswith("mixed")]
     assert refused == []
     assert "matmul" in standin.LOG  # the kernels ran in the stand-in's namespace

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import dask_pconv as dp
 
 from reference import conv2d_ref, conv2d_vjp_ref
-from strategies import assert_close, conv_cases
+from strategies import assert_blocks_have_dtype, assert_close, conv_cases
 
 
 def _inputs(case):
@@ -201,3 +201,115 @@ def test_im2col_in_small_bands_matches_reference(case):
     ):
         _check_conv2d(case)
         _check_conv2d_vjp(case)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reported_dtype_is_computed_in_every_block(dtype, kernel):
+    """conv2d and conv2d_vjp compute, block by block, the dtype they report, in every split
+    (batch, input and output channels, tiles, mixed)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 9, 8)).astype(dtype)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    gy = rng.standard_normal((3, 6, 9, 8)).astype(dtype)
+    splits = [  # (split of x, chunks of w on axis 0: the output-channel split)
+        (dict(), 6),
+        (dict(batch=3), 4),
+        (dict(channel=2), 1),
+        (dict(spatial=(3, 2)), 6),
+        (dict(batch=2, channel=4, spatial=(9, 2)), 4),
+    ]
+    with dask.config.set({"pconv.conv-kernel": kernel}):
+        for s, w_chunks in splits:
+            xd, wd = dp.split(x, **s), da.from_array(w, chunks=(w_chunks, -1, -1, -1))
+            outs = (dp.conv2d(xd, wd, padding=1, groups=2), dp.conv2d(xd, wd, b, padding=1, groups=2))
+            outs += dp.conv2d_vjp(xd, wd, gy, padding=1, groups=2)
+            assert all(o.dtype == dtype for o in outs)
+            assert_blocks_have_dtype(*outs)
+
+
+# -- what torch.nn.functional.conv2d accepts: an empty batch, unbatched input, 1-tuples ---------
+def _like_torch_cases():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((6, 2, 3, 2))
+    b = rng.standard_normal(6)
+    kw = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+    one = dict(stride=(2,), padding=[1], dilation=(2,))  # one element: the same on both axes
+    as_ints = dict(stride=2, padding=1, dilation=2)
+    x4 = rng.standard_normal((2, 4, 9, 8))
+    return (
+        [
+            # (name, x, split of x, w chunks on axis 0, kwargs, the same kwargs for the reference)
+            ("empty batch", np.zeros((0, 4, 9, 8)), dict(), 6, kw, kw),
+            ("empty batch, split", np.zeros((0, 4, 9, 8)), dict(channel=2, spatial=(3, 2)), 4, kw, kw),
+            ("unbatched", x4[0], None, 6, kw, kw),
+            ("unbatched, split", x4[0], (2, 4, 3), 1, kw, kw),
+            (
+                "one-element tuples",
+                x4,
+                dict(batch=2, spatial=(2, 3)),
+                4,
+                dict(one, groups=2),
+                dict(as_ints, groups=2),
+            ),
+        ],
+        w,
+        b,
+    )
+
+
+def _run_like_torch(x, split, w_chunks, w, b, kw, gy):
+    if split is None:
+        xd = x
+    elif isinstance(split, dict):
+        xd = dp.split(x, **split)
+    else:
+        xd = da.from_array(x, chunks=split)
+    wd = da.from_array(w, chunks=(w_chunks, -1, -1, -1))
+    y = dp.conv2d(xd, wd, b, **kw)
+    grads = dp.conv2d_vjp(xd, wd, gy, **kw)
+    assert y.shape == gy.shape and grads[0].shape == x.shape
+    return dask.compute(y, *grads)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_batch_unbatched_input_and_one_element_tuples(kernel):
+    """Results of the reference: a batch of one for unbatched input (dropped again), an empty
+    result (and zero g_w, g_b) for an empty batch."""
+    cases, w, b = _like_torch_cases()
+    rng = np.random.default_rng(7)
+    for name, x, split, w_chunks, kw, ref_kw in cases:
+        x4 = x[None] if x.ndim == 3 else x
+        ey = conv2d_ref(x4, w, b, **ref_kw)
+        gy = rng.standard_normal(ey.shape[1:] if x.ndim == 3 else ey.shape)
+        ex, ew, eb = conv2d_vjp_ref(x4, w, gy[None] if x.ndim == 3 else gy, **ref_kw)
+        if x.ndim == 3:
+            ey, ex = ey[0], ex[0]
+        with dask.config.set({"pconv.conv-kernel": kernel}):
+            got = _run_like_torch(x, split, w_chunks, w, b, kw, gy)
+        for a, e in zip(got, (ey, ex, ew, eb)):
+            assert a.shape == e.shape, name
+            if e.size:
+                assert_close(a, e, np.float64)
+        if x.shape[0] == 0:
+            assert not got[2].any() and not got[3].any(), name
+
+
+def test_empty_batch_unbatched_input_and_one_element_tuples_match_torch():
+    torch = optional.need_torch()
+    F = torch.nn.functional
+    cases, w, b = _like_torch_cases()
+    rng = np.random.default_rng(8)
+    for name, x, split, w_chunks, kw, _ in cases:
+        xt, wt = torch.from_numpy(x.copy()).requires_grad_(), torch.from_numpy(w.copy()).requires_grad_()
+        bt = torch.from_numpy(b.copy()).requires_grad_()
+        yt = F.conv2d(xt, wt, bt, **kw)
+        gy = rng.standard_normal(tuple(yt.shape))
+        yt.backward(torch.from_numpy(gy))
+        got = _run_like_torch(x, split, w_chunks, w, b, kw, gy)
+        for a, e in zip(got, (yt.detach(), xt.grad, wt.grad, bt.grad)):
+            e = e.numpy()
+            assert a.shape == e.shape, name
+            if e.size:
+                assert_close(a, e, np.float64)

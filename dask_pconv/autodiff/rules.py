@@ -65,11 +65,15 @@ defvjp_all(conv2d, _conv2d_vjp)
 
 
 @primitive
-def max_pool2d(x, kernel_size, stride=None, padding=0):
-    return ops.max_pool2d(x, kernel_size, stride, padding)
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    return ops.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-defvjp(max_pool2d, lambda ans, x, k, s=None, p=0: lambda g: ops.max_pool2d_vjp(x, g, k, s, p))
+def _max_pool2d_vjp(ans, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    return lambda g: ops.max_pool2d_vjp(x, g, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+defvjp(max_pool2d, _max_pool2d_vjp)
 
 
 # -- elementwise and normalisation ---------------------------------------------------------

@@ -15,7 +15,7 @@ from .dropout import dropout_block
 from .labels import onehot
 from .linear import linear_forward, linear_grad_w, linear_grad_x
 from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats
-from .pool import max_pool2d_backward, max_pool2d_forward
+from .pool import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
 
 __all__ = [
     "Padded",
@@ -36,6 +36,7 @@ __all__ = [
     "linear_forward",
     "linear_grad_w",
     "linear_grad_x",
+    "max_pool2d_argmax",
     "max_pool2d_backward",
     "max_pool2d_forward",
     "onehot",

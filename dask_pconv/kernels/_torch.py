@@ -101,7 +101,12 @@ def _t(a, dtype):
         import cupy
 
         return _torch().from_dlpack(cupy.ascontiguousarray(a.astype(dtype, copy=False)))
-    return _torch().from_numpy(np.ascontiguousarray(a, dtype=dtype))
+    a = np.ascontiguousarray(a, dtype=dtype)
+    if not a.flags.writeable:
+        # PyTorch only reads it, but warns about any read-only buffer (an empty or broadcast
+        # block Dask made, say)
+        a = a.copy()
+    return _torch().from_numpy(a)
 
 
 def _out(t):

@@ -1,4 +1,12 @@
-"""Max pooling of one window block (padding, if any, is already in the window as -inf)."""
+"""Max pooling of one window block (padding, if any, is already in the window as -inf).
+
+Which element of a window is its maximum follows PyTorch's CPU and CUDA kernels exactly: the
+taps are visited in row-major order, skipping those in the padding; a tap wins if it is
+greater than the maximum so far or if it is NaN (so the *last* NaN of a window wins, otherwise
+the first maximum); before any tap wins, the window's first tap inside the image is its
+argmax (a window of -inf values points there).  ``origin`` is the image position ``(y0, x0)``
+of the window's first element (negative in the top or left padding).
+"""
 
 from __future__ import annotations
 
@@ -7,44 +15,89 @@ from ._window import materialize
 from .conv import _out_size, _taps, _window_size
 
 
-def _argmax_taps(x, kernel_size, stride):
-    """Max and the index ``i*kw + j`` of the first maximal tap (NaN counts as maximal)."""
+def _first_taps(xp, shape, kernel_size, stride, dilation, origin):
+    """Tap index ``i*kw + j`` of each window's first tap inside the image (int32)."""
+    kw = kernel_size[1]
+    idx = xp.zeros(shape, dtype=xp.int32)
+    # only windows that start in the top or left padding skip taps: a few rows and columns
+    for axis, (o0, s, d, k) in enumerate(zip(origin, stride, dilation, (kw, 1))):
+        for o in range(shape[2 + axis]):
+            start = o0 + o * s
+            if start >= 0:
+                break
+            skip = -(start // d)  # taps before the first one at or after 0 (ceil(-start / d))
+            sl = (slice(None), slice(None), o) if axis == 0 else (slice(None), slice(None), slice(None), o)
+            idx[sl] = idx[sl] + skip * k  # Python ints: no host-to-device copy
+    return idx
+
+
+def _argmax_taps(x, kernel_size, stride, dilation, origin):
+    """Max and tap index ``i*kw + j`` of each window's argmax (see the module docstring)."""
     x = materialize(x)
     xp = get_namespace(x)
     kh, kw = kernel_size
-    oH = _out_size(x.shape[2], kh, stride[0], 1)
-    oW = _out_size(x.shape[3], kw, stride[1], 1)
-    best = idx = None
-    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, (1, 1)):
+    N, C, Hw, Ww = x.shape
+    oH = _out_size(Hw, kh, stride[0], dilation[0])
+    oW = _out_size(Ww, kw, stride[1], dilation[1])
+    best = xp.full((N, C, oH, oW), float("-inf"), dtype=x.dtype)
+    idx = _first_taps(xp, best.shape, kernel_size, stride, dilation, origin)
+    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
         v = x[:, :, sl_y, sl_x]
-        if best is None:
-            best = v.copy()
-            idx = xp.zeros(v.shape, dtype=xp.int32)
-            continue
-        # strict '>' keeps the first maximum, as PyTorch does; a NaN wins and stays
-        better = (v > best) | (xp.isnan(v) & ~xp.isnan(best))
+        # padding is -inf: never greater than the maximum so far, never NaN, so never chosen
+        better = (v > best) | xp.isnan(v)
         best = xp.where(better, v, best)
         idx = xp.where(better, i * kw + j, idx)  # a Python int: no host-to-device copy
     return best, idx
 
 
 @layout_invariant
-def max_pool2d_forward(x, kernel_size, stride):
-    """Max over each ``kernel_size`` window of ``x``: ``(N, C, oH, oW)``."""
-    return _argmax_taps(x, kernel_size, stride)[0]
+def max_pool2d_forward(x, kernel_size, stride, dilation=(1, 1)):
+    """Max over each ``kernel_size`` window of ``x`` (taps ``dilation`` apart): ``(N, C, oH, oW)``.
+    NaN propagates."""
+    x = materialize(x)
+    xp = get_namespace(x)
+    kh, kw = kernel_size
+    oH = _out_size(x.shape[2], kh, stride[0], dilation[0])
+    oW = _out_size(x.shape[3], kw, stride[1], dilation[1])
+    best = None
+    for _, _, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
+        v = x[:, :, sl_y, sl_x]
+        if best is None:
+            best = v.copy()
+            continue
+        best = xp.where((v > best) | xp.isnan(v), v, best)
+    return best
 
 
 @layout_invariant
-def max_pool2d_backward(x, gy, kernel_size, stride):
+def max_pool2d_argmax(x, kernel_size, stride, dilation, origin, width):
+    """Max and argmax of each window: ``(values, indices)``, both ``(N, C, oH, oW)``.
+
+    ``indices`` (int64) are flat positions ``row * width + col`` in the image plane, as
+    ``torch.nn.functional.max_pool2d(..., return_indices=True)`` gives them; ``origin`` is the
+    window's image position and ``width`` the image's.
+    """
+    best, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
+    xp = get_namespace(best)
+    kw, (sy, sx), (dy, dx) = kernel_size[1], stride, dilation
+    oH, oW = best.shape[2:]
+    rows = xp.arange(oH, dtype=xp.int64).reshape(oH, 1) * (sy * width) + (origin[0] * width + origin[1])
+    base = rows + xp.arange(oW, dtype=xp.int64).reshape(1, oW) * sx  # (oH, oW): each window's origin
+    idx = idx.astype(xp.int64)
+    return best, base + (idx // kw) * (dy * width) + (idx % kw) * dx
+
+
+@layout_invariant
+def max_pool2d_backward(x, gy, kernel_size, stride, dilation=(1, 1), origin=(0, 0)):
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
     x = materialize(x)
     xp = get_namespace(x, gy)
     kh, kw = kernel_size
-    _, idx = _argmax_taps(x, kernel_size, stride)
+    _, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
     N, C, oH, oW = gy.shape
-    Hw, Ww = _window_size(oH, kh, stride[0], 1), _window_size(oW, kw, stride[1], 1)
+    Hw, Ww = _window_size(oH, kh, stride[0], dilation[0]), _window_size(oW, kw, stride[1], dilation[1])
     gx = xp.zeros((N, C, Hw, Ww), dtype=gy.dtype)
     zero = xp.zeros((), dtype=gy.dtype)
-    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, (1, 1)):
+    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
         gx[:, :, sl_y, sl_x] += xp.where(idx == i * kw + j, gy, zero)
     return gx

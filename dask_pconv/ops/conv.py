@@ -18,15 +18,17 @@ from .. import geometry as geo
 from ..kernels import canonical, conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, get_namespace
 from ._device import on_device_of
 from ._graph import Windows, scatter_windows, tree_sum, window_reach
-from ._validate import as_dask, check_groups, check_kernel_fits
+from ._validate import as_dask, batched, check_groups, check_kernel_fits, check_same_dtype
 
 
 class _ConvSetup:
     """Validated arguments and the geometry shared by forward and backward."""
 
     def __init__(self, x, w, stride, padding, dilation, groups):
-        x = as_dask(x, "x", 4)
-        w = on_device_of(as_dask(w, "w", 4), x)
+        x = as_dask(x, "x", (3, 4), empty_batch=True)
+        self.unbatched = x.ndim == 3
+        x = batched(x)
+        w = on_device_of(check_same_dtype(as_dask(w, "w", 4), "w", x), x)
         self.groups = groups = check_groups(groups)
         self.stride = geo.normalize_pair(stride, "stride")
         self.dilation = geo.normalize_pair(dilation, "dilation")
@@ -56,8 +58,8 @@ class _ConvSetup:
         self.plan_w = geo.plan_axis(x.chunks[3], kw, self.stride[1], self.pads[1], self.dilation[1])
         self.out_shape = (N, O) + self.out_hw
         self.out_chunks = (x.chunks[0], w.chunks[0], self.plan_h.out_chunks, self.plan_w.out_chunks)
-        self.dtype = np.result_type(x.dtype, w.dtype)
-        self.meta = x._meta.astype(self.dtype)
+        self.dtype = x.dtype  # w has it too: nothing is promoted
+        self.meta = x._meta
         # which (output-channel chunk, input-channel chunk) pairs meet, through which groups
         o_ranges = _ranges(w.chunks[0])
         c_ranges = _ranges(x.chunks[1])
@@ -146,26 +148,32 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 
     Parameters
     ----------
-    x : dask.array.Array, shape (N, C, H, W)
+    x : dask.array.Array, shape (N, C, H, W) or (C, H, W)
         Images, chunked any way on all four axes (a NumPy or CuPy array is wrapped as one
-        chunk).  Floating dtype.
+        chunk).  Floating dtype.  ``N`` may be 0 (an empty result); an unbatched ``(C, H, W)``
+        input gives an unbatched ``(O, oH, oW)`` result, as in PyTorch.
     w : array, shape (O, C/groups, kh, kw)
-        Filters: a NumPy/CuPy array or a Dask array.  Chunks of ``w`` on axis 0 split the
+        Filters: a NumPy/CuPy array or a Dask array, of ``x``'s dtype (nothing is promoted:
+        mixed dtypes are a ``TypeError``, as in PyTorch).  Chunks of ``w`` on axis 0 split the
         output channels (model parallelism); chunks on the other axes are merged.
     b : array, shape (O,), optional
-        Bias.
+        Bias, of ``x``'s dtype.
     stride, dilation : int or (int, int)
-        Positive.
+        Positive; a one-element tuple means the same on both axes, as in PyTorch.
     padding : int, (int, int), 'same' or 'valid'
         Zero padding on both sides of each spatial axis.  'same' keeps the size (stride 1
         only); an odd total goes to the end, as in PyTorch.
     groups : int
         Grouped convolution; ``groups == C`` is depthwise.
 
+    Masked arrays (NumPy's or ``dask.array.ma``'s) and ``torch.Tensor`` operands are a
+    ``TypeError``: the kernels would ignore a mask, and a tensor is passed as ``t.numpy()``.
+
     Returns
     -------
     dask.array.Array, shape (N, O, oH, oW)
-        ``oH = floor((H + 2*ph - dy*(kh-1) - 1) / sy) + 1`` and likewise ``oW``.  Chunks: the
+        ``oH = floor((H + 2*ph - dy*(kh-1) - 1) / sy) + 1`` and likewise ``oW``; the dtype of
+        ``x``.  Chunks: the
         batch chunks of ``x``, the output-channel chunks of ``w``, and spatial chunks from the
         tiles of ``x`` through the stride (output ``o`` belongs to the tile holding the centre
         of its window; empty chunks are dropped).  Input-channel chunks of ``x`` are summed
@@ -197,11 +205,11 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[s.x, s.w])
     y = Array(graph, name, s.out_chunks, meta=s.meta)
     if b is not None:
-        b = on_device_of(as_dask(b, "b", 1), y)
+        b = on_device_of(check_same_dtype(as_dask(b, "b", 1), "b", s.x), y)
         if b.shape != (s.out_shape[1],):
             raise ValueError(f"b must have shape ({s.out_shape[1]},), got {b.shape}")
-        y = y + b.rechunk((s.w.chunks[0],)).reshape(1, -1, 1, 1).astype(y.dtype, copy=False)
-    return y
+        y = y + b.rechunk((s.w.chunks[0],)).reshape(1, -1, 1, 1)
+    return y[0] if s.unbatched else y
 
 
 def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
@@ -212,15 +220,16 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
     x, w, stride, padding, dilation, groups
         As in :func:`conv2d`.
     g_y : array, shape (N, O, oH, oW)
-        Gradient with respect to the output; rechunked to the output chunks of :func:`conv2d`
-        if it is chunked otherwise.
+        Gradient with respect to the output (``(O, oH, oW)`` for an unbatched ``x``), of
+        ``x``'s dtype; rechunked to the output chunks of :func:`conv2d` if it is chunked
+        otherwise.
 
     Returns
     -------
     g_x : dask.array.Array, shape (N, C, H, W)
-        Chunked like ``x``.  A transposed convolution of ``g_y`` with ``w``, computed per
-        output tile on its window and added back into the tiles the window came from; summed
-        over output-channel chunks.
+        Chunked like ``x`` (and unbatched like it); all three results have ``x``'s dtype.  A
+        transposed convolution of ``g_y`` with ``w``, computed per output tile on its window
+        and added back into the tiles the window came from; summed over output-channel chunks.
     g_w : dask.array.Array, shape (O, C/groups, kh, kw)
         Chunked like ``w`` on axis 0, whole on the others; summed over batch chunks, tiles and
         input-channel chunks as a tree.
@@ -228,15 +237,17 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
         ``g_y.sum((0, 2, 3))``.
     """
     s = _ConvSetup(x, w, stride, padding, dilation, groups)
-    g_y = on_device_of(as_dask(g_y, "g_y", 4), s.x)
-    if g_y.shape != s.out_shape:
-        raise ValueError(f"g_y must have the output shape {s.out_shape}, got {g_y.shape}")
+    g_y = as_dask(g_y, "g_y", 3 if s.unbatched else 4, empty_batch=True)
+    g_y = on_device_of(check_same_dtype(g_y, "g_y", s.x), s.x)
+    out_shape = s.out_shape[1:] if s.unbatched else s.out_shape
+    if g_y.shape != out_shape:
+        raise ValueError(f"g_y must have the output shape {out_shape}, got {g_y.shape}")
+    g_y = batched(g_y)
     if g_y.chunks != s.out_chunks:
         g_y = g_y.rechunk(s.out_chunks)
     win = s.windows()
     tok = tokenize(s.token, g_y)
-    dtype = np.result_type(s.dtype, g_y.dtype)
-    meta = s.x._meta.astype(dtype)
+    meta = s.meta
     nN, nI, nJ = len(s.x.chunks[0]), len(s.plan_h.out_chunks), len(s.plan_w.out_chunks)
 
     # g_x: per window, summed over output-channel chunks, then scattered back into tiles
@@ -314,7 +325,7 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
         name=f"conv2d-gb-{tok}",
     )
     g_b = parts.sum(axis=(0, 2, 3))
-    return g_x, g_w, g_b
+    return (g_x[0] if s.unbatched else g_x), g_w, g_b
 
 
 __all__ = ["conv2d", "conv2d_vjp"]

@@ -30,6 +30,7 @@ from ..kernels import (
 )
 from ._device import on_device_of, wrap
 from ._graph import tree_sum
+from ._validate import check_plain
 
 __all__ = [
     "accuracy",
@@ -47,13 +48,23 @@ __all__ = [
 ]
 
 
+def _plain(**arrays):
+    """Refuse masked arrays and PyTorch tensors among the arguments (see ``check_plain``): the
+    block kernels would drop a mask and use the masked values."""
+    for name, a in arrays.items():
+        if a is not None:
+            check_plain(a, name)
+
+
 def relu(x):
     """``max(x, 0)`` elementwise."""
+    _plain(x=x)
     return da.maximum(x, x.dtype.type(0))
 
 
 def relu_vjp(x, g):
     """Gradient of :func:`relu`: ``g`` where ``x > 0``, else 0."""
+    _plain(x=x, g=g)
     return da.where(x > 0, g, g.dtype.type(0))
 
 
@@ -102,6 +113,7 @@ def _per_channel_reduce(name, func, blocks, rows, channel=()):
 def batch_norm_stats(x):
     """Batch statistics per channel over N (and H, W) across all chunks, as a lazy ``(3, C)``
     float64 array of ``(count, mean, M2)`` (merged exactly, in a tree)."""
+    _plain(x=x)
     _bn_index(x)
     return _per_channel_reduce(f"batch_norm-stats-{tokenize(x)}", bn_partial_stats, [x], rows=3)
 
@@ -121,6 +133,7 @@ def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
     across all chunks, biased variance; otherwise (evaluation) the given running statistics.
     ``eps`` defaults to Chainer's 2e-5.  One task per block, plus a tree for the statistics.
     """
+    _plain(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     ind = _bn_index(x)
     stats = _stats(x, mean, var)
     # tokenized as Dask arrays: a raw device (CuPy) array would be pickled, a copy to the host
@@ -218,6 +231,7 @@ def batch_norm_running_update(stats, mean, var, decay=0.9):
     """Chainer's running statistics after a training step: ``decay * old + (1 - decay) *
     batch``, with the unbiased batch variance.  ``stats`` is :func:`batch_norm_stats`'s
     ``(3, C)``; returns the new ``(mean, var)``, chunked like ``stats``'s channels."""
+    _plain(stats=stats, mean=mean, var=var)
     mean, var = _per_channel(mean, stats, mean.dtype), _per_channel(var, stats, var.dtype)
     out = []
     for which in ("mean", "var"):
@@ -246,6 +260,7 @@ def linear(x, W):
     """``x @ W.T`` for ``x`` (N, in) and ``W`` (out, in) (PyTorch layout); chunks of ``W`` on
     axis 0 split the outputs.  The contraction is whole in each task: chunks of ``x`` on axis 1
     (and of ``W``) are concatenated there, so the result does not depend on them."""
+    _plain(x=x, W=W)
     W = on_device_of(_as_dask(W), x)
     return da.blockwise(
         linear_forward,
@@ -264,6 +279,7 @@ def linear(x, W):
 def linear_vjp(x, W, g):
     """Gradients ``(g_x, g_W)`` of :func:`linear`, chunked like ``x`` and ``W``; each task's
     contraction is whole (over the output features for ``g_x``, the batch for ``g_W``)."""
+    _plain(x=x, W=W, g=g)
     W = on_device_of(_as_dask(W), x)
     tok = tokenize(x, W, g)
     g_x = da.blockwise(
@@ -305,6 +321,7 @@ def dropout(x, ratio, seed, step, layer):
     (hence of its block), so it does not depend on the chunking and a task recomputed after a
     lost worker gives the same mask.  Applying the same call to a gradient gives the VJP.
     """
+    _plain(x=x)
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"dropout ratio must be in [0, 1), got {ratio}")
     if ratio == 0.0:
@@ -337,11 +354,13 @@ def _log_softmax(z):
 
 def softmax_cross_entropy(z, t):
     """Mean over the batch of ``-log softmax(z)[t]``; ``z`` (N, K) logits, ``t`` (N,) labels."""
+    _plain(z=z, t=t)
     return -(_log_softmax(z) * _onehot(t, z)).sum() / z.shape[0]
 
 
 def softmax_cross_entropy_vjp(z, t, g):
     """Gradient of :func:`softmax_cross_entropy` with respect to ``z``."""
+    _plain(z=z, t=t, g=g)
     return (da.exp(_log_softmax(z)) - _onehot(t, z)) * (g / z.shape[0])
 
 
@@ -355,6 +374,7 @@ def accuracy(z, t):
     The arg-max is taken block by block over whole rows (the class axis is one chunk, rechunked
     if it was split): Dask's general arg-reduction across chunks goes through a structured
     dtype that CuPy supports only partly."""
+    _plain(z=z, t=t)
     if z.numblocks[1] > 1:
         z = z.rechunk({1: -1})
     meta = meta_from_array(z._meta, ndim=1, dtype=np.intp)

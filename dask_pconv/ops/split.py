@@ -31,7 +31,7 @@ def split(x, batch=None, channel=None, spatial=None):
     >>> x.chunks
     ((4, 4), (3,), (5, 5), (4, 3, 3))
     """
-    x = as_dask(x, "x", 4)
+    x = as_dask(x, "x", 4, empty_batch=True)
     chunks = dict()
     if batch is not None:
         chunks[0] = geo.even_chunks(x.shape[0], batch, "batch")
