@@ -3,7 +3,9 @@ messages of a resumed or interrupted run, and the files a fresh clone should not
 
 import argparse
 import contextlib
+import importlib.util
 import io
+import pathlib
 import re
 import shlex
 
@@ -12,6 +14,8 @@ from clusters import local_cluster
 
 from dask_pconv import cli
 from dask_pconv.profiling import report_paths
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*argv):
@@ -156,3 +160,36 @@ def test_report_paths_are_the_files_profile_writes():
         "out/report-summary.json",
         "out/report-summary.png",
     ]
+
+
+def _gitignore():
+    path = ROOT / ".gitignore"
+    if not path.exists():
+        pytest.skip("no .gitignore: not a git checkout (run the tests from a clone to check it)")
+    return path.read_text().split()
+
+
+def test_the_default_output_folders_are_ignored_by_git():
+    default_out = cli.build_parser().parse_args(["train"]).out
+    assert f"{default_out}/" in _gitignore()
+    assert "result-vgg16/" in _gitignore()  # examples/vgg16_model_parallel.py's --out
+
+
+def test_every_docs_page_is_in_the_table_of_contents():
+    docs = ROOT / "docs"
+    if not (docs / "index.rst").exists():
+        pytest.skip("no docs/ folder: not a source checkout")
+    index = (docs / "index.rst").read_text()
+    toctree = re.search(r"\.\. toctree::\n((?:\s+.*\n)+)", index).group(1).split()
+    pages = {p.stem for p in docs.iterdir() if p.suffix in (".rst", ".md") and p.stem != "index"}
+    assert pages <= set(toctree), sorted(pages - set(toctree))
+
+
+def test_the_large_image_example_says_what_its_error_is_relative_to():
+    path = ROOT / "examples" / "conv_large_image.py"
+    if not path.exists():
+        pytest.skip("no examples/ folder: not a source checkout")
+    spec = importlib.util.spec_from_file_location("conv_large_image", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.difference_line(1.2e-6, 1.79) == "max |difference| 1.2e-06, relative to max |y|: 6.7e-07"

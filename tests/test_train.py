@@ -124,6 +124,9 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "validation/main/accuracy" in out and "tasks per step" in out
+    files = ("report.html", "report-summary.json", "report-summary.png")
+    written = ", ".join(str(tmp_path / f) for f in files)
+    assert f"performance report and per-operator summary: {written}\n" in out
     assert (tmp_path / "checkpoint_epoch_1.npz").exists() and (tmp_path / "log.json").exists()
     html = (tmp_path / "report.html").read_text()
     assert "<html" in html.lower() and "Task Stream" in html
