@@ -12,8 +12,7 @@ import shlex
 import pytest
 from clusters import local_cluster
 
-from dask_pconv import cli
-from dask_pconv.profiling import report_paths
+from dask_pconv import cli, profiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -155,7 +154,7 @@ def test_resume_messages_header_and_tasks_per_step(tmp_path, monkeypatch):
 
 
 def test_report_paths_are_the_files_profile_writes():
-    assert [str(p) for p in report_paths("out/report.html")] == [
+    assert [str(p) for p in profiling.report_paths("out/report.html")] == [
         "out/report.html",
         "out/report-summary.json",
         "out/report-summary.png",
