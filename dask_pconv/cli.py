@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 import time
+import warnings
 
-from .data import DATASETS, load_dataset, parse_split
+from .data import DATASETS, check_split, format_split, load_dataset, parse_split
 
 __all__ = ["SetupError", "main", "train_command"]
 
@@ -47,39 +49,77 @@ def _positive_float(text):
 
 
 def _split_spec(text):
-    try:
-        return parse_split(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        try:
+            split = parse_split(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    for w in caught:  # the old spelling channel:N: one line, not a Python warning with a source line
+        print(f"dask-pconv train: warning: --split: {w.message}", file=sys.stderr)
+    return split
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default once: appended unless its help already says it (argparse's
+    ArgumentDefaultsHelpFormatter adds a second one, and "(default: None)" where the default is
+    worked out later)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0:  # a flag
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser():
+    """The ``dask-pconv`` argument parser (sub-command ``train``)."""
     ap = argparse.ArgumentParser(prog="dask-pconv", description="Exact chunked CNNs on Dask.")
     sub = ap.add_subparsers(dest="command")
     tr = sub.add_parser(
         "train",
         help="train VGG16 (the default command)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train VGG16 with one Dask graph per step on a new or an existing cluster.",
+        formatter_class=_HelpFormatter,
     )
-    tr.add_argument("--model", choices=["vgg16"], default="vgg16")
+    _train_options(tr)
+    return ap
+
+
+def _train_options(tr):
+    tr.add_argument("--model", choices=["vgg16"], default="vgg16", help="the network")
     tr.add_argument("--width", type=_positive_float, default=0.25, help="channel width multiplier")
-    tr.add_argument("--dataset", choices=DATASETS, default="digits")
-    tr.add_argument("--data-dir", default=None, help="folder with CIFAR-10's python batches")
-    tr.add_argument("--epochs", type=_positive_int, default=5)
-    tr.add_argument("--batch-size", type=_positive_int, default=64)
+    tr.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits (scikit-learn's, offline), cifar10 (needs --data-dir) or synthetic",
+    )
+    tr.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with CIFAR-10's python batches (default: none; cifar10 needs it)",
+    )
+    tr.add_argument("--epochs", type=_positive_int, default=5, help="train until this many epochs are done")
+    tr.add_argument("--batch-size", type=_positive_int, default=64, help="images per training step")
     tr.add_argument(
         "--lr",
         type=_positive_float,
         default=None,
         help="learning rate (default: 0.05 for cifar10 as Chainer's example, 0.02 for digits/synthetic)",
     )
-    tr.add_argument("--momentum", type=float, default=0.9)
-    tr.add_argument("--weight-decay", type=float, default=5e-4)
+    tr.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    tr.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay on every parameter")
     tr.add_argument(
         "--split",
         type=_split_spec,
-        default=parse_split("batch:2"),
-        help="batch:N, channel:N (output channels), spatial:HxW, or a mix: batch:2,spatial:2x2",
+        default="batch:2",
+        help="how each step is split: batch:N (images), out_channel:N (the weights' output "
+        "channels), spatial:HxW (image tiles; spatial:N means NxN), or a comma-separated mix "
+        "such as batch:2,spatial:2x2; at most one piece per image and one tile per pixel row "
+        "and column; channel:N is the old spelling of out_channel:N",
     )
     tr.add_argument(
         "--workers",
@@ -87,13 +127,20 @@ def build_parser():
         default=None,
         help="workers of a new cluster (default: 2; with --cuda, one per GPU)",
     )
-    tr.add_argument("--threads-per-worker", type=_positive_int, default=1)
-    tr.add_argument("--scheduler", default=None, help="address of an existing scheduler (tcp://host:port)")
+    tr.add_argument("--threads-per-worker", type=_positive_int, default=1, help="threads of each new worker")
+    tr.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of an existing scheduler, tcp://host:port (default: none, start a LocalCluster)",
+    )
     tr.add_argument(
         "--dashboard", default="127.0.0.1:0", help="dashboard address of a new cluster ('' for none)"
     )
     tr.add_argument(
-        "--report", default=None, help="write a performance report (HTML) and a per-operator summary"
+        "--report",
+        default=None,
+        help="write a performance report to this HTML file, and a per-operator summary beside it "
+        "(default: none)",
     )
     tr.add_argument(
         "--cuda",
@@ -110,8 +157,12 @@ def build_parser():
         "--tls", action="store_true", help="run the new cluster over TLS with temporary credentials"
     )
     tr.add_argument("--out", default="result", help="folder for log.json, plots and checkpoints")
-    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out (give the same options as the first run)",
+    )
+    tr.add_argument("--seed", type=int, default=0, help="seed of the weights, the shuffling and dropout")
     tr.add_argument(
         "--dropout",
         action=argparse.BooleanOptionalAction,
@@ -119,9 +170,30 @@ def build_parser():
         help="Chainer's dropout layers (default: on for cifar10, off for the small digits and "
         "synthetic sets, where at width 0.25 they keep VGG16 near chance for 10 epochs)",
     )
-    tr.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    tr.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter dtype")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
+
+
+def _command_line(args):
+    """The ``dask-pconv train`` command that gives ``args``: every option that differs from its
+    default (an interrupted run is continued by this plus ``--resume``)."""
+    options = argparse.ArgumentParser(add_help=False)
+    _train_options(options)
+    words = ["dask-pconv", "train"]
+    for action in options._actions:
+        value = getattr(args, action.dest)
+        default = action.default
+        if isinstance(default, str) and action.type is not None:
+            default = action.type(default)
+        if value == default:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(f"--{'' if value else 'no-'}{action.dest.replace('_', '-')}")
+        elif action.nargs == 0:
+            words.append(action.option_strings[0])
+        else:
+            words += [action.option_strings[0], format_split(value) if action.dest == "split" else str(value)]
+    return shlex.join(words)
 
 
 class SetupError(Exception):
@@ -141,9 +213,13 @@ def _setup(what):
 def train_command(args, stream=None):
     """Run ``dask-pconv train`` with parsed ``args``.
 
-    Raises :class:`SetupError` for bad input found before training starts.  On
-    ``KeyboardInterrupt`` (Ctrl-C, SIGINT) it says which checkpoint ``--resume`` will continue
-    from and re-raises; checkpoints are written atomically, so the last complete one is intact.
+    Raises :class:`SetupError` for bad input found before training starts (the split is checked
+    against the data before any cluster starts).  On ``KeyboardInterrupt`` (Ctrl-C, SIGINT) it
+    names the last complete checkpoint and prints the command that continues the same run (these
+    options plus ``--resume``), then re-raises; checkpoints are written atomically, so the last
+    complete one is intact.  A ``--resume`` that finds no checkpoint says so and starts from
+    epoch 1; one whose checkpoint already holds ``--epochs`` epochs says that training is
+    complete and trains nothing.
     """
     from .cluster import connect
     from .models import VGG16
@@ -165,6 +241,10 @@ def train_command(args, stream=None):
         train_set, val_set = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
     if args.batch_size > len(train_set):
         raise SetupError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training images")
+    try:  # before the cluster starts (issue 10: a traceback after it had)
+        check_split(args.split, (args.batch_size, *train_set.x.shape[1:]))
+    except ValueError as e:
+        raise SetupError(f"--split: {e}") from e
     recipe = RECIPES[args.dataset]
     dropout = args.dropout if args.dropout is not None else recipe["dropout"]
     lr = args.lr if args.lr is not None else recipe["lr"]
@@ -206,10 +286,19 @@ def train_command(args, stream=None):
                 resumed = trainer.resume()
             if resumed:
                 print(f"resumed from epoch {trainer.epoch} (step {trainer.step})", file=stream)
+            else:
+                print(f"nothing to resume: no checkpoint in {args.out}; starting from epoch 1", file=stream)
+        if trainer.epoch >= args.epochs:
+            print(
+                f"training is already complete: {args.out} holds epoch {trainer.epoch} and --epochs is "
+                f"{args.epochs}; nothing to do (raise --epochs to train on)",
+                file=stream,
+            )
+            return trainer.log
         dashboard = client.dashboard_link if args.scheduler or args.dashboard else "off"
         print(
             f"VGG16 width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
-            f"{len(train_set)} train / {len(val_set)} validation; split {args.split or 'none'}; "
+            f"{len(train_set)} train / {len(val_set)} validation; split {format_split(args.split)}; "
             f"lr {lr}, dropout {'on' if dropout else 'off'}; "
             f"{len(client.scheduler_info()['workers'])} workers; dashboard {dashboard}",
             file=stream,
@@ -217,23 +306,27 @@ def train_command(args, stream=None):
         t0 = time.perf_counter()
         try:
             if args.report:
-                from .profiling import profile
+                from .profiling import profile, report_paths
 
                 with profile(args.report):
                     log = trainer.run(args.epochs)
+                written = ", ".join(str(p) for p in report_paths(args.report))
+                print(f"performance report and per-operator summary: {written}", file=stream)
             else:
                 log = trainer.run(args.epochs)
         except KeyboardInterrupt:
             last = trainer.latest_checkpoint()
+            again = _command_line(args)
             where = (
-                f"the last complete checkpoint is {last}; continue with --resume --out {args.out}"
+                f"the last complete checkpoint is {last}; continue with: "
+                f"{again if args.resume else again + ' --resume'}"
                 if last
-                else "no epoch was complete, so there is no checkpoint yet"
+                else f"no epoch was complete, so there is no checkpoint yet; start again with: {again}"
             )
             msg = f"interrupted in epoch {trainer.epoch + 1} (after step {trainer.step}); {where}"
             print(f"\n{msg}", file=sys.stderr)
             raise
-        if log:
+        if trainer.tasks_per_step is not None:  # None when no step ran
             print(
                 f"tasks per step: {trainer.tasks_per_step}; {time.perf_counter() - t0:.1f} s; "
                 f"log, plots and checkpoints in {args.out}/",

@@ -31,7 +31,9 @@ def _scatter_arrays(mapping, client):
     out = dict(mapping)
     names = [k for k, v in mapping.items() if isinstance(v, np.ndarray)]
     if names:
-        futures = client.scatter([mapping[k] for k in names])
+        # hash=False: keys of their own; hashed by content, equal arrays (BatchNorm's ones and
+        # zeros of one size) shared one key, and the first step's graph had fewer tasks
+        futures = client.scatter([mapping[k] for k in names], hash=False)
         for k, f in zip(names, futures):
             out[k] = da.from_delayed(f, shape=mapping[k].shape, dtype=mapping[k].dtype)
     return out

@@ -10,7 +10,8 @@ Every loader returns a pair of :class:`Dataset` objects whose images are float32
 - :func:`synthetic` -- a small learnable set made from a seed.
 
 :func:`epoch_batches` cuts an epoch into index batches, :func:`parse_split` reads a split spec
-such as ``"batch:2,spatial:2x2"`` and :func:`to_dask` turns one NumPy batch into Dask arrays
+such as ``"batch:2,spatial:2x2"`` (:func:`format_split` writes one back, :func:`check_split`
+checks one against a batch's shape) and :func:`to_dask` turns one NumPy batch into Dask arrays
 chunked for that split.
 """
 
@@ -20,6 +21,7 @@ import functools
 import numbers
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,9 @@ from .ops import split as _split
 __all__ = [
     "DATASETS",
     "Dataset",
+    "check_split",
     "epoch_batches",
+    "format_split",
     "load_cifar10",
     "load_dataset",
     "load_digits",
@@ -41,7 +45,10 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "cifar10", "synthetic")
-_SPLIT_AXES = ("batch", "channel", "spatial")
+_SPLIT_AXES = ("batch", "out_channel", "spatial")
+#: the old spelling of ``out_channel``: read as it, with a DeprecationWarning (issue 10: it read
+#: as input channels, which is what ``dask_pconv.split(x, channel=n)`` splits)
+_OLD_CHANNEL = "channel"
 
 _CIFAR_SUBDIR = "cifar-10-batches-py"
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -442,14 +449,16 @@ def parse_split(spec):
     ----------
     spec : str
         Comma-separated ``axis:count`` parts, each axis at most once: ``batch:<n>`` (data
-        parallel), ``channel:<n>`` (output channels of the weights, model parallel),
-        ``spatial:<h>x<w>`` or ``spatial:<n>`` (meaning ``<n>x<n>`` tiles).  ``"none"``, an
-        empty string or None mean no split.  Case and spaces around parts are ignored.
+        parallel), ``out_channel:<n>`` (output channels of the weights, model parallel),
+        ``spatial:<h>x<w>`` or ``spatial:<n>`` (meaning ``<n>x<n>`` tiles, as
+        ``dask_pconv.split(x, spatial=n)``).  ``"none"``, an empty string or None mean no
+        split.  Case and spaces around parts are ignored.  ``channel:<n>`` is the old spelling
+        of ``out_channel:<n>``: it is read as that, with a ``DeprecationWarning``.
 
     Returns
     -------
     dict
-        Keys among ``'batch'`` (int), ``'channel'`` (int) and ``'spatial'`` ((int, int)),
+        Keys among ``'batch'`` (int), ``'out_channel'`` (int) and ``'spatial'`` ((int, int)),
         e.g. ``{'batch': 2, 'spatial': (2, 2)}``.
 
     Raises
@@ -465,7 +474,7 @@ def parse_split(spec):
     text = spec.strip().lower()
     if text in ("", "none"):
         return {}
-    out = {}
+    out, old_part = {}, None
     for part in (p.strip() for p in text.split(",")):
         axis, sep, value = (s.strip() for s in part.partition(":"))
         if not sep:
@@ -473,6 +482,9 @@ def parse_split(spec):
                 f"split part {part!r} of {spec!r} must look like 'axis:count' "
                 f"with axis one of {', '.join(_SPLIT_AXES)}"
             )
+        old_spelling = axis == _OLD_CHANNEL
+        if old_spelling:
+            axis = "out_channel"
         if axis not in _SPLIT_AXES:
             raise ValueError(
                 f"unknown split axis {axis!r} in part {part!r} of {spec!r}; "
@@ -489,7 +501,95 @@ def parse_split(spec):
             out[axis] = tuple(_split_count(s, part, spec) for s in hw)
         else:
             out[axis] = _split_count(value, part, spec)
+        if old_spelling:
+            old_part = part
+    if old_part is not None:  # once the whole spec is known to be good
+        warnings.warn(
+            f"split part {old_part!r}: 'channel:N' is the old spelling of 'out_channel:N' (the "
+            "weights' output channels, not dask_pconv.split's input channels); read as "
+            f"'out_channel:{out['out_channel']}'",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     return out
+
+
+def _normalize_split(split):
+    """A split dict with the old ``channel`` key renamed ``out_channel``; unknown keys refused."""
+    if split is None or isinstance(split, str):
+        return parse_split(split)
+    if not isinstance(split, dict):
+        raise TypeError(f"split must be a dict from parse_split or a string, got {split!r}")
+    split = dict(split)
+    if _OLD_CHANNEL in split:
+        if "out_channel" in split:
+            raise ValueError(f"split {split!r} gives both 'channel' (the old name) and 'out_channel'")
+        split["out_channel"] = split.pop(_OLD_CHANNEL)
+    unknown = set(split) - set(_SPLIT_AXES)
+    if unknown:
+        raise ValueError(f"unknown split axes {sorted(unknown)}; choose from {', '.join(_SPLIT_AXES)}")
+    return split
+
+
+def format_split(split):
+    """A split dict written as a spec :func:`parse_split` reads back, e.g. ``"batch:2,spatial:2x2"``.
+
+    Parameters
+    ----------
+    split : dict
+        As returned by :func:`parse_split` (the old key ``channel`` is written as ``out_channel``).
+
+    Returns
+    -------
+    str
+        The parts in the order ``batch``, ``out_channel``, ``spatial`` (always ``HxW``), or
+        ``"none"`` for no split.
+    """
+    split = _normalize_split(split)
+    parts = []
+    for axis in _SPLIT_AXES:
+        if axis in split:
+            v = split[axis]
+            parts.append(f"{axis}:{v[0]}x{v[1]}" if axis == "spatial" else f"{axis}:{v}")
+    return ",".join(parts) or "none"
+
+
+def check_split(split, shape):
+    """Check that a split fits batches of ``shape``, before anything is built or started.
+
+    Parameters
+    ----------
+    split : dict or str
+        As returned by :func:`parse_split` (a string is parsed first).
+    shape : tuple of int
+        A batch's shape ``(N, C, H, W)``.
+
+    Returns
+    -------
+    dict
+        The split, with the old key ``channel`` renamed ``out_channel``.
+
+    Raises
+    ------
+    ValueError
+        If ``batch`` asks for more pieces than the ``N`` images, or ``spatial`` for more tiles
+        than the image has rows or columns (a tile holds at least one pixel).  That is all a
+        spatial split needs: the tiles of the smaller feature maps deeper in a network are
+        merged by the pooling layers on their own (VGG16's last 1x1 map is one tile).
+        ``out_channel`` is not checked here: a model splits each layer into at most as many
+        pieces as it has output channels.
+    """
+    split = _normalize_split(split)
+    n, _, h, w = shape
+    if split.get("batch", 1) > n:
+        raise ValueError(f"batch:{split['batch']} asks for more pieces than the {n} images of a batch")
+    nh, nw = split.get("spatial", (1, 1))
+    if nh > h or nw > w:
+        raise ValueError(
+            f"spatial:{nh}x{nw} asks for more tiles than an image has pixels ({h}x{w}): a tile holds "
+            "at least one row and one column"
+        )
+    return split
 
 
 def to_dask(x, t, split=None):
@@ -503,9 +603,10 @@ def to_dask(x, t, split=None):
         Their labels.
     split : dict or str, optional
         As returned by :func:`parse_split` (a string is parsed first).  ``batch`` and
-        ``spatial`` chunk ``x`` as :func:`dask_pconv.split` does.  ``channel`` is *not*
-        applied to the images: it splits the model's weights by output channel, which is
-        the model's job, so ``x`` keeps all its channels in one chunk.
+        ``spatial`` chunk ``x`` as :func:`dask_pconv.split` does.  ``out_channel`` (or its
+        old name ``channel``) is *not* applied to the images: it splits the model's weights
+        by output channel, which is the model's job, so ``x`` keeps all its channels in one
+        chunk.
 
     Returns
     -------
@@ -514,13 +615,7 @@ def to_dask(x, t, split=None):
     td : dask.array.Array, shape (N,)
         ``t`` chunked along N exactly like ``xd``'s axis 0.
     """
-    if split is None or isinstance(split, str):
-        split = parse_split(split)
-    if not isinstance(split, dict):
-        raise TypeError(f"split must be a dict from parse_split or a string, got {split!r}")
-    unknown = set(split) - set(_SPLIT_AXES)
-    if unknown:
-        raise ValueError(f"unknown split axes {sorted(unknown)}; choose from {', '.join(_SPLIT_AXES)}")
+    split = _normalize_split(split)
     x = np.asarray(x)
     t = np.asarray(t)
     if x.ndim != 4:

@@ -31,9 +31,15 @@ class MomentumSGD:
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
 
     def init_state(self, params):
-        """Zero velocities shaped and chunked like ``params`` (name -> array)."""
+        """Zero velocities shaped and chunked like ``params`` (name -> array).
+
+        Each has keys of its own: ``zeros_like`` names its result by shape, dtype and chunks
+        only, so parameters of one shape shared one set of keys, and the first training step's
+        graph had fewer tasks than the others."""
         return {
-            k: da.zeros_like(v) if isinstance(v, da.Array) else da.zeros(v.shape, v.dtype)
+            k: da.zeros_like(v, name=f"sgd-velocity-init-{tokenize(k, v)}")
+            if isinstance(v, da.Array)
+            else da.zeros(v.shape, v.dtype, name=f"sgd-velocity-init-{tokenize(k, v)}")
             for k, v in params.items()
         }
 

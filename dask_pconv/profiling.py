@@ -23,7 +23,7 @@ from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["CATEGORIES", "PeakMemory", "categorize", "peak_memory", "profile", "summarize"]
+__all__ = ["CATEGORIES", "PeakMemory", "categorize", "peak_memory", "profile", "report_paths", "summarize"]
 
 #: summary category -> task-name prefixes (matched in order; the first match wins)
 CATEGORIES = {
@@ -90,6 +90,24 @@ def _drop_remote_icon(path):
         path.write_text(out, encoding="utf-8")
 
 
+def report_paths(path):
+    """The files :func:`profile` writes for ``path``.
+
+    Parameters
+    ----------
+    path : str or path
+        The performance report's file name, e.g. ``"report.html"``.
+
+    Returns
+    -------
+    tuple of pathlib.Path
+        ``(path, <stem>-summary.json, <stem>-summary.png)``, in that order.
+    """
+    path = Path(path)
+    stem = path.with_suffix("")
+    return path, Path(f"{stem}-summary.json"), Path(f"{stem}-summary.png")
+
+
 @contextlib.contextmanager
 def profile(path):
     """Record what runs inside on the active ``distributed.Client``.
@@ -97,21 +115,20 @@ def profile(path):
     Writes ``path`` (distributed's performance report, self-contained HTML: ``mode="inline"``
     so it opens with no network), and beside it ``<stem>-summary.json`` and
     ``<stem>-summary.png``: seconds per operator (conv forward, grad-x, grad-w, halo slicing,
-    BatchNorm, pooling, reductions, optimizer, transfers, ...).  Yields a dict that holds the
-    summary once the block ends.
+    BatchNorm, pooling, reductions, optimizer, transfers, ...); :func:`report_paths` names the
+    three.  Yields a dict that holds the summary once the block ends.
     """
     from distributed import get_task_stream, performance_report
 
-    path = Path(path)
+    path, summary_json, summary_png = report_paths(path)
     result = {}
     with performance_report(filename=str(path), mode="inline"), get_task_stream() as ts:
         yield result
     _drop_remote_icon(path)
     summary = summarize(ts.data)
     result.update(summary)
-    stem = path.with_suffix("")
-    Path(f"{stem}-summary.json").write_text(json.dumps({"seconds": summary, "tasks": len(ts.data)}, indent=2))
-    _chart(summary, f"{stem}-summary.png")
+    summary_json.write_text(json.dumps({"seconds": summary, "tasks": len(ts.data)}, indent=2))
+    _chart(summary, summary_png)
 
 
 class PeakMemory(WorkerPlugin):

@@ -44,6 +44,12 @@ def reference(image, w):
     return out
 
 
+def difference_line(err, scale):
+    """The line that reports the largest difference from the reference, and that relative to
+    the largest output value."""
+    return f"max |difference| {err:.2g}, relative to max |y|: {err / scale:.2g}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=int, default=4, help="enlarge the 512x512 photo this many times")
@@ -88,7 +94,7 @@ def main(argv=None):
     scale = np.abs(ref).max()
     print(f"tiled conv2d ({args.tiles}x{args.tiles} tiles, {args.workers} workers): {t_tiled:.2f} s")
     print(f"unsplit reference (scipy.ndimage.correlate):  {t_ref:.2f} s")
-    print(f"max abs difference: {err:.3g} (relative to max |y| {err / scale:.3g})")
+    print(difference_line(err, scale))
     if err / scale > 1e-4:
         raise SystemExit("tiled result differs from the unsplit reference")
 

@@ -16,7 +16,7 @@ Prints Chainer's LogReport table per epoch and writes log.json, plots and checkp
 import argparse
 
 from dask_pconv.cluster import connect
-from dask_pconv.data import load_dataset, parse_split
+from dask_pconv.data import format_split, load_dataset, parse_split
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
@@ -25,7 +25,7 @@ from dask_pconv.train import Trainer
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", help="CIFAR-10 python batches; without it the bundled digits are used")
-    ap.add_argument("--split", default="channel:4")
+    ap.add_argument("--split", default="out_channel:4", help="as dask-pconv train's --split")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--width", type=float, default=1.0)
@@ -39,7 +39,7 @@ def main(argv=None):
     split = parse_split(args.split)
     with connect(n_workers=args.workers, threads_per_worker=1) as client:
         print(
-            f"{dataset}, VGG16 width {args.width}, split {split}, {args.workers} workers, "
+            f"{dataset}, VGG16 width {args.width}, split {format_split(split)}, {args.workers} workers, "
             f"dashboard {client.dashboard_link}"
         )
         trainer = Trainer(

@@ -1,5 +1,6 @@
 import pickle
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -284,12 +285,12 @@ def test_epoch_batches_bad_args(args, err, match):
         (" None ", {}),
         (None, {}),
         ("batch:2", {"batch": 2}),
-        ("channel:4", {"channel": 4}),
+        ("out_channel:4", {"out_channel": 4}),
         ("spatial:2x2", {"spatial": (2, 2)}),
         ("spatial:2", {"spatial": (2, 2)}),
         ("spatial:3x1", {"spatial": (3, 1)}),
         ("batch:2,spatial:2x1", {"batch": 2, "spatial": (2, 1)}),
-        ("batch:2, channel:2, spatial:1x4", {"batch": 2, "channel": 2, "spatial": (1, 4)}),
+        ("batch:2, out_channel:2, spatial:1x4", {"batch": 2, "out_channel": 2, "spatial": (1, 4)}),
         ("BATCH:8,Spatial:2X2", {"batch": 8, "spatial": (2, 2)}),
         ("batch: 2", {"batch": 2}),
     ],
@@ -308,7 +309,9 @@ def test_parse_split_good(spec, expected):
         ("batch:-1", "batch:-1"),
         ("batch:1.5", "batch:1.5"),
         ("batch:two", "batch:two"),
-        ("channel:+2", r"channel:\+2"),
+        ("out_channel:+2", r"out_channel:\+2"),
+        ("channel:+2", r"channel:\+2"),  # the old spelling: refused like the new one, no warning first
+        ("channel:2,out_channel:2", "twice"),
         ("batch:2,batch:4", "twice"),
         ("spatial:2x", "spatial:2x"),
         ("spatial:x2", "spatial:x2"),
@@ -344,7 +347,7 @@ def test_to_dask_chunks():
 
 def test_to_dask_channel_split_leaves_images_whole():
     x = np.zeros((4, 3, 8, 8), np.float32)
-    xd, td = data.to_dask(x, np.zeros(4, np.int64), data.parse_split("channel:3,batch:2"))
+    xd, td = data.to_dask(x, np.zeros(4, np.int64), data.parse_split("out_channel:3,batch:2"))
     assert xd.chunks == ((2, 2), (3,), (8,), (8,))
     assert td.chunks == ((2, 2),)
     for split in (None, {}, "none"):
@@ -365,3 +368,57 @@ def test_to_dask_bad_args():
         data.to_dask(x, t[:3], {})
     with pytest.raises(TypeError, match="split"):
         data.to_dask(x, t, 2)
+
+
+def test_parse_split_reads_the_old_channel_spelling_as_output_channels():
+    with pytest.warns(DeprecationWarning, match=r"'channel:N' is the old spelling of 'out_channel:N'"):
+        assert data.parse_split("batch:2,channel:4") == {"batch": 2, "out_channel": 4}
+
+
+@pytest.mark.parametrize(
+    "split, spec",
+    [
+        ({}, "none"),
+        ({"spatial": (2, 3), "batch": 2}, "batch:2,spatial:2x3"),
+        ({"out_channel": 4}, "out_channel:4"),
+        ({"channel": 4}, "out_channel:4"),  # the old key of a dict
+        ("spatial:2", "spatial:2x2"),
+    ],
+)
+def test_format_split_writes_what_parse_split_reads(split, spec):
+    assert data.format_split(split) == spec
+    assert data.parse_split(spec) == data.check_split(split, (8, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "split, match",
+    [
+        ("batch:9", r"batch:9 asks for more pieces than the 8 images of a batch"),
+        ("spatial:33x1", r"spatial:33x1 asks for more tiles than an image has pixels \(32x32\)"),
+        ("spatial:1x33", r"spatial:1x33"),
+        ({"channel": 2, "out_channel": 2}, r"both 'channel' \(the old name\) and 'out_channel'"),
+        ({"depth": 2}, r"unknown split axes \['depth'\]"),
+    ],
+)
+def test_check_split_refuses_what_does_not_fit(split, match):
+    with pytest.raises(ValueError, match=match):
+        data.check_split(split, (8, 3, 32, 32))
+
+
+def test_the_largest_split_check_split_allows_trains():
+    """One pixel row per tile (32 tiles: every feature map from 16x16 down to VGG16's last 1x1
+    has fewer rows than that): the loss and gradients equal the unsplit ones, so check_split's
+    bound is what the code needs."""
+    from dask_pconv.models import VGG16
+
+    x = np.random.default_rng(0).random((2, 3, 32, 32))
+    t = np.array([0, 1])
+    m = VGG16(n_classes=2, width=0.0625, seed=0, dtype=np.float64)
+    out = {}
+    for spec in ("none", "spatial:32x1"):
+        xd, td = data.to_dask(x, t, data.check_split(spec, x.shape))
+        out[spec] = dask.compute(*m.forward_backward(xd, td, dropout=False), scheduler="sync")
+    (l0, g0), (l1, g1) = out.values()
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-9, atol=1e-12, err_msg=k)

@@ -31,3 +31,12 @@ def test_split_keeps_values():
 def test_split_rejects_bad_counts(kw, err, match):
     with pytest.raises(err, match=match):
         dp.split(da.zeros((10, 6, 7, 9)), **kw)
+
+
+def test_in_channel_is_the_named_spelling_of_channel():
+    x = da.zeros((2, 6, 4, 4))
+    assert dp.split(x, in_channel=3).chunks[1] == (2, 2, 2) == dp.split(x, channel=3).chunks[1]
+    with pytest.raises(TypeError, match="give in_channel or channel"):
+        dp.split(x, channel=2, in_channel=2)
+    with pytest.raises(ValueError, match="in_channel=7 is more than the axis length 6"):
+        dp.split(x, in_channel=7)

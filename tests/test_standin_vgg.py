@@ -23,7 +23,6 @@ from itertools import product
 import dask
 import numpy as np
 import pytest
-from dask.base import tokenize
 
 from dask_pconv.data import Dataset, to_dask
 from dask_pconv.models import VGG16
@@ -107,8 +106,7 @@ def _run(split, steps):
         m = tr.model
         batch = _batch_uploads(tr, x, t)
         params = _uploads(*(m._as_dask(k, v) for k, v in m.params.items()))  # every chunk once
-        distinct_state = {tokenize(v): v for v in m.state.values()}  # equal vectors share a key
-        state = _uploads(*(dask.array.from_array(v) for v in distinct_state.values()))
+        state = _uploads(*(m._as_dask(k, v) for k, v in m.state.items()))  # every statistic once
         _, host_batch = _built(to_dask, x, t, tr.split)  # the NumPy batch, before it is copied
         host_inputs = len(host_batch) + len(m.params) + len(m.state)  # and parameters, statistics
         for step in range(steps):

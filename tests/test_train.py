@@ -124,6 +124,9 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "validation/main/accuracy" in out and "tasks per step" in out
+    files = ("report.html", "report-summary.json", "report-summary.png")
+    written = ", ".join(str(tmp_path / f) for f in files)
+    assert f"performance report and per-operator summary: {written}\n" in out
     assert (tmp_path / "checkpoint_epoch_1.npz").exists() and (tmp_path / "log.json").exists()
     html = (tmp_path / "report.html").read_text()
     assert "<html" in html.lower() and "Task Stream" in html
@@ -333,3 +336,34 @@ def test_evaluating_the_batch_just_trained_on_completes(small_data):
         worker.join(120)
         assert got, "the evaluation did not finish within 120 s"
     assert got[0] == want
+
+
+def test_trainer_checks_its_split_and_reads_the_old_channel_key(small_data):
+    train, val = small_data
+    with pytest.raises(ValueError, match="batch:21 asks for more pieces than the 20 images"):
+        Trainer(VGG16(n_classes=4, width=0.0625), train, val, batch_size=20, split={"batch": 21})
+    with pytest.raises(ValueError, match="spatial:1x33 asks for more tiles"):
+        Trainer(VGG16(n_classes=4, width=0.0625), train, val, batch_size=20, split={"spatial": (1, 33)})
+    for key in ("out_channel", "channel"):  # "channel": the old name of the key
+        m = VGG16(n_classes=4, width=0.0625)
+        tr = Trainer(m, train, val, batch_size=20, split={key: 3})
+        assert m.channel_split == 3 and tr.split == {"out_channel": 3}
+
+
+def test_every_step_counts_as_many_tasks_a_resumed_first_step_too(small_data, tmp_path):
+    """The first step of a run (its inputs NumPy arrays, zero velocities or a checkpoint's)
+    counts as many tasks as every later step, so a resumed run reports the same count."""
+    train, val = small_data
+    x, t = train.x[:20], train.t[:20]
+    counts = []
+    for resume in (False, True, True):
+        m = VGG16(n_classes=4, width=0.0625, seed=2)
+        tr = Trainer(m, train, val, batch_size=20, split={"batch": 2}, out=tmp_path, progress=False)
+        if resume:
+            tr.resume()
+        tr.train_step(x, t)
+        counts.append(tr.tasks_per_step)
+        tr.save()  # checkpoint_epoch_0.npz: parameters and velocities after a step
+    tr.tasks_per_step = None  # a step whose inputs are the previous step's results
+    tr.train_step(x, t)
+    assert counts == [tr.tasks_per_step] * 3

@@ -6,22 +6,28 @@ from .. import geometry as geo
 from ._validate import as_dask
 
 
-def split(x, batch=None, channel=None, spatial=None):
+def split(x, batch=None, channel=None, spatial=None, *, in_channel=None):
     """Rechunk ``x`` (N, C, H, W) into that many pieces per axis, as even as possible.
 
     Parameters
     ----------
     x : array, shape (N, C, H, W)
         A Dask array (or a NumPy/CuPy array, wrapped first).
-    batch, channel : int, optional
-        Number of pieces along N (data parallel) and C.  ``None`` keeps the axis as it is.
+    batch : int, optional
+        Number of pieces along N (data parallel).  ``None`` keeps the axis as it is.
+    in_channel : int, optional
+        Number of pieces along C, the input channels of the convolution that reads ``x``
+        (each piece a partial convolution, summed).  Not the command line's
+        ``--split out_channel:N``, which splits the weights' output channels.
+    channel : int, optional
+        The same as ``in_channel`` (its first name, kept); give one or the other.
     spatial : int or (int, int), optional
         Number of tiles along (H, W); an int means the same on both.
 
     Returns
     -------
     dask.array.Array
-        The same values, chunked ``(batch, channel, nh, nw)`` ways; the larger pieces come
+        The same values, chunked ``(batch, in_channel, nh, nw)`` ways; the larger pieces come
         first when an axis does not divide evenly.
 
     Examples
@@ -31,12 +37,16 @@ def split(x, batch=None, channel=None, spatial=None):
     >>> x.chunks
     ((4, 4), (3,), (5, 5), (4, 3, 3))
     """
+    if channel is not None and in_channel is not None:
+        raise TypeError("split: give in_channel or channel (the same thing, its first name), not both")
+    name = "channel" if in_channel is None else "in_channel"
+    in_channel = channel if in_channel is None else in_channel
     x = as_dask(x, "x", 4, empty_batch=True)
     chunks = dict()
     if batch is not None:
         chunks[0] = geo.even_chunks(x.shape[0], batch, "batch")
-    if channel is not None:
-        chunks[1] = geo.even_chunks(x.shape[1], channel, "channel")
+    if in_channel is not None:
+        chunks[1] = geo.even_chunks(x.shape[1], in_channel, name)
     if spatial is not None:
         nh, nw = geo.normalize_pair(spatial, "spatial")
         chunks[2] = geo.even_chunks(x.shape[2], nh, "spatial")
