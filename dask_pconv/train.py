@@ -314,6 +314,7 @@ class Trainer:
         self.velocities = None if host["velocities"] is None else dict(host["velocities"])
         self.epoch, self.step, self._elapsed = host["epoch"], host["step"], host["elapsed"]
         self.log = list(host["log"])
+        self._inputs_placed = False  # the restored host arrays are placed again, as at the start
 
     def latest_checkpoint(self):
         if self.out is None or not self.out.is_dir():
