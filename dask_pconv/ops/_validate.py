@@ -9,7 +9,7 @@ import sys
 import dask.array as da
 import numpy as np
 
-from ._device import wrap
+from ._device import on_device_of, wrap
 
 _LAYOUTS = {4: "(N, C, H, W)", 3: "(C, H, W)", 1: ""}
 
@@ -75,6 +75,19 @@ def batched(a):
     """``a`` (a Dask array) with a batch axis: an unbatched ``(C, H, W)`` input is a batch of
     one, as in PyTorch, and the op drops the axis from its results again."""
     return a[None] if a.ndim == 3 else a
+
+
+def output_gradient(g_y, setup):
+    """``g_y`` for a VJP whose forward is described by ``setup`` (its ``x``, ``unbatched``,
+    ``out_shape`` and ``out_chunks``): checked against the output's shape and ``x``'s dtype,
+    batched, on ``x``'s device and chunked like the output."""
+    g_y = as_dask(g_y, "g_y", 3 if setup.unbatched else 4, empty_batch=True)
+    g_y = on_device_of(check_same_dtype(g_y, "g_y", setup.x), setup.x)
+    out_shape = setup.out_shape[1:] if setup.unbatched else setup.out_shape
+    if g_y.shape != out_shape:
+        raise ValueError(f"g_y must have the output shape {out_shape}, got {g_y.shape}")
+    g_y = batched(g_y)
+    return g_y if g_y.chunks == setup.out_chunks else g_y.rechunk(setup.out_chunks)
 
 
 def check_groups(groups):

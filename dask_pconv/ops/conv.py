@@ -18,7 +18,7 @@ from .. import geometry as geo
 from ..kernels import canonical, conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, get_namespace
 from ._device import on_device_of
 from ._graph import Windows, scatter_windows, tree_sum, window_reach
-from ._validate import as_dask, batched, check_groups, check_kernel_fits, check_same_dtype
+from ._validate import as_dask, batched, check_groups, check_kernel_fits, check_same_dtype, output_gradient
 
 
 class _ConvSetup:
@@ -237,14 +237,7 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
         ``g_y.sum((0, 2, 3))``.
     """
     s = _ConvSetup(x, w, stride, padding, dilation, groups)
-    g_y = as_dask(g_y, "g_y", 3 if s.unbatched else 4, empty_batch=True)
-    g_y = on_device_of(check_same_dtype(g_y, "g_y", s.x), s.x)
-    out_shape = s.out_shape[1:] if s.unbatched else s.out_shape
-    if g_y.shape != out_shape:
-        raise ValueError(f"g_y must have the output shape {out_shape}, got {g_y.shape}")
-    g_y = batched(g_y)
-    if g_y.chunks != s.out_chunks:
-        g_y = g_y.rechunk(s.out_chunks)
+    g_y = output_gradient(g_y, s)
     win = s.windows()
     tok = tokenize(s.token, g_y)
     meta = s.meta

@@ -18,9 +18,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
 from ..kernels import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
-from ._device import on_device_of
 from ._graph import Windows, scatter_windows, window_reach
-from ._validate import as_dask, batched, check_kernel_fits, check_same_dtype
+from ._validate import as_dask, batched, check_kernel_fits, output_gradient
 
 
 class _PoolSetup:
@@ -129,14 +128,7 @@ def max_pool2d_vjp(x, g_y, kernel_size, stride=None, padding=0, dilation=1, ceil
     up.  Returns a Dask array chunked like ``x``.
     """
     s = _PoolSetup(x, kernel_size, stride, padding, dilation, ceil_mode)
-    g_y = as_dask(g_y, "g_y", 3 if s.unbatched else 4, empty_batch=True)
-    g_y = on_device_of(check_same_dtype(g_y, "g_y", s.x), s.x)
-    out_shape = s.out_shape[1:] if s.unbatched else s.out_shape
-    if g_y.shape != out_shape:
-        raise ValueError(f"g_y must have the output shape {out_shape}, got {g_y.shape}")
-    g_y = batched(g_y)
-    if g_y.chunks != s.out_chunks:
-        g_y = g_y.rechunk(s.out_chunks)
+    g_y = output_gradient(g_y, s)
     tok = tokenize(s.token, g_y)
     gwin, name = f"max_pool2d-gxwin-{tok}", f"max_pool2d-gx-{tok}"
     dsk = dict(s.win.dsk)
