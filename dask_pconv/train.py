@@ -1,193 +1,37 @@
 """The training loop: one Dask graph per step (forward, backward, optimizer update), the
-parameters persisted on the workers, only scalars back to the client; Chainer-style log
-report, plots and per-epoch checkpoints."""
+parameters persisted on the workers, only scalars back to the client, a checkpoint per epoch.
+
+The checkpoint format is :mod:`dask_pconv.checkpoint`, the log table and plots
+:mod:`dask_pconv.report` (``LOG_KEYS``, ``load_checkpoint`` and ``save_checkpoint`` stay
+importable from here)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 import signal
 import sys
 import threading
 import time
 import uuid
-import zipfile
 from concurrent.futures import CancelledError
 from pathlib import Path
 
 import dask
 import numpy as np
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .cluster import _active_client, _scatter_arrays
 from .data import check_split, epoch_batches, to_dask
 from .optim import MomentumSGD
+from .report import LOG_KEYS, format_row, write_log
+from .step import training_step
 
 __all__ = ["LOG_KEYS", "Trainer", "WorkerLossError", "load_checkpoint", "save_checkpoint"]
-
-LOG_KEYS = (
-    "epoch",
-    "main/loss",
-    "validation/main/loss",
-    "main/accuracy",
-    "validation/main/accuracy",
-    "elapsed_time",
-)
 
 
 class WorkerLossError(RuntimeError):
     """Workers were lost in the same epoch more often than ``Trainer(max_restarts=...)``
     allows."""
-
-
-def _checksum(arrays):
-    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def save_checkpoint(path, params, state, velocities, meta):
-    """Write an ``.npz`` atomically (a temporary file in the same folder, then a rename).
-
-    ``meta`` (JSON: epoch, step, ...) is stored with a SHA-256 checksum of all the arrays, which
-    :func:`load_checkpoint` verifies.
-    """
-    path = Path(path)
-    arrays = {}
-    for prefix, group in (("param", params), ("state", state), ("velocity", velocities)):
-        for k, v in group.items():
-            arrays[f"{prefix}/{k}"] = np.asarray(v)
-    arrays["meta"] = np.array(json.dumps(dict(meta, sha256=_checksum(arrays))))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # also Ctrl-C: leave no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-class _Refused(ValueError):
-    """A checkpoint field that fails its check; the message already names the file and field."""
-
-
-def _read_member(zf, info, path, disk_size):
-    """One ``.npy`` member of a checkpoint.  Its header is checked against the member's size
-    before anything is allocated: a crafted header could declare terabytes."""
-    name = info.filename
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise _Refused(
-            f"checkpoint {path}: member {name!r} is compressed; checkpoints are written uncompressed"
-        )
-    if info.file_size > disk_size:  # stored: the data must be in the file
-        raise _Refused(
-            f"checkpoint {path}: member {name!r} claims {info.file_size} bytes, more than the file"
-        )
-    fmt = np.lib.format
-    with zf.open(info) as f:
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = fmt.read_array_header_2_0(f)
-        else:
-            raise _Refused(f"checkpoint {path}: member {name!r} has .npy format version {version}")
-        if dtype.hasobject:
-            raise _Refused(f"checkpoint {path}: member {name!r} holds Python objects ({dtype})")
-        declared = dtype.itemsize * math.prod(shape)
-        held = info.file_size - f.tell()
-        if declared != held:
-            raise _Refused(
-                f"checkpoint {path}: member {name!r} declares a {dtype} array of shape {shape} "
-                f"({declared} bytes) but holds {held} bytes"
-            )
-    with zf.open(info) as f:
-        return fmt.read_array(f, allow_pickle=False)
-
-
-def _check_meta(meta, path):
-    """``meta`` as :meth:`Trainer.save` writes it, or a ``ValueError`` naming the field."""
-    if not isinstance(meta, dict):
-        raise _Refused(f"checkpoint {path}: meta must be a JSON object, got {type(meta).__name__}")
-    for field in ("epoch", "step", "seed", "log"):
-        if field not in meta:
-            raise _Refused(f"checkpoint {path}: meta has no {field!r} field")
-
-    def integer(v):  # JSON's true/false would pass isinstance(v, int)
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for field in ("epoch", "step"):
-        if not (integer(meta[field]) and meta[field] >= 0):
-            raise _Refused(f"checkpoint {path}: meta {field!r} must be an integer >= 0, got {meta[field]!r}")
-    if not integer(meta["seed"]):
-        raise _Refused(f"checkpoint {path}: meta 'seed' must be an integer, got {meta['seed']!r}")
-    log = meta["log"]
-    if not (isinstance(log, list) and all(isinstance(e, dict) for e in log)):
-        raise _Refused(f"checkpoint {path}: meta 'log' must be a list of per-epoch objects")
-    elapsed = meta.get("elapsed", 0.0)
-    if not (isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and 0 <= elapsed < math.inf):
-        raise _Refused(f"checkpoint {path}: meta 'elapsed' must be a finite number >= 0, got {elapsed!r}")
-
-
-def load_checkpoint(path):
-    """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``.
-
-    Every field is checked before anything is returned, and any failure is a one-line
-    ``ValueError`` naming the file and the field: a truncated, altered or foreign file (the
-    checksum in ``meta`` must match the arrays), a member whose header declares more (or less)
-    data than it holds, arrays that are not finite floating-point numbers, and ``meta`` that is
-    not an object with integer ``epoch`` >= 0, ``step`` >= 0 and ``seed``, a list ``log`` and a
-    finite ``elapsed`` >= 0.  Names and shapes are checked against the model by
-    :meth:`Trainer.resume` (and :meth:`~dask_pconv.models.VGG16.load_params`).
-    """
-    out = {"param": {}, "state": {}, "velocity": {}}
-    arrays = {}
-    try:
-        disk_size = os.path.getsize(path)
-        with zipfile.ZipFile(path) as zf:
-            members = {}
-            for info in zf.infolist():
-                key = info.filename.removesuffix(".npy")
-                if key in members or key == info.filename:
-                    raise ValueError(f"unexpected or repeated member {info.filename!r}")
-                members[key] = _read_member(zf, info, path, disk_size)
-    except _Refused:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"checkpoint {path} is unreadable or malformed: {e}") from e
-    raw = members.pop("meta", None)
-    if raw is None or raw.shape != () or raw.dtype.kind != "U":
-        raise ValueError(f"checkpoint {path} is unreadable or malformed: no 'meta' string")
-    try:
-        meta = json.loads(str(raw))
-    except ValueError as e:
-        raise _Refused(f"checkpoint {path}: meta is not JSON ({e})") from e
-    _check_meta(meta, path)
-    for key, a in members.items():
-        prefix, _, name = key.partition("/")
-        if prefix not in out or not name:
-            raise ValueError(f"checkpoint {path} is unreadable or malformed: unexpected entry {key!r}")
-        out[prefix][name] = arrays[key] = a
-    if meta.get("sha256") != _checksum(arrays):
-        raise ValueError(f"checkpoint {path} fails its checksum: altered or incomplete, not loading it")
-    for key, a in arrays.items():
-        if a.dtype.kind != "f":
-            raise _Refused(f"checkpoint {path}: {key} must hold floating-point numbers, got dtype {a.dtype}")
-        if not np.isfinite(a).all():
-            raise _Refused(f"checkpoint {path}: {key} holds NaN or Inf")
-    return out["param"], out["state"], out["velocity"], meta
-
-
-def _format_row(values):
-    return "".join(f"{v:<{max(len(k), 12) + 2}}" for k, v in zip(LOG_KEYS, values))
 
 
 class Trainer:
@@ -431,11 +275,7 @@ class Trainer:
             # this step's outputs: a worker lost after the step finished, before that, loses
             # outputs that exist only there, and the scheduler recomputes them from these.
             self._replicated_inputs = (params, vel, dict(m.state))
-        loss, grads, aux = m.forward_backward_aux(
-            xd, td, train=True, dropout=self.dropout, step=self.step, params=params
-        )
-        new_p, new_v = self.opt.update(params, grads, vel)
-        outs = (new_p, new_v, aux["state"], loss, aux["accuracy"])
+        outs = training_step(m, self.opt, params, dict(m.state), vel, xd, td, self.step, self.dropout)
         if self.tasks_per_step is None:
             self.tasks_per_step = _count_tasks(outs)
         new_p, new_v, new_state, loss, acc = dask.persist(*outs)
@@ -498,7 +338,7 @@ class Trainer:
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         # on every run, a resumed one too, whose rows would otherwise come without one
-        print(_format_row(LOG_KEYS), file=self.stream, flush=True)
+        print(format_row(LOG_KEYS), file=self.stream, flush=True)
         try:
             with _Interrupts() as interrupts:
                 self._run_restarting(epochs, interrupts)
@@ -587,7 +427,7 @@ class Trainer:
                 "tasks_per_step": self.tasks_per_step,
             }
             self.log.append(entry)
-            print(_format_row([_fmt(entry[k]) for k in LOG_KEYS]), file=self.stream, flush=True)
+            print(format_row([entry[k] for k in LOG_KEYS]), file=self.stream, flush=True)
             host = self._host_copy()
             if self.out is not None:
                 self._save(host)
@@ -609,11 +449,8 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
 
     def write_log(self):
-        tmp = self.out / f".log.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(self.log, indent=2))
-        os.replace(tmp, self.out / "log.json")
-        _plot(self.log, ["main/loss", "validation/main/loss"], self.out / "loss.png", "loss")
-        _plot(self.log, ["main/accuracy", "validation/main/accuracy"], self.out / "accuracy.png", "accuracy")
+        """``log.json`` and the plots in ``out`` (:func:`dask_pconv.report.write_log`)."""
+        write_log(self.out, self.log)
 
 
 def _to_host(arrays):
@@ -661,10 +498,6 @@ class _Interrupts:
         return False
 
 
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
 def _replicate(collections):
     """Copy the persisted data behind these Dask arrays to every worker (if any).  Returns
     whether it stopped the scheduler's Active Memory Manager to do so."""
@@ -695,25 +528,3 @@ def _count_tasks(collections):
     with dask.config.set({"optimization.fuse.active": False}):
         graphs = [c.__dask_graph__() for c in dask.optimize(*flat)]
     return len(HighLevelGraph.merge(*graphs).to_dict()) if graphs else 0
-
-
-def _plot(log, keys, path, ylabel):
-    """A line plot per key over the epochs, written atomically; pyplot's global state (and the
-    user's matplotlib backend) is left alone."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    epochs = [e["epoch"] for e in log]
-    for k in keys:
-        ax.plot(epochs, [e[k] for e in log], marker="o", label=k)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)

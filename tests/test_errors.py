@@ -20,11 +20,12 @@ from clusters import local_cluster
 
 import dask_pconv as dp
 from dask_pconv import cli
+from dask_pconv.checkpoint import _checksum, save_checkpoint
 from dask_pconv.cluster import connect
 from dask_pconv.data import load_cifar10, load_dataset, parse_split, synthetic
 from dask_pconv.models import VGG16
 from dask_pconv.ops import nn
-from dask_pconv.train import Trainer, _checksum, save_checkpoint
+from dask_pconv.train import Trainer
 
 from reference import conv2d_ref, conv2d_vjp_ref, max_pool2d_ref
 

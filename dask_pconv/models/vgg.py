@@ -190,11 +190,13 @@ class VGG16:
         return {k: self._as_dask(k, v, like) for k, v in self.params.items()}
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x, train=True, dropout=True, step=0, params=None):
+    def forward(self, x, train=True, dropout=True, step=0, params=None, state=None):
         """Logits (a :class:`~dask_pconv.autodiff.Tensor` of shape (N, n_classes)) and the
-        lazily updated BatchNorm state (training mode) or the current one (evaluation)."""
+        lazily updated BatchNorm state (training mode) or the current one (evaluation).
+        ``state`` (running statistics, name -> array) replaces the model's own."""
         x = wrap(x, x.shape)
         p = params if params is not None else self._tensors(like=x)
+        state = self.state if state is None else state
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must be (N, {', '.join(map(str, expected))}), got shape {x.shape}")
@@ -204,7 +206,7 @@ class VGG16:
         def bn_relu(h, name):
             gamma, beta = p[f"{name}.gamma"], p[f"{name}.beta"]
             # the ops chunk these like h's channels themselves
-            old_m, old_v = self.state[f"{name}.avg_mean"], self.state[f"{name}.avg_var"]
+            old_m, old_v = state[f"{name}.avg_mean"], state[f"{name}.avg_var"]
             if not train:
                 return ad.batch_norm(h, gamma, beta, old_m, old_v, eps=BN_EPS, relu=True)
             stats = batch_norm_stats(h.value)  # the same graph keys as inside batch_norm
@@ -276,16 +278,17 @@ class VGG16:
         params = self.dask_params(like) if params is None else params
         return {k: ad.Tensor(v, name=k) for k, v in params.items()}
 
-    def forward_backward_aux(self, x, t, train=True, dropout=True, step=0, params=None):
+    def forward_backward_aux(self, x, t, train=True, dropout=True, step=0, params=None, state=None):
         """``(loss, grads, aux)``: like :meth:`forward_backward` plus ``aux['accuracy']``
         (lazy scalar), ``aux['state']`` (updated BatchNorm statistics) and ``aux['logits']``.
 
         ``params`` (name -> Dask array, as from :meth:`dask_params`) replaces the model's own,
         so that an optimizer update built from the same arrays shares their graph keys (and a
-        parameter copied to the device is copied once)."""
+        parameter copied to the device is copied once); ``state`` likewise replaces the running
+        BatchNorm statistics."""
         x = wrap(x, x.shape)
         p = self._tensors(like=x, params=params)
-        z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p)
+        z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p, state=state)
         t = wrap(t, (z.value.chunks[0],))
         if t.chunks[0] != z.value.chunks[0]:
             t = t.rechunk((z.value.chunks[0],))

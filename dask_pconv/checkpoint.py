@@ -1,0 +1,161 @@
+"""The checkpoint format: an uncompressed ``.npz`` of the parameters, BatchNorm state and
+optimizer velocities with a JSON ``meta`` (epoch, step, seed, log, ...) that carries a SHA-256
+checksum of the arrays, written atomically and validated whole when it is read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_checkpoint", "save_checkpoint"]
+
+
+def _checksum(arrays):
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path, params, state, velocities, meta):
+    """Write an ``.npz`` atomically (a temporary file in the same folder, then a rename).
+
+    ``meta`` (JSON: epoch, step, ...) is stored with a SHA-256 checksum of all the arrays, which
+    :func:`load_checkpoint` verifies.
+    """
+    path = Path(path)
+    arrays = {}
+    for prefix, group in (("param", params), ("state", state), ("velocity", velocities)):
+        for k, v in group.items():
+            arrays[f"{prefix}/{k}"] = np.asarray(v)
+    arrays["meta"] = np.array(json.dumps(dict(meta, sha256=_checksum(arrays))))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also Ctrl-C: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _Refused(ValueError):
+    """A checkpoint field that fails its check; the message already names the file and field."""
+
+
+def _read_member(zf, info, path, disk_size):
+    """One ``.npy`` member of a checkpoint.  Its header is checked against the member's size
+    before anything is allocated: a crafted header could declare terabytes."""
+    name = info.filename
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _Refused(
+            f"checkpoint {path}: member {name!r} is compressed; checkpoints are written uncompressed"
+        )
+    if info.file_size > disk_size:  # stored: the data must be in the file
+        raise _Refused(
+            f"checkpoint {path}: member {name!r} claims {info.file_size} bytes, more than the file"
+        )
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise _Refused(f"checkpoint {path}: member {name!r} has .npy format version {version}")
+        if dtype.hasobject:
+            raise _Refused(f"checkpoint {path}: member {name!r} holds Python objects ({dtype})")
+        declared = dtype.itemsize * math.prod(shape)
+        held = info.file_size - f.tell()
+        if declared != held:
+            raise _Refused(
+                f"checkpoint {path}: member {name!r} declares a {dtype} array of shape {shape} "
+                f"({declared} bytes) but holds {held} bytes"
+            )
+    with zf.open(info) as f:
+        return fmt.read_array(f, allow_pickle=False)
+
+
+def _check_meta(meta, path):
+    """``meta`` as :meth:`Trainer.save` writes it, or a ``ValueError`` naming the field."""
+    if not isinstance(meta, dict):
+        raise _Refused(f"checkpoint {path}: meta must be a JSON object, got {type(meta).__name__}")
+    for field in ("epoch", "step", "seed", "log"):
+        if field not in meta:
+            raise _Refused(f"checkpoint {path}: meta has no {field!r} field")
+
+    def integer(v):  # JSON's true/false would pass isinstance(v, int)
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field in ("epoch", "step"):
+        if not (integer(meta[field]) and meta[field] >= 0):
+            raise _Refused(f"checkpoint {path}: meta {field!r} must be an integer >= 0, got {meta[field]!r}")
+    if not integer(meta["seed"]):
+        raise _Refused(f"checkpoint {path}: meta 'seed' must be an integer, got {meta['seed']!r}")
+    log = meta["log"]
+    if not (isinstance(log, list) and all(isinstance(e, dict) for e in log)):
+        raise _Refused(f"checkpoint {path}: meta 'log' must be a list of per-epoch objects")
+    elapsed = meta.get("elapsed", 0.0)
+    if not (isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and 0 <= elapsed < math.inf):
+        raise _Refused(f"checkpoint {path}: meta 'elapsed' must be a finite number >= 0, got {elapsed!r}")
+
+
+def load_checkpoint(path):
+    """``(params, state, velocities, meta)`` from a checkpoint, loaded with ``allow_pickle=False``.
+
+    Every field is checked before anything is returned, and any failure is a one-line
+    ``ValueError`` naming the file and the field: a truncated, altered or foreign file (the
+    checksum in ``meta`` must match the arrays), a member whose header declares more (or less)
+    data than it holds, arrays that are not finite floating-point numbers, and ``meta`` that is
+    not an object with integer ``epoch`` >= 0, ``step`` >= 0 and ``seed``, a list ``log`` and a
+    finite ``elapsed`` >= 0.  Names and shapes are checked against the model by
+    :meth:`Trainer.resume` (and :meth:`~dask_pconv.models.VGG16.load_params`).
+    """
+    out = {"param": {}, "state": {}, "velocity": {}}
+    arrays = {}
+    try:
+        disk_size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as zf:
+            members = {}
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                if key in members or key == info.filename:
+                    raise ValueError(f"unexpected or repeated member {info.filename!r}")
+                members[key] = _read_member(zf, info, path, disk_size)
+    except _Refused:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"checkpoint {path} is unreadable or malformed: {e}") from e
+    raw = members.pop("meta", None)
+    if raw is None or raw.shape != () or raw.dtype.kind != "U":
+        raise ValueError(f"checkpoint {path} is unreadable or malformed: no 'meta' string")
+    try:
+        meta = json.loads(str(raw))
+    except ValueError as e:
+        raise _Refused(f"checkpoint {path}: meta is not JSON ({e})") from e
+    _check_meta(meta, path)
+    for key, a in members.items():
+        prefix, _, name = key.partition("/")
+        if prefix not in out or not name:
+            raise ValueError(f"checkpoint {path} is unreadable or malformed: unexpected entry {key!r}")
+        out[prefix][name] = arrays[key] = a
+    if meta.get("sha256") != _checksum(arrays):
+        raise ValueError(f"checkpoint {path} fails its checksum: altered or incomplete, not loading it")
+    for key, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise _Refused(f"checkpoint {path}: {key} must hold floating-point numbers, got dtype {a.dtype}")
+        if not np.isfinite(a).all():
+            raise _Refused(f"checkpoint {path}: {key} holds NaN or Inf")
+    return out["param"], out["state"], out["velocity"], meta
