@@ -12,16 +12,15 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import CancelledError
 from pathlib import Path
 
 import dask
 import numpy as np
 
+from .batching import check_split, epoch_batches, split_for, to_dask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cluster import _active_client, _scatter_arrays
-from .data import check_split, epoch_batches, to_dask
 from .optim import MomentumSGD
 from .report import LOG_KEYS, format_row, write_log
 from .step import training_step
@@ -214,30 +213,8 @@ class Trainer:
                 store.update(_scatter_arrays(store, client))
 
     def _to_dask(self, x, t, split):
-        """:func:`~dask_pconv.data.to_dask`, then ``to_device`` on every block if set."""
-        xd, td = to_dask(x, t, split)
-        if self.to_device is None:
-            return xd, td
-        # a new name per call: with a name hashed from the batch, a batch seen again (the same
-        # images evaluated after training on them, or full-batch steps) reused the keys of an
-        # earlier graph, which Dask's optimisation had fused differently there, and the
-        # distributed worker then waited forever for the earlier graph's dependency
-        return tuple(
-            a.map_blocks(
-                self.to_device,
-                dtype=a.dtype,
-                meta=self.to_device(a._meta),
-                name=f"to-device-batch-{uuid.uuid4().hex}",
-            )
-            for a in (xd, td)
-        )
-
-    def _split_for(self, n):
-        """The split for a batch of ``n`` (a short last batch gets at most ``n`` pieces)."""
-        split = dict(self.split)
-        if "batch" in split:
-            split["batch"] = min(split["batch"], n)
-        return split
+        """:func:`~dask_pconv.batching.to_dask`, then ``to_device`` on every block if set."""
+        return to_dask(x, t, split, to_device=self.to_device)
 
     # -- one step --------------------------------------------------------------------------
     def train_step(self, x, t):
@@ -305,7 +282,7 @@ class Trainer:
             graph = []
             for i in starts[g : g + per_graph]:
                 x, t = dataset.x[i : i + self.batch_size], dataset.t[i : i + self.batch_size]
-                xd, td = self._to_dask(x, t, self._split_for(len(t)))
+                xd, td = self._to_dask(x, t, split_for(self.split, len(t)))
                 z = self.model.predict(xd)
                 graph.append((softmax_cross_entropy(z, td) * len(td), accuracy(z, td) * len(td)))
             parts.extend(dask.compute(graph)[0])
