@@ -20,7 +20,7 @@ from pathlib import Path
 import dask
 import numpy as np
 
-from .cluster import _active_client, _scatter_arrays
+from ._client import active_client, scatter_arrays
 from .data import check_split, epoch_batches, to_dask
 from .optim import MomentumSGD
 
@@ -362,12 +362,12 @@ class Trainer:
     def _place_on_workers(self):
         """Scatter NumPy parameters and BatchNorm state to the cluster once, so that no step's
         graph carries them (at width 1 they are 60 MB); a no-op without a distributed client."""
-        client = _active_client()
+        client = active_client()
         if client is None:
             return
         for store in (self.model.params, self.model.state):
             if any(isinstance(v, np.ndarray) for v in store.values()):
-                store.update(_scatter_arrays(store, client))
+                store.update(scatter_arrays(store, client))
 
     def _to_dask(self, x, t, split):
         """:func:`~dask_pconv.data.to_dask`, then ``to_device`` on every block if set."""
@@ -504,7 +504,7 @@ class Trainer:
                 self._run_restarting(epochs, interrupts)
         finally:
             if self._amm_stopped:  # replicate=True stopped it: give the cluster its AMM back
-                _active_client().amm.start()
+                active_client().amm.start()
                 self._amm_stopped = False
         return self.log
 
@@ -668,7 +668,7 @@ def _fmt(v):
 def _replicate(collections):
     """Copy the persisted data behind these Dask arrays to every worker (if any).  Returns
     whether it stopped the scheduler's Active Memory Manager to do so."""
-    client = _active_client()
+    client = active_client()
     if client is None:
         return False
     from distributed import futures_of

@@ -5,7 +5,11 @@ function-level import is still a cycle, only one that fails later and more rarel
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import dask_pconv
 
@@ -94,3 +98,34 @@ def test_no_import_cycle_among_the_package_modules():
 def test_the_tape_imports_nothing_from_the_rules():
     """The tracer knows no primitive: the rules bind the tensor operators themselves."""
     assert imports("dask_pconv.autodiff.tape") == set()
+
+
+def _loaded_after(statement):
+    code = (
+        f"import sys; {statement}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'distributed'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import dask_pconv",
+        "import dask_pconv.models",
+        "import dask_pconv.store",
+        "import dask_pconv.optim",
+        "import dask_pconv.ops",
+        "import dask_pconv.autodiff",
+        "import dask_pconv.data",
+        "import dask_pconv.train",
+        "import dask_pconv.cli",
+        # asking for the active client, where there can be none, does not import it either
+        "from dask_pconv._client import active_client; assert active_client() is None",
+    ],
+)
+def test_importing_does_not_import_distributed(statement):
+    """Importing the package, its engine, models, optimizer, store, training loop or command
+    line does not import distributed: only :mod:`dask_pconv.cluster` (starting or connecting to
+    a cluster) and :mod:`dask_pconv.profiling` need it at import time."""
+    assert _loaded_after(statement) == "[]"
