@@ -1,42 +1,17 @@
 """Start or connect to a dask.distributed cluster.  Only the training entry points use this:
-every op returns a lazy Dask array and runs on whatever scheduler is active."""
+every op returns a lazy Dask array and runs on whatever scheduler is active.  What the rest of
+the package needs of a cluster (the active client, scattering arrays to it) is in
+:mod:`dask_pconv._client`, which does not import distributed."""
 
 from __future__ import annotations
 
 import logging
 
-import dask.array as da
-import numpy as np
 from distributed import Client, LocalCluster
 
 __all__ = ["connect"]
 
 logger = logging.getLogger(__name__)
-
-
-def _active_client():
-    """The default ``distributed.Client``, or None when none is active."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _scatter_arrays(mapping, client):
-    """A copy of ``mapping`` whose NumPy values are scattered to the cluster once, as Dask
-    arrays on the futures, so that graphs using them do not carry the data (a VGG16's weights
-    are 60 MB at width 1)."""
-    out = dict(mapping)
-    names = [k for k, v in mapping.items() if isinstance(v, np.ndarray)]
-    if names:
-        # hash=False: keys of their own; hashed by content, equal arrays (BatchNorm's ones and
-        # zeros of one size) shared one key, and the first step's graph had fewer tasks
-        futures = client.scatter([mapping[k] for k in names], hash=False)
-        for k, f in zip(names, futures):
-            out[k] = da.from_delayed(f, shape=mapping[k].shape, dtype=mapping[k].dtype)
-    return out
 
 
 class _OwningClient(Client):

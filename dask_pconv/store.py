@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 
 from . import geometry as geo
-from .cluster import _active_client, _scatter_arrays
+from ._client import active_client, scatter_arrays
 from .ops import conv2d
 
 __all__ = ["conv2d_to_zarr", "features_to_zarr", "open_image", "to_zarr"]
@@ -192,9 +192,7 @@ def _refuse_memory_store_under_distributed(store):
     a copy of the store and be lost (dask's ``to_zarr`` refuses the same)."""
     from zarr.storage import MemoryStore
 
-    from .cluster import _active_client
-
-    if isinstance(store, (MemoryStore, dict)) and _active_client() is not None:
+    if isinstance(store, (MemoryStore, dict)) and active_client() is not None:
         raise ValueError(
             "cannot write into an in-memory zarr store with a distributed client (the workers "
             "would write into copies of it and the result would be lost): give a path, or a "
@@ -284,12 +282,12 @@ def features_to_zarr(
     """
     _check_not_in_place(src, component, dst, dst_component)
     x = open_image(src, component, tile)
-    client = _active_client()
+    client = active_client()
     if client is not None and isinstance(getattr(model, "params", None), dict):
         # the weights go to the workers once instead of inside the graph; the model is unchanged
         model = copy.copy(model)
-        model.params = _scatter_arrays(model.params, client)
-        model.state = _scatter_arrays(getattr(model, "state", {}), client)
+        model.params = scatter_arrays(model.params, client)
+        model.state = scatter_arrays(getattr(model, "state", {}), client)
     return to_zarr(model.features(x, blocks), dst, dst_component, overwrite=overwrite, **zarr_kwargs)
 
 

@@ -12,15 +12,14 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import CancelledError
 from pathlib import Path
 
 import dask
 import numpy as np
 
+from ._client import active_client, lost_data_errors, replicate, restart_memory_manager, scatter_arrays
 from .batching import check_split, epoch_batches, split_for, to_dask
 from .checkpoint import load_checkpoint, save_checkpoint
-from .cluster import _active_client, _scatter_arrays
 from .optim import MomentumSGD
 from .report import LOG_KEYS, format_row, write_log
 from .step import training_step
@@ -205,12 +204,12 @@ class Trainer:
     def _place_on_workers(self):
         """Scatter NumPy parameters and BatchNorm state to the cluster once, so that no step's
         graph carries them (at width 1 they are 60 MB); a no-op without a distributed client."""
-        client = _active_client()
+        client = active_client()
         if client is None:
             return
         for store in (self.model.params, self.model.state):
             if any(isinstance(v, np.ndarray) for v in store.values()):
-                store.update(_scatter_arrays(store, client))
+                store.update(scatter_arrays(store, client))
 
     def _to_dask(self, x, t, split):
         """:func:`~dask_pconv.batching.to_dask`, then ``to_device`` on every block if set."""
@@ -247,7 +246,7 @@ class Trainer:
             m.state.update(state)
             self._inputs_placed = True
         if self.replicate:
-            self._amm_stopped |= _replicate([params, vel, m.state])
+            self._amm_stopped |= replicate([params, vel, m.state])
             # Hold this step's inputs (now on every worker) until the next step has replicated
             # this step's outputs: a worker lost after the step finished, before that, loses
             # outputs that exist only there, and the scheduler recomputes them from these.
@@ -321,21 +320,19 @@ class Trainer:
                 self._run_restarting(epochs, interrupts)
         finally:
             if self._amm_stopped:  # replicate=True stopped it: give the cluster its AMM back
-                _active_client().amm.start()
+                restart_memory_manager()
                 self._amm_stopped = False
         return self.log
 
     def _run_restarting(self, epochs, interrupts):
         """:meth:`_run`, restarted from the end of the last complete epoch (or from where ``run``
         began) when a worker is lost with data nothing else can recompute."""
-        from distributed.scheduler import KilledWorker
-
         self._restart_point = self._host_copy()
         restarts, restarted_at = 0, None
         while True:
             try:
                 return self._run(epochs, interrupts)
-            except (CancelledError, KilledWorker) as e:
+            except lost_data_errors() as e:
                 host = self._restart_point
                 failed = host["epoch"] + 1  # the epoch it redoes
                 # count per restart point: a long run survives occasional losses, while one
@@ -473,25 +470,6 @@ class _Interrupts:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
-
-
-def _replicate(collections):
-    """Copy the persisted data behind these Dask arrays to every worker (if any).  Returns
-    whether it stopped the scheduler's Active Memory Manager to do so."""
-    client = _active_client()
-    if client is None:
-        return False
-    from distributed import futures_of
-
-    stopped = False
-    futures = futures_of([v for group in collections for v in group.values()])
-    if futures:
-        if client.amm.running():
-            # its ReduceReplicas policy would drop the copies again within seconds
-            client.amm.stop()
-            stopped = True
-        client.replicate(futures)
-    return stopped
 
 
 def _count_tasks(collections):

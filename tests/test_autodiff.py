@@ -111,6 +111,43 @@ def test_missing_rule_names_the_primitive():
         ad.grad(ad.sum_(cube(x)), [x])
 
 
+def _primitive_named_double(factor):
+    @ad.primitive
+    def double(x):
+        return factor * x
+
+    ad.defvjp(double, lambda ans, x: lambda g: factor * g)
+    return double
+
+
+def test_primitives_of_the_same_name_keep_their_own_rules():
+    """The registry is keyed by the primitive, not by its name: a second primitive called
+    ``double`` does not replace the first one's rule."""
+    two, three = _primitive_named_double(2.0), _primitive_named_double(3.0)
+    assert two.__name__ == three.__name__ == "double"
+    x = ad.Tensor(d(X2))
+    (g2,) = ad.grad(ad.sum_(two(x)), [x])
+    (g3,) = ad.grad(ad.sum_(three(x)), [x])
+    np.testing.assert_allclose(g2.compute(), np.full_like(X2, 2.0))
+    np.testing.assert_allclose(g3.compute(), np.full_like(X2, 3.0))
+
+
+def test_a_rule_for_a_plain_function_is_refused():
+    with pytest.raises(TypeError, match="defvjp: prim must be a function made by @primitive"):
+        ad.defvjp(np.negative, lambda ans, x: lambda g: -g)
+    with pytest.raises(TypeError, match="defvjp_all: prim must be a function made by @primitive"):
+        ad.defvjp_all(lambda x: x, lambda ans, x: lambda g: (g,))
+
+
+def test_tensor_operators_record_add_and_mul():
+    """``+`` and ``*`` on tensors, from either side, are the ``add`` and ``mul`` primitives."""
+    x = ad.Tensor(d(X2))
+    for out, want in [(x + 1.0, "add"), (1.0 + x, "add"), (x * 2.0, "mul"), (2.0 * x, "mul")]:
+        assert out.node.prim is getattr(ad, want)
+    (gx,) = ad.grad(ad.sum_(2.0 * x * x + 1.0 + x), [x])
+    np.testing.assert_allclose(gx.compute(), 4 * X2 + 1)
+
+
 def test_no_rule_for_labels_argument():
     z = ad.Tensor(d(X2))
     t = ad.Tensor(d(T))

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import ops
 from ..ops import nn
-from .tape import defvjp, defvjp_all, primitive
+from .tape import Tensor, defvjp, defvjp_all, primitive
 
 __all__ = [
     "accuracy",
@@ -131,6 +131,10 @@ defvjp(
     lambda ans, a, b: lambda g: _unbroadcast(g * b, _shape(a)),
     lambda ans, a, b: lambda g: _unbroadcast(g * a, _shape(b)),
 )
+
+# the tensor operators are these primitives: bound here, so that the tape knows none of them
+Tensor.__add__ = Tensor.__radd__ = add
+Tensor.__mul__ = Tensor.__rmul__ = mul
 
 
 # -- shapes and reductions -----------------------------------------------------------------

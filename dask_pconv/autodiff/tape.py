@@ -1,8 +1,10 @@
 """A small reverse-mode tape over lazy (Dask) arrays.
 
-The tracer knows nothing about convolutions: a :class:`Tensor` wraps a value, calling a
-:func:`primitive` on tensors records a node, and :func:`grad` walks the nodes backwards in
-topological order, asking each primitive's registered VJP rule for its inputs' gradients.
+The tracer knows nothing about the primitives (as in HIPS/autograd's ``tracer.py``): a
+:class:`Tensor` wraps a value, calling a :func:`primitive` on tensors records a node, and
+:func:`grad` walks the nodes backwards in topological order, asking each primitive's
+registered VJP rule for its inputs' gradients.  Rules are keyed by the primitive itself, so
+two primitives of the same name keep their own.
 Everything stays lazy: gradients are Dask arrays built from Dask arrays.
 """
 
@@ -12,7 +14,8 @@ import functools
 
 __all__ = ["Tensor", "defvjp", "defvjp_all", "grad", "primitive", "rule_names"]
 
-_RULES: dict[str, object] = {}
+# primitive (the wrapper :func:`primitive` returns) -> ("each", makers) or ("all", maker)
+_RULES: dict[object, tuple] = {}
 
 
 class Tensor:
@@ -30,22 +33,11 @@ class Tensor:
     ndim = property(lambda self: self.value.ndim)
 
     def __repr__(self):
-        op = self.node.prim if self.node else "leaf"
+        op = self.node.prim.__name__ if self.node else "leaf"
         return f"Tensor({op}, shape={self.shape}, dtype={self.dtype})"
 
-    def __add__(self, other):
-        from .rules import add
-
-        return add(self, other)
-
-    __radd__ = __add__
-
-    def __mul__(self, other):
-        from .rules import mul
-
-        return mul(self, other)
-
-    __rmul__ = __mul__
+    # The operators (``+``, ``*``) are bound in :mod:`.rules`, next to the primitives they
+    # record: the tracer itself knows none.
 
 
 class _Node:
@@ -56,8 +48,11 @@ class _Node:
 
 
 def primitive(fn):
-    """Make ``fn`` (a function of raw values) record itself when called on tensors."""
-    name = fn.__name__
+    """Make ``fn`` (a function of raw values) record itself when called on tensors.
+
+    The returned function is the primitive: :func:`defvjp` registers its rule under it, and
+    ``.raw`` is ``fn`` itself.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -66,11 +61,15 @@ def primitive(fn):
         ans = fn(*raw, **kwargs)
         if not parents:
             return ans
-        return Tensor(ans, _Node(name, raw, kwargs, ans, parents))
+        return Tensor(ans, _Node(wrapper, raw, kwargs, ans, parents))
 
     wrapper.raw = fn
-    wrapper.prim_name = name
     return wrapper
+
+
+def _check_primitive(prim, caller):
+    if not callable(getattr(prim, "raw", None)):
+        raise TypeError(f"{caller}: prim must be a function made by @primitive, got {prim!r}")
 
 
 def defvjp(prim, *makers):
@@ -79,24 +78,27 @@ def defvjp(prim, *makers):
     ``maker(ans, *args, **kwargs)`` returns ``lambda g: grad_wrt_that_argument``; ``None`` for
     an argument that has no gradient.
     """
-    _RULES[prim.prim_name] = ("each", makers)
+    _check_primitive(prim, "defvjp")
+    _RULES[prim] = ("each", makers)
 
 
 def defvjp_all(prim, maker):
     """Register a maker returning ``lambda g: (grad_arg0, grad_arg1, ...)`` for all arguments
     at once (for primitives whose gradients share work, such as conv2d)."""
-    _RULES[prim.prim_name] = ("all", maker)
+    _check_primitive(prim, "defvjp_all")
+    _RULES[prim] = ("all", maker)
 
 
 def rule_names():
     """Names of the primitives that have a VJP rule."""
-    return sorted(_RULES)
+    return sorted(prim.__name__ for prim in _RULES)
 
 
 def _vjps(node, g):
+    name = node.prim.__name__
     rule = _RULES.get(node.prim)
     if rule is None:
-        raise NotImplementedError(f"no VJP rule registered for primitive '{node.prim}'")
+        raise NotImplementedError(f"no VJP rule registered for primitive '{name}'")
     kind, makers = rule
     if kind == "all":
         grads = makers(node.ans, *node.args, **node.kwargs)(g)
@@ -105,7 +107,7 @@ def _vjps(node, g):
     for i, t in node.parents:
         maker = makers[i] if i < len(makers) else None
         if maker is None:
-            raise NotImplementedError(f"no VJP rule registered for argument {i} of primitive '{node.prim}'")
+            raise NotImplementedError(f"no VJP rule registered for argument {i} of primitive '{name}'")
         out.append((t, maker(node.ans, *node.args, **node.kwargs)(g)))
     return out
 
