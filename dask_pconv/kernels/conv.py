@@ -48,7 +48,10 @@ def _correlate_single(x, W, stride, dilation):
 
     (dy, dx), (sy, sx) = dilation, stride
     kh, kw = W.shape[2:]
-    k = np.zeros(((kh - 1) * dy + 1, (kw - 1) * dx + 1), dtype=np.result_type(x.dtype, W.dtype))
+    # the dilated filter spans the window of one output
+    k = np.zeros(
+        geo.block_window_hw((1, 1), (kh, kw), stride, dilation), dtype=np.result_type(x.dtype, W.dtype)
+    )
     k[::dy, ::dx] = W[0, 0]
     oH, oW = geo.block_output_hw(x.shape[2:], (kh, kw), stride, dilation)
     out = np.empty((x.shape[0], 1, oH, oW), dtype=k.dtype)
