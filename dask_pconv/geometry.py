@@ -1,6 +1,6 @@
 """Pure geometry of chunked convolutions and poolings (no Dask, no arrays).
 
-Everything here works on plain integers and tuples so it can be tested on its own.
+Everything here works on plain integers, tuples and slices so it can be tested on its own.
 
 Per spatial axis, with kernel ``k``, stride ``s``, padding ``(p_lo, p_hi)``, dilation ``d``
 and input length ``L``::
