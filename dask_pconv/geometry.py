@@ -1,6 +1,6 @@
 """Pure geometry of chunked convolutions and poolings (no Dask, no arrays).
 
-Everything here works on plain integers and tuples so it can be tested on its own.
+Everything here works on plain integers, tuples and slices so it can be tested on its own.
 
 Per spatial axis, with kernel ``k``, stride ``s``, padding ``(p_lo, p_hi)``, dilation ``d``
 and input length ``L``::
@@ -12,6 +12,11 @@ Output index ``o`` reads padded-input indices ``[o*s, o*s + d*(k-1)]``, i.e. unp
 unpadded input window ``[o0*s - p_lo, (o1-1)*s - p_lo + d*(k-1) + 1)``: its own tile plus an
 asymmetric halo, read from as many neighbouring input chunks as it reaches, with padding only
 where the window leaves the true image.
+
+Inside one block the window already holds its halo and padding, so the kernels use the same
+arithmetic with no padding: :func:`block_output_hw` and :func:`block_window_hw` go from a
+window's size to its output's and back, :func:`taps` gives the strided slices each kernel tap
+reads, and :func:`crop_index` / :func:`symmetric_crop` describe a tile cut out of a window.
 
 Output chunking rule: output ``o`` belongs to the input chunk that holds the centre of its
 window, ``o*s - p_lo + d*(k-1)/2``.  For a 'same' convolution with stride 1 the output chunks
@@ -28,7 +33,10 @@ from dataclasses import dataclass
 __all__ = [
     "AxisPlan",
     "ChannelSegment",
+    "block_output_hw",
+    "block_window_hw",
     "channel_segments",
+    "crop_index",
     "even_chunks",
     "normalize_pair",
     "output_chunks",
@@ -36,7 +44,10 @@ __all__ = [
     "plan_axis",
     "pool_pads",
     "resolve_padding",
+    "symmetric_crop",
+    "taps",
     "window",
+    "window_length",
     "window_pieces",
 ]
 
@@ -92,6 +103,60 @@ def output_length(length, kernel, stride, pad, dilation):
     return (length + pad[0] + pad[1] - span) // stride + 1
 
 
+def window_length(n_out, kernel, stride, dilation):
+    """Length of the window read by ``n_out`` consecutive outputs along one axis:
+    ``(n_out - 1)*s + d*(k-1) + 1``, the inverse of :func:`output_length` with no padding for a
+    window that ends on its last tap."""
+    return (n_out - 1) * stride + dilation * (kernel - 1) + 1
+
+
+def block_output_hw(window_hw, kernel, stride, dilation):
+    """``(oH, oW)`` of a window block of size ``window_hw = (Hw, Ww)`` that already holds its
+    halo and padding: :func:`output_length` of each axis with no padding."""
+    return tuple(output_length(n, k, s, (0, 0), d) for n, k, s, d in zip(window_hw, kernel, stride, dilation))
+
+
+def block_window_hw(out_hw, kernel, stride, dilation):
+    """``(Hw, Ww)`` of the window block whose outputs are ``out_hw = (oH, oW)``: its
+    :func:`window_length` on each axis."""
+    return tuple(window_length(n, k, s, d) for n, k, s, d in zip(out_hw, kernel, stride, dilation))
+
+
+def taps(kernel, out_hw, stride, dilation):
+    """The window slices read by each kernel tap of a ``(oH, oW)`` output block.
+
+    Yields ``(i, j, (rows, cols))`` for taps ``i < kh``, ``j < kw`` in row-major order:
+    ``window[:, :, rows, cols]`` is the ``(oH, oW)`` plane of the window elements that tap
+    ``(i, j)`` meets, one per output.
+    """
+    (kh, kw), (oH, oW), (sy, sx), (dy, dx) = kernel, out_hw, stride, dilation
+    for i in range(kh):
+        for j in range(kw):
+            yield (
+                i,
+                j,
+                (
+                    slice(i * dy, i * dy + sy * (oH - 1) + 1, sy),
+                    slice(j * dx, j * dx + sx * (oW - 1) + 1, sx),
+                ),
+            )
+
+
+def crop_index(crop):
+    """The index of the tile ``crop = ((y0, y1), (x0, x1))`` in an ``(N, C, H, W)`` block."""
+    (y0, y1), (x0, x1) = crop
+    return (slice(None), slice(None), slice(y0, y1), slice(x0, x1))
+
+
+def symmetric_crop(crop, window_hw):
+    """``(py, px)`` if the tile ``crop = ((y0, y1), (x0, x1))`` leaves equal margins on both
+    sides of each axis of a ``window_hw`` window (the tile is the window less a padding of
+    ``(py, px)``), else None."""
+    (y0, y1), (x0, x1) = crop
+    Hw, Ww = window_hw
+    return (y0, x0) if y0 == Hw - y1 and x0 == Ww - x1 else None
+
+
 def pool_pads(length, kernel, stride, pad, dilation, ceil_mode):
     """Padding ``(lo, hi)`` of one axis of a max-pooling with padding ``pad`` on both sides.
 
@@ -133,8 +198,7 @@ def output_chunks(in_chunks, kernel, stride, pad, dilation):
 def window(o0, o1, kernel, stride, pad, dilation):
     """Unpadded input window ``[start, stop)`` read by outputs ``[o0, o1)`` along one axis."""
     start = o0 * stride - pad[0]
-    stop = (o1 - 1) * stride - pad[0] + dilation * (kernel - 1) + 1
-    return start, stop
+    return start, start + window_length(o1 - o0, kernel, stride, dilation)
 
 
 def window_pieces(start, stop, in_chunks):

@@ -132,3 +132,47 @@ def test_pool_pads_give_pytorchs_output_length(L, k, s, p, d, ceil_mode):
     if n >= 1:
         assert (n - 1) * s - p < L  # the last window's first tap is in the image or left padding
         assert hi == p or (n - 1) * s + span == L + lo + hi  # no more padding than read
+
+
+@given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2))
+def test_window_length_is_what_the_outputs_read(n_out, k, s, d, tail):
+    """``window_length`` against the indices ``n_out`` outputs read, and as the inverse of
+    ``output_length``: a window longer by less than a stride has the same outputs."""
+    L = geo.window_length(n_out, k, s, d)
+    assert L == max(o * s + t * d for o in range(n_out) for t in range(k)) + 1
+    assert geo.output_length(L + tail % s, k, s, (0, 0), d) == n_out
+    assert geo.window(3, 3 + n_out, k, s, (2, 0), d) == (3 * s - 2, 3 * s - 2 + L)
+
+
+def test_block_sizes_go_from_window_to_output_and_back():
+    # kernel (3, 2), stride (2, 1), dilation (1, 3): rows (9 - 2 - 1) // 2 + 1, columns 10 - 3
+    assert geo.block_output_hw((9, 10), (3, 2), (2, 1), (1, 3)) == (4, 7)
+    assert geo.block_window_hw((4, 7), (3, 2), (2, 1), (1, 3)) == (9, 10)
+    # a window one row past its last tap's reach: the row is not read
+    assert geo.block_output_hw((10, 10), (3, 2), (2, 1), (1, 3)) == (4, 7)
+
+
+@given(
+    st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    st.tuples(st.integers(1, 3), st.integers(1, 3)),
+)
+def test_taps_against_brute_force(kernel, out_hw, stride, dilation):
+    """Tap ``(i, j)`` reads window element ``(o*sy + i*dy, p*sx + j*dx)`` for output ``(o, p)``,
+    taps in row-major order, all inside the window."""
+    Hw, Ww = geo.block_window_hw(out_hw, kernel, stride, dilation)
+    got = list(geo.taps(kernel, out_hw, stride, dilation))
+    assert [(i, j) for i, j, _ in got] == [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
+    for i, j, (rows, cols) in got:
+        assert list(range(Hw))[rows] == [o * stride[0] + i * dilation[0] for o in range(out_hw[0])]
+        assert list(range(Ww))[cols] == [p * stride[1] + j * dilation[1] for p in range(out_hw[1])]
+
+
+def test_crop_index_and_symmetric_crop():
+    assert geo.crop_index(((1, 4), (0, 2))) == (slice(None), slice(None), slice(1, 4), slice(0, 2))
+    # a tile with equal margins is the window less a padding (PyTorch's ``padding``)
+    assert geo.symmetric_crop(((2, 7), (1, 5)), (9, 6)) == (2, 1)
+    assert geo.symmetric_crop(((0, 9), (0, 6)), (9, 6)) == (0, 0)
+    assert geo.symmetric_crop(((2, 6), (1, 5)), (9, 6)) is None
+    assert geo.symmetric_crop(((2, 7), (1, 4)), (9, 6)) is None

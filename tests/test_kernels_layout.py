@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dask_pconv import kernels
-from dask_pconv.kernels import Padded, canonical
+from dask_pconv.kernels import Padded, canonical, cropped
 
 
 def _at(a, offset):
@@ -93,7 +93,7 @@ def _cases():
 
 CASES = _cases()
 #: the kernels' helpers, not kernels themselves
-NOT_KERNELS = {"Padded", "canonical", "layout_invariant", "materialize", "get_namespace"}
+NOT_KERNELS = {"Padded", "canonical", "cropped", "layout_invariant", "materialize", "get_namespace"}
 
 
 def test_every_kernel_is_covered_and_layout_invariant():
@@ -144,3 +144,15 @@ def test_padded_windows_and_crops_are_canonical():
     assert canonical(3.0) == 3.0 and canonical((1, 2)) == (1, 2)
     u = _at(x, 1)
     assert not u.flags.aligned and canonical(u).flags.aligned
+
+
+def test_a_cropped_tile_is_a_canonical_copy():
+    """The crop of a grad-x window (both kernels' and the op's, ``ops/conv.py`` ``_gx_pair``)
+    is a canonical block whatever the window, not a view into it."""
+    x = np.arange(2 * 3 * 7 * 6, dtype=np.float64).reshape(2, 3, 7, 6)
+    tile = cropped(x, ((1, 5), (2, 6)))
+    np.testing.assert_array_equal(tile, x[:, :, 1:5, 2:6])
+    assert tile.flags.c_contiguous and tile.flags.aligned and not np.shares_memory(tile, x)
+    assert cropped(x, None) is x
+    full = cropped(_strided(x), ((0, 7), (0, 6)))
+    assert full.flags.c_contiguous and np.array_equal(full, x)

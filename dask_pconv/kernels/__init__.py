@@ -9,7 +9,7 @@ depend on where its inputs were computed.
 """
 
 from ._namespace import canonical, get_namespace, layout_invariant
-from ._window import Padded, materialize
+from ._window import Padded, cropped, materialize
 from .conv import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block
 from .labels import onehot
@@ -20,6 +20,7 @@ from .pool import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
 __all__ = [
     "Padded",
     "canonical",
+    "cropped",
     "layout_invariant",
     "materialize",
     "bn_backward",

@@ -34,7 +34,8 @@ import functools
 import dask
 import numpy as np
 
-from ._window import Padded
+from .. import geometry as geo
+from ._window import Padded, cropped
 
 CONFIG_KEY = "pconv.conv-kernel"
 TF32_KEY = "pconv.allow-tf32"
@@ -151,25 +152,18 @@ def conv2d_grad_x(gy, W, stride, dilation, groups, crop=None):
     dt = np.result_type(gy.dtype, W.dtype)
     N, _, oH, oW = gy.shape
     _, Cg, kh, kw = W.shape
-    # the window is exactly (oH - 1) * s + d * (k - 1) + 1 long
-    Hw = (oH - 1) * stride[0] + dilation[0] * (kh - 1) + 1
-    Ww = (oW - 1) * stride[1] + dilation[1] * (kw - 1) + 1
+    Hw, Ww = geo.block_window_hw((oH, oW), (kh, kw), stride, dilation)
     pad, after = (0, 0), None
     if crop is not None:
-        (y0, y1), (x0, x1) = crop
-        if y0 == Hw - y1 and x0 == Ww - x1:  # a symmetric crop is PyTorch's padding
-            pad = (y0, x0)
-        else:
-            after = crop
+        # a symmetric crop is PyTorch's padding: grad-x of the unpadded input is the tile
+        pad = geo.symmetric_crop(crop, (Hw, Ww))
+        if pad is None:
+            pad, after = (0, 0), crop
     shape = (N, Cg * groups, Hw - 2 * pad[0], Ww - 2 * pad[1])
     tw = _t(W, dt)
     # only the input's shape is read for grad-x: a zero-stride stand-in allocates nothing
     x = tw.new_empty(1).expand(shape)
-    gx = _backward(_t(gy, dt), x, tw, stride, pad, dilation, groups, 0)
-    if after is not None:
-        (y0, y1), (x0, x1) = after
-        gx = gx[:, :, y0:y1, x0:x1]
-    return gx
+    return cropped(_backward(_t(gy, dt), x, tw, stride, pad, dilation, groups, 0), after)
 
 
 def conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups):

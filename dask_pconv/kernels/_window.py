@@ -3,11 +3,13 @@
 Most windows are one input block plus padding at the image edge.  Copying the block into a
 padded buffer costs as much as a fast conv kernel's own memory traffic, and PyTorch's conv pads
 on the fly, so the padding travels as a description and only kernels that need a real buffer
-(the im2col and pooling kernels) materialise it.
+(the im2col and pooling kernels) materialise it.  The other way, a kernel that computes a whole
+window may hand back only the tile inside it (:func:`cropped`).
 """
 
 from __future__ import annotations
 
+from ..geometry import crop_index
 from ._namespace import canonical, get_namespace
 
 
@@ -58,3 +60,10 @@ class Padded:
 def materialize(x):
     """A real array for ``x`` (a block or a :class:`Padded`)."""
     return x.materialize() if isinstance(x, Padded) else x
+
+
+def cropped(block, crop):
+    """The tile ``crop = ((y0, y1), (x0, x1))`` of an ``(N, C, H, W)`` block, as a canonical
+    block (a copy, see :func:`~dask_pconv.kernels.canonical`: the tile's layout must not depend on
+    the window it was cut from); ``block`` itself when ``crop`` is None."""
+    return block if crop is None else canonical(block[crop_index(crop)])

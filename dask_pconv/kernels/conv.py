@@ -7,7 +7,8 @@ Shapes (one task):
 - ``gy`` and the output: ``(N, O, oH, oW)`` with ``oH = (Hw - dy*(kh-1) - 1) // sy + 1``.
 
 The window of ``oH`` outputs is exactly ``Hw = (oH-1)*sy + dy*(kh-1) + 1`` long, which is what
-the Dask-level ops hand in, so grad-x returns a block of the window's shape.
+the Dask-level ops hand in, so grad-x returns a block of the window's shape.  Both sizes, the
+slices each tap reads and the crop of a tile come from :mod:`dask_pconv.geometry`.
 """
 
 from __future__ import annotations
@@ -15,39 +16,17 @@ from __future__ import annotations
 import dask
 import numpy as np
 
+from .. import geometry as geo
 from . import _torch
 from ._namespace import get_namespace, layout_invariant
-from ._window import materialize
-
-
-def _out_size(length, k, s, d):
-    return (length - d * (k - 1) - 1) // s + 1
-
-
-def _window_size(out, k, s, d):
-    return (out - 1) * s + d * (k - 1) + 1
-
-
-def _taps(kh, kw, oH, oW, stride, dilation):
-    """Slices of the window read by kernel tap (i, j), for every (i, j)."""
-    (sy, sx), (dy, dx) = stride, dilation
-    for i in range(kh):
-        for j in range(kw):
-            yield (
-                i,
-                j,
-                (
-                    slice(i * dy, i * dy + sy * (oH - 1) + 1, sy),
-                    slice(j * dx, j * dx + sx * (oW - 1) + 1, sx),
-                ),
-            )
+from ._window import cropped, materialize
 
 
 def _im2col(x, kh, kw, oH, oW, stride, dilation):
     xp = get_namespace(x)
     N, C = x.shape[:2]
     col = xp.empty((N, C, kh, kw, oH, oW), dtype=x.dtype)  # (N, C, kh, kw, oH, oW)
-    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
+    for i, j, (sl_y, sl_x) in geo.taps((kh, kw), (oH, oW), stride, dilation):
         col[:, :, i, j] = x[:, :, sl_y, sl_x]
     return col
 
@@ -69,10 +48,12 @@ def _correlate_single(x, W, stride, dilation):
 
     (dy, dx), (sy, sx) = dilation, stride
     kh, kw = W.shape[2:]
-    k = np.zeros(((kh - 1) * dy + 1, (kw - 1) * dx + 1), dtype=np.result_type(x.dtype, W.dtype))
+    # the dilated filter spans the window of one output
+    k = np.zeros(
+        geo.block_window_hw((1, 1), (kh, kw), stride, dilation), dtype=np.result_type(x.dtype, W.dtype)
+    )
     k[::dy, ::dx] = W[0, 0]
-    oH = (x.shape[2] - k.shape[0]) // sy + 1
-    oW = (x.shape[3] - k.shape[1]) // sx + 1
+    oH, oW = geo.block_output_hw(x.shape[2:], (kh, kw), stride, dilation)
     out = np.empty((x.shape[0], 1, oH, oW), dtype=k.dtype)
     ch, cw = k.shape[0] // 2, k.shape[1] // 2  # ndimage centres the kernel at k // 2
     for n in range(x.shape[0]):
@@ -105,7 +86,7 @@ def _bands(N, oH, row_bytes, xp):
 
 def _band_rows(r0, r1, k, s, d):
     """Window rows read by output rows ``[r0, r1)``."""
-    return slice(r0 * s, (r1 - 1) * s + d * (k - 1) + 1)
+    return slice(*geo.window(r0, r1, k, s, (0, 0), d))
 
 
 @layout_invariant
@@ -121,8 +102,7 @@ def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     O, Cg, kh, kw = W.shape
     G = groups
     K = Cg * kh * kw
-    oH = _out_size(Hw, kh, stride[0], dilation[0])
-    oW = _out_size(Ww, kw, stride[1], dilation[1])
+    oH, oW = geo.block_output_hw((Hw, Ww), (kh, kw), stride, dilation)
     Wm = W.reshape(1, G, O // G, K)  # (1, G, Og, Cg*kh*kw)
     y = xp.empty((N, O, oH, oW), dtype=xp.result_type(x.dtype, W.dtype))
     for n0, n1, r0, r1 in _bands(N, oH, C * kh * kw * oW * x.dtype.itemsize, xp):
@@ -146,8 +126,7 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
     N, O, oH, oW = gy.shape
     _, Cg, kh, kw = W.shape
     G = groups
-    Hw = _window_size(oH, kh, stride[0], dilation[0])
-    Ww = _window_size(oW, kw, stride[1], dilation[1])
+    Hw, Ww = geo.block_window_hw((oH, oW), (kh, kw), stride, dilation)
     Wt = W.reshape(1, G, O // G, Cg * kh * kw).transpose(0, 1, 3, 2)  # (1, G, Cg*kh*kw, Og)
     gx = xp.zeros((N, G * Cg, Hw, Ww), dtype=xp.result_type(gy.dtype, W.dtype))
     for n0, n1, r0, r1 in _bands(N, oH, G * Cg * kh * kw * oW * gx.dtype.itemsize, xp):
@@ -155,12 +134,9 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
         g = gy[n0:n1, :, r0:r1].reshape(n, G, O // G, rb * oW)
         col = xp.matmul(Wt, g).reshape(n, G * Cg, kh, kw, rb, oW)  # (n, C, kh, kw, rows, oW)
         band = gx[n0:n1, :, _band_rows(r0, r1, kh, stride[0], dilation[0])]
-        for i, j, (sl_y, sl_x) in _taps(kh, kw, rb, oW, stride, dilation):
+        for i, j, (sl_y, sl_x) in geo.taps((kh, kw), (rb, oW), stride, dilation):
             band[:, :, sl_y, sl_x] += col[:, :, i, j]
-    if crop is not None:
-        (y0, y1), (x0, x1) = crop
-        gx = gx[:, :, y0:y1, x0:x1]
-    return gx
+    return cropped(gx, crop)
 
 
 @layout_invariant

@@ -10,9 +10,9 @@ of the window's first element (negative in the top or left padding).
 
 from __future__ import annotations
 
+from .. import geometry as geo
 from ._namespace import get_namespace, layout_invariant
 from ._window import materialize
-from .conv import _out_size, _taps, _window_size
 
 
 def _first_taps(xp, shape, kernel_size, stride, dilation, origin):
@@ -37,11 +37,10 @@ def _argmax_taps(x, kernel_size, stride, dilation, origin):
     xp = get_namespace(x)
     kh, kw = kernel_size
     N, C, Hw, Ww = x.shape
-    oH = _out_size(Hw, kh, stride[0], dilation[0])
-    oW = _out_size(Ww, kw, stride[1], dilation[1])
+    oH, oW = geo.block_output_hw((Hw, Ww), kernel_size, stride, dilation)
     best = xp.full((N, C, oH, oW), float("-inf"), dtype=x.dtype)
     idx = _first_taps(xp, best.shape, kernel_size, stride, dilation, origin)
-    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
+    for i, j, (sl_y, sl_x) in geo.taps(kernel_size, (oH, oW), stride, dilation):
         v = x[:, :, sl_y, sl_x]
         # padding is -inf: never greater than the maximum so far, never NaN, so never chosen
         better = (v > best) | xp.isnan(v)
@@ -56,11 +55,9 @@ def max_pool2d_forward(x, kernel_size, stride, dilation=(1, 1)):
     NaN propagates."""
     x = materialize(x)
     xp = get_namespace(x)
-    kh, kw = kernel_size
-    oH = _out_size(x.shape[2], kh, stride[0], dilation[0])
-    oW = _out_size(x.shape[3], kw, stride[1], dilation[1])
+    out_hw = geo.block_output_hw(x.shape[2:], kernel_size, stride, dilation)
     best = None
-    for _, _, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
+    for _, _, (sl_y, sl_x) in geo.taps(kernel_size, out_hw, stride, dilation):
         v = x[:, :, sl_y, sl_x]
         if best is None:
             best = v.copy()
@@ -92,12 +89,12 @@ def max_pool2d_backward(x, gy, kernel_size, stride, dilation=(1, 1), origin=(0, 
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
     x = materialize(x)
     xp = get_namespace(x, gy)
-    kh, kw = kernel_size
+    kw = kernel_size[1]
     _, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
     N, C, oH, oW = gy.shape
-    Hw, Ww = _window_size(oH, kh, stride[0], dilation[0]), _window_size(oW, kw, stride[1], dilation[1])
+    Hw, Ww = geo.block_window_hw((oH, oW), kernel_size, stride, dilation)
     gx = xp.zeros((N, C, Hw, Ww), dtype=gy.dtype)
     zero = xp.zeros((), dtype=gy.dtype)
-    for i, j, (sl_y, sl_x) in _taps(kh, kw, oH, oW, stride, dilation):
+    for i, j, (sl_y, sl_x) in geo.taps(kernel_size, (oH, oW), stride, dilation):
         gx[:, :, sl_y, sl_x] += xp.where(idx == i * kw + j, gy, zero)
     return gx

@@ -15,7 +15,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
-from ..kernels import canonical, conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, get_namespace
+from ..kernels import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, cropped, get_namespace
 from ._device import on_device_of
 from ._graph import Windows, scatter_windows, tree_sum, window_reach
 from ._validate import as_dask, batched, check_groups, check_kernel_fits, check_same_dtype, output_gradient
@@ -120,10 +120,7 @@ def _gx_pair(gy, W, calls, n_in, stride, dilation, crop=None):
             xp = get_namespace(g)
             out = xp.zeros((g.shape[0], n_in) + g.shape[2:], dtype=g.dtype)
         out[:, c0:c1] += g
-    if crop is not None:
-        (y0, y1), (x0, x1) = crop
-        out = canonical(out[:, :, y0:y1, x0:x1])  # a task's result is a canonical block
-    return out
+    return cropped(out, crop)  # a task's result is a canonical block
 
 
 def _gw_pair(xw, gy, calls, w_shape, stride, dilation):
