@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["check_velocities", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 def _checksum(arrays):
@@ -159,3 +159,32 @@ def load_checkpoint(path):
         if not np.isfinite(a).all():
             raise _Refused(f"checkpoint {path}: {key} holds NaN or Inf")
     return out["param"], out["state"], out["velocity"], meta
+
+
+def latest_checkpoint(folder):
+    """The ``checkpoint_epoch_E.npz`` in ``folder`` with the highest E, or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.glob("checkpoint_epoch_*.npz"):
+        try:
+            found.append((int(p.stem.rsplit("_", 1)[1]), p))
+        except ValueError:
+            continue
+    return max(found)[1] if found else None
+
+
+def check_velocities(velocities, params, path):
+    """``ValueError`` naming ``path`` unless ``velocities`` has exactly the names of ``params``
+    and each one's shape."""
+    missing, extra = sorted(set(params) - set(velocities)), sorted(set(velocities) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"checkpoint {path}: velocities do not match the parameters: "
+            f"missing {missing}, unexpected {extra}"
+        )
+    for k, v in velocities.items():
+        want = tuple(params[k].shape)
+        if v.shape != want:
+            raise ValueError(f"checkpoint {path}: velocity[{k!r}] has shape {v.shape}, expected {want}")

@@ -18,8 +18,9 @@ import dask
 import numpy as np
 
 from ._client import active_client, lost_data_errors, replicate, restart_memory_manager, scatter_arrays
-from .batching import check_split, epoch_batches, split_for, to_dask
-from .checkpoint import load_checkpoint, save_checkpoint
+from .batching import check_split, epoch_batches, to_dask
+from .checkpoint import check_velocities, latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluation import evaluate
 from .optim import MomentumSGD
 from .report import LOG_KEYS, format_row, write_log
 from .step import training_step
@@ -159,15 +160,8 @@ class Trainer:
         self._inputs_placed = False  # the restored host arrays are placed again, as at the start
 
     def latest_checkpoint(self):
-        if self.out is None or not self.out.is_dir():
-            return None
-        found = []
-        for p in self.out.glob("checkpoint_epoch_*.npz"):
-            try:
-                found.append((int(p.stem.rsplit("_", 1)[1]), p))
-            except ValueError:
-                continue
-        return max(found)[1] if found else None
+        """The newest ``checkpoint_epoch_E.npz`` in ``out``, or None."""
+        return None if self.out is None else latest_checkpoint(self.out)
 
     def resume(self, path=None):
         """Continue from ``path`` or the newest checkpoint in ``out``; False if there is none.
@@ -180,17 +174,7 @@ class Trainer:
         if path is None:
             return False
         params, state, vel, meta = load_checkpoint(path)
-        names = self.model.params
-        missing, extra = sorted(set(names) - set(vel)), sorted(set(vel) - set(names))
-        if missing or extra:
-            raise ValueError(
-                f"checkpoint {path}: velocities do not match the parameters: "
-                f"missing {missing}, unexpected {extra}"
-            )
-        for k, v in vel.items():
-            want = tuple(names[k].shape)
-            if v.shape != want:
-                raise ValueError(f"checkpoint {path}: velocity[{k!r}] has shape {v.shape}, expected {want}")
+        check_velocities(vel, self.model.params, path)
         try:
             self.model.load_params(params, state)  # checks everything before it replaces anything
         except (KeyError, TypeError, ValueError) as e:
@@ -266,26 +250,12 @@ class Trainer:
     eval_graph_bytes = 8 * 2**20
 
     def evaluate(self, dataset):
-        """Mean loss and accuracy in evaluation mode over ``dataset``, as floats.
-
-        One graph per group of batches holding at most :attr:`eval_graph_bytes` of images (at
-        least one batch per graph); the result does not depend on the grouping."""
-        from .ops.nn import accuracy, softmax_cross_entropy
-
-        n = len(dataset.t)
-        batch_bytes = self.batch_size * dataset.x[:1].nbytes
-        per_graph = max(1, self.eval_graph_bytes // max(1, batch_bytes))
-        starts = range(0, n, self.batch_size)
-        parts = []
-        for g in range(0, len(starts), per_graph):
-            graph = []
-            for i in starts[g : g + per_graph]:
-                x, t = dataset.x[i : i + self.batch_size], dataset.t[i : i + self.batch_size]
-                xd, td = self._to_dask(x, t, split_for(self.split, len(t)))
-                z = self.model.predict(xd)
-                graph.append((softmax_cross_entropy(z, td) * len(td), accuracy(z, td) * len(td)))
-            parts.extend(dask.compute(graph)[0])
-        return float(sum(p[0] for p in parts) / n), float(sum(p[1] for p in parts) / n)
+        """Mean loss and accuracy in evaluation mode over ``dataset``, as floats
+        (:func:`dask_pconv.evaluation.evaluate`, at most :attr:`eval_graph_bytes` of images in
+        one graph); the result does not depend on the grouping."""
+        return evaluate(
+            self.model, dataset, self.batch_size, self.split, self.to_device, self.eval_graph_bytes
+        )
 
     # -- epochs ----------------------------------------------------------------------------
     def run(self, epochs):
