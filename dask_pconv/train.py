@@ -20,6 +20,7 @@ from pathlib import Path
 import dask
 import numpy as np
 
+from .backend import to_host
 from .cluster import _active_client, _scatter_arrays
 from .data import check_split, epoch_batches, to_dask
 from .optim import MomentumSGD
@@ -617,8 +618,8 @@ class Trainer:
 
 
 def _to_host(arrays):
-    """NumPy copies of device arrays (``.get()``, CuPy's explicit copy), name -> array."""
-    return {k: v if isinstance(v, np.ndarray) else v.get() for k, v in arrays.items()}
+    """NumPy copies of device arrays (:func:`~dask_pconv.backend.to_host`), name -> array."""
+    return {k: to_host(v) for k, v in arrays.items()}
 
 
 class _Interrupts:

@@ -8,7 +8,8 @@ on the fly, so the padding travels as a description and only kernels that need a
 
 from __future__ import annotations
 
-from ._namespace import canonical, get_namespace
+from ..backend import array_namespace
+from ._namespace import canonical
 
 
 class Padded:
@@ -47,7 +48,7 @@ class Padded:
         return self if block is self.block else Padded(block, self.pads, self.fill)
 
     def materialize(self):
-        xp = get_namespace(self.block)
+        xp = array_namespace(self.block)
         t, _, l, _ = self.pads
         N, C, H, W = self.block.shape
         out = xp.full(self.shape, self.fill, dtype=self.block.dtype)

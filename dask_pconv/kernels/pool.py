@@ -10,7 +10,8 @@ of the window's first element (negative in the top or left padding).
 
 from __future__ import annotations
 
-from ._namespace import get_namespace, layout_invariant
+from ..backend import array_namespace
+from ._namespace import layout_invariant
 from ._window import materialize
 from .conv import _out_size, _taps, _window_size
 
@@ -34,7 +35,7 @@ def _first_taps(xp, shape, kernel_size, stride, dilation, origin):
 def _argmax_taps(x, kernel_size, stride, dilation, origin):
     """Max and tap index ``i*kw + j`` of each window's argmax (see the module docstring)."""
     x = materialize(x)
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     kh, kw = kernel_size
     N, C, Hw, Ww = x.shape
     oH = _out_size(Hw, kh, stride[0], dilation[0])
@@ -55,7 +56,7 @@ def max_pool2d_forward(x, kernel_size, stride, dilation=(1, 1)):
     """Max over each ``kernel_size`` window of ``x`` (taps ``dilation`` apart): ``(N, C, oH, oW)``.
     NaN propagates."""
     x = materialize(x)
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     kh, kw = kernel_size
     oH = _out_size(x.shape[2], kh, stride[0], dilation[0])
     oW = _out_size(x.shape[3], kw, stride[1], dilation[1])
@@ -78,7 +79,7 @@ def max_pool2d_argmax(x, kernel_size, stride, dilation, origin, width):
     window's image position and ``width`` the image's.
     """
     best, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
-    xp = get_namespace(best)
+    xp = array_namespace(best)
     kw, (sy, sx), (dy, dx) = kernel_size[1], stride, dilation
     oH, oW = best.shape[2:]
     rows = xp.arange(oH, dtype=xp.int64).reshape(oH, 1) * (sy * width) + (origin[0] * width + origin[1])
@@ -91,7 +92,7 @@ def max_pool2d_argmax(x, kernel_size, stride, dilation, origin, width):
 def max_pool2d_backward(x, gy, kernel_size, stride, dilation=(1, 1), origin=(0, 0)):
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
     x = materialize(x)
-    xp = get_namespace(x, gy)
+    xp = array_namespace(x, gy)
     kh, kw = kernel_size
     _, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
     N, C, oH, oW = gy.shape

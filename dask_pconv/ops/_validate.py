@@ -9,7 +9,7 @@ import sys
 import dask.array as da
 import numpy as np
 
-from ._device import wrap
+from ..backend import wrap
 
 _LAYOUTS = {4: "(N, C, H, W)", 3: "(C, H, W)", 1: ""}
 

@@ -17,8 +17,8 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
+from ..backend import on_device_of
 from ..kernels import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
-from ._device import on_device_of
 from ._graph import Windows, scatter_windows, window_reach
 from ._validate import as_dask, batched, check_kernel_fits, check_same_dtype
 
