@@ -69,7 +69,8 @@ def is_device(a):
     """
     if isinstance(a, da.Array):
         a = a._meta
-    if isinstance(a, (np.ndarray, np.generic)):
+    # array classes (dtypes such as np.float32) carry __array_namespace__ as a method too
+    if isinstance(a, (type, np.ndarray, np.generic)):
         return False
     return is_cupy(a) or hasattr(a, "__array_namespace__")
 
