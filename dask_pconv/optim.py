@@ -6,7 +6,7 @@ from __future__ import annotations
 import dask.array as da
 from dask.base import tokenize
 
-from .ops._device import on_device_of, wrap
+from .backend import on_device_of, wrap
 
 __all__ = ["MomentumSGD"]
 

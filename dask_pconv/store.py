@@ -23,6 +23,7 @@ import numpy as np
 
 from . import geometry as geo
 from ._client import active_client, scatter_arrays
+from .backend import is_numpy
 from .ops import conv2d
 
 __all__ = ["conv2d_to_zarr", "features_to_zarr", "open_image", "to_zarr"]
@@ -163,7 +164,7 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
     if zarr_kwargs.get("shards") is not None:
         # several blocks would rewrite one shard file concurrently, and without a lock lose data
         raise ValueError("shards= is not supported: each Dask block is written as one zarr chunk")
-    if type(y._meta) is not np.ndarray:  # device blocks (CuPy): zarr writes host buffers
+    if not is_numpy(y._meta):  # device blocks (CuPy): zarr writes host buffers
         from dask.array.dispatch import to_numpy_dispatch
 
         y = y.map_blocks(to_numpy_dispatch, dtype=y.dtype, meta=np.empty((0,) * y.ndim, y.dtype))

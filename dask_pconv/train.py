@@ -18,6 +18,7 @@ import dask
 import numpy as np
 
 from ._client import active_client, lost_data_errors, replicate, restart_memory_manager, scatter_arrays
+from .backend import to_host
 from .batching import check_split, epoch_batches, to_dask
 from .checkpoint import check_velocities, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
@@ -398,8 +399,8 @@ class Trainer:
 
 
 def _to_host(arrays):
-    """NumPy copies of device arrays (``.get()``, CuPy's explicit copy), name -> array."""
-    return {k: v if isinstance(v, np.ndarray) else v.get() for k, v in arrays.items()}
+    """NumPy copies of device arrays (:func:`~dask_pconv.backend.to_host`), name -> array."""
+    return {k: to_host(v) for k, v in arrays.items()}
 
 
 class _Interrupts:

@@ -118,7 +118,7 @@ def test_device_operand_with_a_host_input_is_a_clear_error():
 def test_wrapping_device_arrays_does_not_copy_them_to_the_host():
     """Raw device arrays handed to the ops are wrapped without hashing their data (hashing
     pickles them, a copy to the host); NumPy arrays keep content-hashed names."""
-    from dask_pconv.ops._device import wrap
+    from dask_pconv.backend import wrap
 
     rng = np.random.default_rng(4)
     x, w = rng.standard_normal((2, 4, 8, 8)), rng.standard_normal((6, 4, 3, 3))

@@ -160,6 +160,7 @@ def test_vgg16_training_step_on_the_device_in_other_splits(split):
 def test_pytorch_kernels_never_take_lookalike_blocks(choice):
     """The cuDNN path (PyTorch through DLPack) is for ``cupy.ndarray`` blocks only: a stand-in
     block stays on the namespace kernels even when PyTorch is forced."""
+    from dask_pconv import backend
     from dask_pconv.kernels import _torch
 
     x = standin.to_device(np.ones((1, 64, 4, 4), np.float32))
@@ -172,7 +173,7 @@ def test_pytorch_kernels_never_take_lookalike_blocks(choice):
                 _torch.use_torch(*host, k=64 * 9)
         else:
             assert _torch.use_torch(*host, k=64 * 9) == (_torch._torch() is not None)
-    assert not _torch._is_cupy(x)
+    assert not backend.is_cupy(x)
 
 
 def test_standin_is_strict_like_cupy():

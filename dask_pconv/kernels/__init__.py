@@ -8,7 +8,8 @@ C-contiguous blocks and returns them (:func:`layout_invariant`), so that its res
 depend on where its inputs were computed.
 """
 
-from ._namespace import canonical, get_namespace, layout_invariant
+from ..backend import array_namespace as get_namespace  # the name kernels users know
+from ._namespace import canonical, layout_invariant
 from ._window import Padded, cropped, materialize
 from .conv import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block

@@ -1,7 +1,7 @@
-"""The array namespace of a block, and the one block layout every kernel computes on.
+"""The one block layout every kernel computes on.
 
 One code path serves NumPy and CuPy (and look-alikes): a kernel asks a block for its namespace
-and uses only that.
+(:func:`dask_pconv.backend.array_namespace`) and uses only that.
 
 Layout: a block's bits after a kernel may depend on how its inputs are stored, not only on
 their values.  NumPy's ``matmul`` hands an operand that is not aligned to its item size to its
@@ -25,32 +25,7 @@ import functools
 
 import numpy as np
 
-
-def get_namespace(*arrays):
-    """Return the module that implements the arrays' operations.
-
-    NumPy arrays give ``numpy``; an array with ``__array_namespace__`` (the array API
-    standard) gives its namespace; a CuPy array gives ``cupy``.  Blocks are never converted
-    between libraries here: mixing a CuPy block with a NumPy one is the caller's error.
-    """
-    for a in arrays:
-        if isinstance(a, np.ndarray) or np.isscalar(a):
-            continue
-        ns = getattr(a, "__array_namespace__", None)
-        if ns is not None:
-            return ns()
-        module = type(a).__module__.split(".")[0]
-        if module == "cupy":
-            import cupy
-
-            return cupy
-    return np
-
-
-def asarray_like(block, like):
-    """``block`` as an array of ``like``'s library, copied with that library's ``asarray``
-    (for CuPy: an explicit copy from the host to the device)."""
-    return get_namespace(like).asarray(block)
+from ..backend import array_namespace, is_device
 
 
 def canonical(a):
@@ -67,8 +42,8 @@ def canonical(a):
         if a.flags.c_contiguous and a.flags.aligned:
             return a
         return np.require(a, requirements=("C", "A"))
-    if hasattr(a, "__array_namespace__") or type(a).__module__.split(".")[0] == "cupy":
-        return get_namespace(a).ascontiguousarray(a)
+    if is_device(a):
+        return array_namespace(a).ascontiguousarray(a)
     if hasattr(a, "canonical"):  # a Padded window
         return a.canonical()
     return a

@@ -35,6 +35,7 @@ import dask
 import numpy as np
 
 from .. import geometry as geo
+from ..backend import is_cupy, is_numpy
 from ._window import Padded, cropped
 
 CONFIG_KEY = "pconv.conv-kernel"
@@ -61,9 +62,9 @@ def use_torch(*arrays, k):
     arrays = [getattr(a, "block", a) for a in arrays]  # a Padded window: its block decides
     if choice == "numpy":
         return False
-    if all(_is_cupy(a) for a in arrays):
+    if all(is_cupy(a) for a in arrays):
         return _cuda_ok(arrays, choice)
-    if not all(type(a) is np.ndarray for a in arrays):
+    if not all(is_numpy(a) for a in arrays):
         return False
     if choice == "auto" and k < MIN_TORCH_K:
         return False  # before importing PyTorch: the import alone costs a worker ~180 MiB
@@ -72,12 +73,6 @@ def use_torch(*arrays, k):
             raise ImportError(f"config {CONFIG_KEY!r} is 'torch' but PyTorch is not installed")
         return False
     return all(a.dtype in (np.float32, np.float64) for a in arrays)
-
-
-def _is_cupy(a):
-    """A CuPy array, recognised by its class (no look-alike qualifies)."""
-    cls = type(a)
-    return cls.__name__ == "ndarray" and cls.__module__.split(".")[0] == "cupy"
 
 
 def _cuda_ok(arrays, choice):
@@ -98,7 +93,7 @@ def _cuda_ok(arrays, choice):
 
 
 def _t(a, dtype):
-    if _is_cupy(a):  # zero-copy on the same device and stream-ordered (DLPack)
+    if is_cupy(a):  # zero-copy on the same device and stream-ordered (DLPack)
         import cupy
 
         return _torch().from_dlpack(cupy.ascontiguousarray(a.astype(dtype, copy=False)))

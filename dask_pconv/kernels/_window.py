@@ -9,8 +9,9 @@ window may hand back only the tile inside it (:func:`cropped`).
 
 from __future__ import annotations
 
+from ..backend import array_namespace
 from ..geometry import crop_index
-from ._namespace import canonical, get_namespace
+from ._namespace import canonical
 
 
 class Padded:
@@ -49,7 +50,7 @@ class Padded:
         return self if block is self.block else Padded(block, self.pads, self.fill)
 
     def materialize(self):
-        xp = get_namespace(self.block)
+        xp = array_namespace(self.block)
         t, _, l, _ = self.pads
         N, C, H, W = self.block.shape
         out = xp.full(self.shape, self.fill, dtype=self.block.dtype)

@@ -17,13 +17,14 @@ import dask
 import numpy as np
 
 from .. import geometry as geo
+from ..backend import array_namespace, is_numpy
 from . import _torch
-from ._namespace import get_namespace, layout_invariant
+from ._namespace import layout_invariant
 from ._window import cropped, materialize
 
 
 def _im2col(x, kh, kw, oH, oW, stride, dilation):
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     N, C = x.shape[:2]
     col = xp.empty((N, C, kh, kw, oH, oW), dtype=x.dtype)  # (N, C, kh, kw, oH, oW)
     for i, j, (sl_y, sl_x) in geo.taps((kh, kw), (oH, oW), stride, dilation):
@@ -35,8 +36,8 @@ def _single_channel_ok(x, W):
     block = getattr(x, "block", x)
     return (
         dask.config.get(_torch.CONFIG_KEY, "auto") == "auto"
-        and type(block) is np.ndarray
-        and type(W) is np.ndarray
+        and is_numpy(block)
+        and is_numpy(W)
         and x.shape[1] == 1
     )
 
@@ -97,7 +98,7 @@ def conv2d_forward(x, W, stride=(1, 1), dilation=(1, 1), groups=1):
     if _torch.use_torch(x, W, k=W[0].size):
         return _torch.conv2d_forward(x, W, stride, dilation, groups)
     x = materialize(x)
-    xp = get_namespace(x, W)
+    xp = array_namespace(x, W)
     N, C, Hw, Ww = x.shape
     O, Cg, kh, kw = W.shape
     G = groups
@@ -122,7 +123,7 @@ def conv2d_grad_x(gy, W, stride=(1, 1), dilation=(1, 1), groups=1, crop=None):
     """
     if _torch.use_torch(gy, W, k=W[0].size):
         return _torch.conv2d_grad_x(gy, W, stride, dilation, groups, crop)
-    xp = get_namespace(gy, W)
+    xp = array_namespace(gy, W)
     N, O, oH, oW = gy.shape
     _, Cg, kh, kw = W.shape
     G = groups
@@ -152,7 +153,7 @@ def conv2d_grad_w(x, gy, kernel_size, stride=(1, 1), dilation=(1, 1), groups=1):
     if _torch.use_torch(x, gy, k=x.shape[1] // groups * kernel_size[0] * kernel_size[1]):
         return _torch.conv2d_grad_w(x, gy, kernel_size, stride, dilation, groups)
     x = materialize(x)
-    xp = get_namespace(x, gy)
+    xp = array_namespace(x, gy)
     N, C, Hw, Ww = x.shape
     _, O, oH, oW = gy.shape
     kh, kw = kernel_size

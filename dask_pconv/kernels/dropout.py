@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._namespace import get_namespace, layout_invariant
+from ..backend import array_namespace
+from ._namespace import layout_invariant
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -23,7 +24,7 @@ def dropout_block(x, ratio, key, shape, location):
     element's uniform number is a hash of ``key`` and its flat index there, so the mask does not
     depend on the chunking and a recomputed task gives the same mask.
     """
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     flat = None
     for ax, (lo, hi) in enumerate(location):
         stride = int(np.prod(shape[ax + 1 :]))

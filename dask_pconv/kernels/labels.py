@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from ._namespace import get_namespace, layout_invariant
+from ..backend import array_namespace
+from ._namespace import layout_invariant
 
 
 @layout_invariant
 def onehot(t, n_classes, dtype):
     """``(N, n_classes)`` rows of ``dtype``: 1 at each label of ``t`` (N,), 0 elsewhere."""
-    xp = get_namespace(t)
+    xp = array_namespace(t)
     return (t[:, None] == xp.arange(n_classes)[None, :]).astype(dtype)

@@ -7,7 +7,8 @@ and stable in any order, so a tree over chunks gives the same mean and variance 
 
 from __future__ import annotations
 
-from ._namespace import get_namespace, layout_invariant
+from ..backend import array_namespace
+from ._namespace import layout_invariant
 
 
 def _axes(x):
@@ -22,7 +23,7 @@ def _bcast(v, x):
 @layout_invariant
 def bn_partial_stats(x):
     """``(count, mean, M2)`` per channel of one block: ``(3, C)`` float64."""
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     axes = _axes(x)
     xf = x.astype(xp.float64)
     n = 1
@@ -52,7 +53,7 @@ def combine_stats(parts):
 
 
 def _mean_invstd(stats, eps, dtype):
-    xp = get_namespace(stats)
+    xp = array_namespace(stats)
     mean = stats[1]
     var = stats[2] / stats[0]
     return mean.astype(dtype), (1.0 / xp.sqrt(var + eps)).astype(dtype)
@@ -61,7 +62,7 @@ def _mean_invstd(stats, eps, dtype):
 @layout_invariant
 def bn_forward(x, stats, gamma, beta, eps, relu):
     """``gamma * (x - mean) * invstd + beta`` (then ``max(., 0)`` if ``relu``)."""
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     mean, invstd = _mean_invstd(stats, eps, x.dtype)
     scale = invstd * gamma.astype(x.dtype)
     y = (x - _bcast(mean, x)) * _bcast(scale, x) + _bcast(beta.astype(x.dtype), x)
@@ -69,7 +70,7 @@ def bn_forward(x, stats, gamma, beta, eps, relu):
 
 
 def _masked(g, y, relu):
-    xp = get_namespace(g)
+    xp = array_namespace(g)
     return xp.where(y > 0, g, g.dtype.type(0)) if relu else g
 
 
@@ -77,7 +78,7 @@ def _masked(g, y, relu):
 def bn_backward_partial(x, y, g, stats, eps, relu):
     """Per-channel ``(sum g', sum g' * xhat)`` of one block, ``(2, C)`` float64, where ``g'``
     is ``g`` through the ReLU mask (``y > 0``)."""
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     axes = _axes(x)
     gg = _masked(g, y, relu).astype(xp.float64)
     mean, invstd = _mean_invstd(stats, eps, xp.float64)

@@ -11,7 +11,8 @@ of the window's first element (negative in the top or left padding).
 from __future__ import annotations
 
 from .. import geometry as geo
-from ._namespace import get_namespace, layout_invariant
+from ..backend import array_namespace
+from ._namespace import layout_invariant
 from ._window import materialize
 
 
@@ -34,7 +35,7 @@ def _first_taps(xp, shape, kernel_size, stride, dilation, origin):
 def _argmax_taps(x, kernel_size, stride, dilation, origin):
     """Max and tap index ``i*kw + j`` of each window's argmax (see the module docstring)."""
     x = materialize(x)
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     kh, kw = kernel_size
     N, C, Hw, Ww = x.shape
     oH, oW = geo.block_output_hw((Hw, Ww), kernel_size, stride, dilation)
@@ -54,7 +55,7 @@ def max_pool2d_forward(x, kernel_size, stride, dilation=(1, 1)):
     """Max over each ``kernel_size`` window of ``x`` (taps ``dilation`` apart): ``(N, C, oH, oW)``.
     NaN propagates."""
     x = materialize(x)
-    xp = get_namespace(x)
+    xp = array_namespace(x)
     out_hw = geo.block_output_hw(x.shape[2:], kernel_size, stride, dilation)
     best = None
     for _, _, (sl_y, sl_x) in geo.taps(kernel_size, out_hw, stride, dilation):
@@ -75,7 +76,7 @@ def max_pool2d_argmax(x, kernel_size, stride, dilation, origin, width):
     window's image position and ``width`` the image's.
     """
     best, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
-    xp = get_namespace(best)
+    xp = array_namespace(best)
     kw, (sy, sx), (dy, dx) = kernel_size[1], stride, dilation
     oH, oW = best.shape[2:]
     rows = xp.arange(oH, dtype=xp.int64).reshape(oH, 1) * (sy * width) + (origin[0] * width + origin[1])
@@ -88,7 +89,7 @@ def max_pool2d_argmax(x, kernel_size, stride, dilation, origin, width):
 def max_pool2d_backward(x, gy, kernel_size, stride, dilation=(1, 1), origin=(0, 0)):
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
     x = materialize(x)
-    xp = get_namespace(x, gy)
+    xp = array_namespace(x, gy)
     kw = kernel_size[1]
     _, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
     N, C, oH, oW = gy.shape

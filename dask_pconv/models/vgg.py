@@ -12,9 +12,9 @@ import dask.array as da
 import numpy as np
 
 from .. import autodiff as ad
+from ..backend import on_device_of, wrap
 from ..geometry import even_chunks
 from ..ops import conv2d, max_pool2d
-from ..ops._device import on_device_of, wrap
 from ..ops.nn import batch_norm, batch_norm_running_update, batch_norm_stats
 
 __all__ = ["VGG16", "VGG16_CONFIG"]

@@ -8,7 +8,8 @@ disjoint blocks in the graph.  Each block depends only on the input blocks its w
 
 from __future__ import annotations
 
-from ..kernels import Padded, get_namespace
+from ..backend import array_namespace
+from ..kernels import Padded
 
 SPLIT_EVERY = 4
 
@@ -16,7 +17,7 @@ SPLIT_EVERY = 4
 def _assemble(pieces, offsets_h, offsets_w, shape, fill, meta):
     """Place ``pieces[a][b]`` at rows ``offsets_h[a]``, columns ``offsets_w[b]`` of a block
     of ``shape`` filled with ``fill`` (the padding value)."""
-    xp = get_namespace(meta)
+    xp = array_namespace(meta)
     out = xp.full(shape, fill, dtype=meta.dtype)
     for row, (y0, y1) in zip(pieces, offsets_h):
         for piece, (x0, x1) in zip(row, offsets_w):
@@ -144,7 +145,7 @@ def tree_sum(dsk, out_key, parts, split_every=SPLIT_EVERY, combine=None):
 
 def _scatter(shape, meta, parts):
     """A block of ``shape``: the sum of window strips ``win[..., wy, wx]`` placed at ``ly, lx``."""
-    xp = get_namespace(meta)
+    xp = array_namespace(meta)
     out = xp.zeros(shape, dtype=meta.dtype)
     for win, (wy0, wy1), (wx0, wx1), (ly0, ly1), (lx0, lx1) in parts:
         out[:, :, ly0:ly1, lx0:lx1] += win[:, :, wy0:wy1, wx0:wx1]

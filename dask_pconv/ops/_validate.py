@@ -9,7 +9,7 @@ import sys
 import dask.array as da
 import numpy as np
 
-from ._device import on_device_of, wrap
+from ..backend import on_device_of, wrap
 
 _LAYOUTS = {4: "(N, C, H, W)", 3: "(C, H, W)", 1: ""}
 

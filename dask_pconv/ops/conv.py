@@ -15,8 +15,8 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
-from ..kernels import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, cropped, get_namespace
-from ._device import on_device_of
+from ..backend import array_namespace, on_device_of
+from ..kernels import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, cropped
 from ._graph import Windows, scatter_windows, tree_sum, window_reach
 from ._validate import as_dask, batched, check_groups, check_kernel_fits, check_same_dtype, output_gradient
 
@@ -101,7 +101,7 @@ def _conv_pair(xw, W, calls, n_out, stride, dilation):
         if o1 - o0 == n_out and len(calls) == 1:
             return y
         if out is None:
-            xp = get_namespace(y)
+            xp = array_namespace(y)
             out = xp.zeros((y.shape[0], n_out) + y.shape[2:], dtype=y.dtype)
         out[:, o0:o1] += y
     return out
@@ -117,7 +117,7 @@ def _gx_pair(gy, W, calls, n_in, stride, dilation, crop=None):
     for (o0, o1), (c0, c1), (w0, w1), groups in calls:
         g = conv2d_grad_x(gy[:, o0:o1], W[o0:o1, w0:w1], stride, dilation, groups)
         if out is None:
-            xp = get_namespace(g)
+            xp = array_namespace(g)
             out = xp.zeros((g.shape[0], n_in) + g.shape[2:], dtype=g.dtype)
         out[:, c0:c1] += g
     return cropped(out, crop)  # a task's result is a canonical block
@@ -131,7 +131,7 @@ def _gw_pair(xw, gy, calls, w_shape, stride, dilation):
         if len(calls) == 1 and g.shape == tuple(w_shape):
             return g
         if out is None:
-            xp = get_namespace(g)
+            xp = array_namespace(g)
             out = xp.zeros(tuple(w_shape), dtype=g.dtype)
         out[o0:o1, w0:w1] += g
     return out

@@ -15,6 +15,7 @@ from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from ..backend import array_namespace, on_device_of, wrap
 from ..kernels import (
     bn_backward,
     bn_backward_partial,
@@ -22,13 +23,11 @@ from ..kernels import (
     bn_partial_stats,
     combine_stats,
     dropout_block,
-    get_namespace,
     linear_forward,
     linear_grad_w,
     linear_grad_x,
     onehot,
 )
-from ._device import on_device_of, wrap
 from ._graph import tree_sum
 from ._validate import check_plain
 
@@ -223,7 +222,7 @@ def _running(stats, old_mean, old_var, decay, which):
     count, mean = stats[0], stats[1]
     if which == "mean":
         return (decay * old_mean + (1 - decay) * mean).astype(old_mean.dtype)
-    unbiased = stats[2] / get_namespace(stats).maximum(count - 1.0, 1.0)  # Chainer's m/(m-1)
+    unbiased = stats[2] / array_namespace(stats).maximum(count - 1.0, 1.0)  # Chainer's m/(m-1)
     return (decay * old_var + (1 - decay) * unbiased).astype(old_var.dtype)
 
 
