@@ -7,7 +7,7 @@ import pytest
 
 from dask_pconv import autodiff as ad
 
-from strategies import assert_blocks_have_dtype, assert_close
+from strategies import assert_close
 
 RNG = np.random.default_rng(0)
 X4 = RNG.standard_normal((4, 3, 7, 6))
@@ -180,60 +180,3 @@ def test_registered_rules():
         "softmax_cross_entropy",
     }
     assert expected <= names
-
-
-def test_dropout_mask_is_a_pure_function_of_seed_step_layer_and_index():
-    x = np.ones((4, 3, 8, 8))
-    a = ad.dropout.raw(d(x, (1, 1, 3, 5)), 0.5, 0, 1, 2).compute()
-    b = ad.dropout.raw(d(x, (4, 3, 8, 8)), 0.5, 0, 1, 2).compute()
-    c = ad.dropout.raw(d(x), 0.5, 0, 2, 2).compute()
-    np.testing.assert_array_equal(a, b)  # chunking does not matter
-    assert not np.array_equal(a, c)  # the step does
-    assert set(np.unique(a)) == {0.0, 2.0}
-    assert 0.4 < (a == 0).mean() < 0.6
-
-
-def test_batch_norm_vjp_with_relu_needs_the_forward_output():
-    from dask_pconv.ops.nn import batch_norm_vjp
-
-    with pytest.raises(ValueError, match="needs y"):
-        batch_norm_vjp(d(X4, CH4), d(GAMMA), d(X4, CH4), relu=True)
-
-
-@pytest.mark.parametrize("chunks", [(4, 5), (3, 2), (2, (1, 3, 1))])
-def test_accuracy_matches_numpy_for_any_chunking(chunks):
-    """The fraction of rows whose arg-max is the label, row and class axes chunked any way;
-    ties go to the first maximum, as in NumPy."""
-    from dask_pconv.ops.nn import accuracy
-
-    rng = np.random.default_rng(8)
-    z = rng.integers(0, 3, (10, 5)).astype("f4")  # many ties
-    t = rng.integers(0, 5, 10)
-    want = np.mean(z.argmax(axis=1) == t)
-    assert 0 < want < 1
-    got = accuracy(da.from_array(z, chunks=chunks), da.from_array(t, chunks=chunks[0])).compute()
-    assert got == want
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_nn_ops_compute_the_dtype_they_report(dtype):
-    """Every block of every layer's output (and gradient) has the reported dtype, whatever
-    the chunking (the conv and pooling ops are checked in their own test files)."""
-    from dask_pconv.ops import nn
-
-    x = RNG.standard_normal((4, 6, 5, 5)).astype(dtype)
-    v = np.ones(6, dtype)
-    W = RNG.standard_normal((7, 150)).astype(dtype)
-    t = np.array([0, 1, 2, 3])
-    for chunks in [(4, 6, 5, 5), (1, 2, 2, 3), (2, 6, 5, 1)]:
-        xd = d(x, chunks)
-        g = xd * dtype(2)
-        z = xd.reshape(4, 150).rechunk((chunks[0], 50))
-        logits = nn.linear(z, W)
-        outs = [nn.relu(xd), nn.relu_vjp(xd, g), nn.batch_norm(xd, v, v), *nn.batch_norm_vjp(xd, v, g)]
-        outs += [nn.batch_norm(xd, v, v, v, v, relu=True), nn.dropout(xd, 0.5, 0, 1, 2)]
-        outs += [logits, *nn.linear_vjp(z, W, logits), nn.softmax_cross_entropy(logits, t)]
-        outs += [nn.softmax_cross_entropy_vjp(logits, t, da.ones((), dtype=dtype))]
-        outs += list(nn.batch_norm_running_update(nn.batch_norm_stats(xd), v, v))
-        assert all(o.dtype == dtype for o in outs)
-        assert_blocks_have_dtype(*outs)
