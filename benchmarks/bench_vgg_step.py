@@ -29,6 +29,39 @@ CASES = [
 ]
 
 
+def _torch_forward(program, p, x):
+    """The model's program in PyTorch (training mode: batch statistics, dropout on)."""
+    import torch.nn.functional as F
+
+    from dask_pconv.models import INPUT, Add, BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+
+    values = {INPUT: x}
+    for node in program.nodes:
+        layer, (h, *rest) = node.layer, [values[i] for i in node.inputs]
+        w = {k: p[f"{node.name}.{k}"] for k in layer.params()}
+        if isinstance(layer, Conv2d):
+            h = F.conv2d(h, w["W"], w.get("b"), stride=layer.stride, padding=layer.padding)
+        elif isinstance(layer, BatchNorm):
+            h = F.batch_norm(h, None, None, w["gamma"], w["beta"], True, 1 - layer.decay, layer.eps)
+            h = F.relu(h) if layer.relu else h
+        elif isinstance(layer, ReLU):
+            h = F.relu(h)
+        elif isinstance(layer, MaxPool2d):
+            h = F.max_pool2d(h, layer.kernel_size, layer.stride)
+        elif isinstance(layer, Dropout):
+            h = F.dropout(h, layer.ratio, True)
+        elif isinstance(layer, Flatten):
+            h = h.flatten(1)
+        elif isinstance(layer, Linear):
+            h = h @ w["W"].T
+        elif isinstance(layer, Add):
+            h = sum(rest, h)
+        else:
+            raise NotImplementedError(f"no PyTorch equivalent here for {type(layer).__name__}")
+        values[node.name] = h
+    return h
+
+
 def torch_step_time(model, x, t, steps, device="cpu"):
     """Median seconds of a PyTorch training step of ``model``'s network on ``device``."""
     import torch
@@ -42,22 +75,7 @@ def torch_step_time(model, x, t, steps, device="cpu"):
     tx, tt = torch.from_numpy(x).to(device), torch.from_numpy(t).to(device)
 
     def step():
-        h = tx
-        for kind, name, extra in model.layers:
-            if kind == "block":
-                h = F.conv2d(h, p[f"{name}.conv.W"], padding=1)
-                h = F.relu(
-                    F.batch_norm(h, None, None, p[f"{name}.bn.gamma"], p[f"{name}.bn.beta"], True, 0.1, 2e-5)
-                )
-            elif kind == "pool":
-                h = F.max_pool2d(h, 2)
-            elif kind == "dropout":
-                h = F.dropout(h, extra, True)
-            elif kind == "fc_bn_relu":
-                h = h.flatten(1) @ p["fc1.W"].T
-                h = F.relu(F.batch_norm(h, None, None, p["bn_fc1.gamma"], p["bn_fc1.beta"], True, 0.1, 2e-5))
-            elif kind == "fc":
-                h = h @ p["fc2.W"].T
+        h = _torch_forward(model.program, p, tx)
         loss = F.cross_entropy(h, tt)
         for v in p.values():
             v.grad = None

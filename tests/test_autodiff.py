@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dask_pconv import autodiff as ad
+from dask_pconv.ops import nn
 
 from strategies import assert_close
 
@@ -50,6 +51,11 @@ CASES = {
     "linear": (ad.linear, [d(X2, (4, 2)), d(LIN, (3, 5))]),
     "flatten": (ad.flatten, [d(X4, CH4)]),
     "reshape": (lambda x: ad.reshape(x, (4, 3, 42)), [d(X4, CH4)]),
+    "rechunk": (lambda x: ad.rechunk(x, (1, 3, 7, (5, 1))), [d(X4, CH4)]),
+    "batch_norm train, given statistics": (
+        lambda x, g, b: ad.batch_norm(x, g, b, relu=True, stats=nn.batch_norm_stats(x.value)),
+        [d(X4, CH4), d(GAMMA, 2), d(BETA, 1)],
+    ),
     "add broadcast": (ad.add, [d(X4, CH4), d(GAMMA.reshape(1, 3, 1, 1))]),
     "mul broadcast": (ad.mul, [d(X4, CH4), d(X4[:1, :, :, :1])]),
     "sum": (lambda x: ad.sum_(x, axis=(0, 2)), [d(X4, CH4)]),
@@ -173,6 +179,7 @@ def test_registered_rules():
         "dropout",
         "linear",
         "reshape",
+        "rechunk",
         "add",
         "mul",
         "sum",

@@ -7,7 +7,7 @@ import optional
 import pytest
 
 import dask_pconv as dp
-from dask_pconv.models import VGG16
+from dask_pconv.models import VGG16, Dropout
 
 from strategies import assert_close
 
@@ -39,7 +39,7 @@ def test_architecture_matches_chainer_vgg16():
     assert set(m.state) == {k.replace("gamma", "avg_mean") for k in names if k.endswith("gamma")} | {
         k.replace("gamma", "avg_var") for k in names if k.endswith("gamma")
     }
-    drops = [extra for kind, _, extra in m.layers if kind == "dropout"]
+    drops = [n.layer.ratio for n in m.program.nodes if isinstance(n.layer, Dropout)]
     assert drops == [0.3, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.5, 0.5]
     quarter = VGG16(width=0.25, n_classes=7)
     assert quarter.params["block5_3.conv.W"].shape == (128, 128, 3, 3)

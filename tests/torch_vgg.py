@@ -8,45 +8,41 @@ judged against the float64 reference.
 import numpy as np
 
 
-def torch_loss_and_grads(model, x, t, train=True):
+def _bn_relu(h, p, state, name, train):
     import torch
     import torch.nn.functional as F
 
+    mean = torch.tensor(np.asarray(state[f"{name}.avg_mean"], np.float64))
+    var = torch.tensor(np.asarray(state[f"{name}.avg_var"], np.float64))
+    h = F.batch_norm(
+        h,
+        None if train else mean,
+        None if train else var,
+        p[f"{name}.gamma"],
+        p[f"{name}.beta"],
+        training=train,
+        eps=2e-5,
+    )
+    return F.relu(h)
+
+
+def torch_loss_and_grads(model, x, t, train=True):
+    """Loss and gradients of ``model``'s parameters for the network written from Chainer's
+    config (``VGG16_CONFIG``), not from the model's program: an independent definition."""
+    import torch
+    import torch.nn.functional as F
+
+    from dask_pconv.models import VGG16_CONFIG
+
     p = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=True) for k, v in model.params.items()}
     h = torch.tensor(np.asarray(x, np.float64))
-    for kind, name, _ in model.layers:
-        if kind == "block":
-            h = F.conv2d(h, p[f"{name}.conv.W"], padding=1)
-            mean = torch.tensor(np.asarray(model.state[f"{name}.bn.avg_mean"], np.float64))
-            var = torch.tensor(np.asarray(model.state[f"{name}.bn.avg_var"], np.float64))
-            h = F.batch_norm(
-                h,
-                None if train else mean,
-                None if train else var,
-                p[f"{name}.bn.gamma"],
-                p[f"{name}.bn.beta"],
-                training=train,
-                eps=2e-5,
-            )
-            h = F.relu(h)
-        elif kind == "pool":
-            h = F.max_pool2d(h, 2, 2)
-        elif kind == "fc_bn_relu":
-            h = h.flatten(1) @ p["fc1.W"].T
-            mean = torch.tensor(np.asarray(model.state["bn_fc1.avg_mean"], np.float64))
-            var = torch.tensor(np.asarray(model.state["bn_fc1.avg_var"], np.float64))
-            h = F.batch_norm(
-                h,
-                None if train else mean,
-                None if train else var,
-                p["bn_fc1.gamma"],
-                p["bn_fc1.beta"],
-                training=train,
-                eps=2e-5,
-            )
-            h = F.relu(h)
-        elif kind == "fc":
-            h = h @ p["fc2.W"].T
+    for block, convs in VGG16_CONFIG:
+        for i in range(1, len(convs) + 1):
+            h = F.conv2d(h, p[f"block{block}_{i}.conv.W"], padding=1)
+            h = _bn_relu(h, p, model.state, f"block{block}_{i}.bn", train)
+        h = F.max_pool2d(h, 2, 2)
+    h = _bn_relu(h.flatten(1) @ p["fc1.W"].T, p, model.state, "bn_fc1", train)
+    h = h @ p["fc2.W"].T
     loss = F.cross_entropy(h, torch.tensor(t))
     loss.backward()
     return loss.item(), {k: v.grad.numpy() for k, v in p.items()}

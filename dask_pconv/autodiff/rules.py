@@ -26,6 +26,7 @@ __all__ = [
     "max_pool2d",
     "mean",
     "mul",
+    "rechunk",
     "relu",
     "reshape",
     "softmax_cross_entropy",
@@ -86,13 +87,13 @@ defvjp(relu, lambda ans, x: lambda g: nn.relu_vjp(x, g))
 
 
 @primitive
-def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
-    return nn.batch_norm(x, gamma, beta, mean, var, eps, relu)
+def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False, stats=None):
+    return nn.batch_norm(x, gamma, beta, mean, var, eps, relu, stats=stats)
 
 
-def _batch_norm_vjp(ans, x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
+def _batch_norm_vjp(ans, x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False, stats=None):
     def vjp(g):
-        return nn.batch_norm_vjp(x, gamma, g, mean, var, eps, relu, y=ans) + (None, None)
+        return nn.batch_norm_vjp(x, gamma, g, mean, var, eps, relu, y=ans, stats=stats) + (None, None)
 
     return vjp
 
@@ -144,6 +145,14 @@ def reshape(x, shape):
 
 
 defvjp(reshape, lambda ans, x, shape: lambda g: g.reshape(x.shape).rechunk(x.chunks))
+
+
+@primitive
+def rechunk(x, chunks):
+    return x.rechunk(chunks)
+
+
+defvjp(rechunk, lambda ans, x, chunks: lambda g: g.rechunk(x.chunks))
 
 
 def flatten(x):

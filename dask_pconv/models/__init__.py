@@ -1,5 +1,41 @@
-"""Models built from the autodiff layer."""
+"""Models: a network is a :class:`Program` of layer nodes (:mod:`.layers`), a :class:`Model` its
+parameters and state, run by one interpreter; VGG16 is a config."""
 
-from .vgg import VGG16, VGG16_CONFIG
+from .layers import (
+    Add,
+    ArraySpec,
+    BatchNorm,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    RunMode,
+)
+from .model import Model
+from .program import INPUT, Node, Program, sequential
+from .vgg import VGG16, VGG16_CONFIG, vgg16_program
 
-__all__ = ["VGG16", "VGG16_CONFIG"]
+__all__ = [
+    "INPUT",
+    "VGG16",
+    "VGG16_CONFIG",
+    "Add",
+    "ArraySpec",
+    "BatchNorm",
+    "Conv2d",
+    "Dropout",
+    "Flatten",
+    "Layer",
+    "Linear",
+    "MaxPool2d",
+    "Model",
+    "Node",
+    "Program",
+    "ReLU",
+    "RunMode",
+    "sequential",
+    "vgg16_program",
+]

@@ -8,16 +8,13 @@ dropout 0.5, Linear 512->n_classes (no bias).
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 
-from .. import autodiff as ad
-from ..backend import on_device_of, wrap
-from ..geometry import even_chunks
-from ..ops import conv2d, max_pool2d
-from ..ops.nn import batch_norm, batch_norm_running_update, batch_norm_stats
+from .layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d
+from .model import Model
+from .program import sequential
 
-__all__ = ["VGG16", "VGG16_CONFIG"]
+__all__ = ["VGG16", "VGG16_CONFIG", "vgg16_program"]
 
 #: (block, [(out_channels, dropout after this conv or None), ...]); a 2x2 pool ends each block
 VGG16_CONFIG = (
@@ -31,13 +28,41 @@ BN_EPS = 2e-5  # Chainer's BatchNormalization default
 BN_DECAY = 0.9
 
 
-def _lecun_normal(rng, shape, fan_in, dtype):
-    """Chainer's default initializer: N(0, 1/fan_in)."""
-    return (rng.standard_normal(shape) * np.sqrt(1.0 / fan_in)).astype(dtype)
+def vgg16_program(n_classes=10, in_channels=3, width=1.0, image_size=32, config=VGG16_CONFIG):
+    """The VGG16-BN network as a :class:`~dask_pconv.models.program.Program`.
+
+    Node names give the parameter names: ``blockB_I.conv`` (``.W``), ``blockB_I.bn``
+    (``.gamma``, ``.beta``, state ``.avg_mean``, ``.avg_var``), ``fc1`` (``.W``), ``bn_fc1``,
+    ``fc2``; ``blockB_I.dropout``, ``poolB``, ``flatten``, ``fc1.dropout`` and ``fc2.dropout``
+    have none.  ``width`` scales every channel count (at least 1 each).
+    """
+    ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
+    bn = lambda c: BatchNorm(c, eps=BN_EPS, decay=BN_DECAY, relu=True)  # noqa: E731
+    nodes, c_in = [], in_channels
+    for block, convs in config:
+        for i, (c, drop) in enumerate(convs, 1):
+            name, c_out = f"block{block}_{i}", ch(c)
+            nodes += [(f"{name}.conv", Conv2d(c_in, c_out, 3, padding=1)), (f"{name}.bn", bn(c_out))]
+            if drop:
+                nodes.append((f"{name}.dropout", Dropout(drop)))
+            c_in = c_out
+        nodes.append((f"pool{block}", MaxPool2d(2, 2)))
+    hidden = ch(512)
+    fc_in = c_in * (image_size // 2 ** len(config)) ** 2  # 1x1 after the pools at 32x32 (CIFAR)
+    nodes += [
+        ("flatten", Flatten()),
+        ("fc1.dropout", Dropout(0.5)),
+        ("fc1", Linear(fc_in, hidden)),
+        ("bn_fc1", bn(hidden)),
+        ("fc2.dropout", Dropout(0.5)),
+        ("fc2", Linear(hidden, n_classes, channel_split=False)),  # the logits stay whole
+    ]
+    return sequential(*nodes)
 
 
-class VGG16:
-    """VGG16-BN for 32x32 images (Chainer's CIFAR example), trained as Dask graphs.
+class VGG16(Model):
+    """VGG16-BN for 32x32 images (Chainer's CIFAR example), trained as Dask graphs: the
+    :class:`~dask_pconv.models.Model` of :func:`vgg16_program`.
 
     Parameters
     ----------
@@ -64,6 +89,8 @@ class VGG16:
         ``fc1.W`` (512, 512) and ``fc2.W`` (n_classes, 512) as (out, in).
     state : dict
         BatchNorm running statistics ``*.avg_mean``/``*.avg_var``, kept apart from ``params``.
+    program : Program
+        The network, node by node.
     """
 
     def __init__(
@@ -78,158 +105,14 @@ class VGG16:
         if not (isinstance(image_size, int) and image_size >= 32 and image_size % 32 == 0):
             raise ValueError(f"image_size must be a multiple of 32 (five 2x2 pools), got {image_size!r}")
         self.image_size = image_size
-        self.n_classes, self.in_channels, self.width, self.seed = n_classes, in_channels, width, seed
-        self.dtype = np.dtype(dtype)
-        if not np.issubdtype(self.dtype, np.floating):
-            raise TypeError(f"dtype must be a floating dtype (float32 or float64), got {self.dtype}")
-        if not (isinstance(channel_split, int) and channel_split >= 1):
-            raise ValueError(f"channel_split must be a positive int, got {channel_split!r}")
-        self.channel_split = int(channel_split)
-        rng = np.random.default_rng(seed)
-        ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
-        self.layers = []  # (kind, name, extra)
-        params, state = {}, {}
-        c_in = in_channels
-        for block, convs in VGG16_CONFIG:
-            for i, (c, drop) in enumerate(convs, 1):
-                name = f"block{block}_{i}"
-                c_out = ch(c)
-                params[f"{name}.conv.W"] = _lecun_normal(rng, (c_out, c_in, 3, 3), c_in * 9, self.dtype)
-                params[f"{name}.bn.gamma"] = np.ones(c_out, self.dtype)
-                params[f"{name}.bn.beta"] = np.zeros(c_out, self.dtype)
-                state[f"{name}.bn.avg_mean"] = np.zeros(c_out, self.dtype)
-                state[f"{name}.bn.avg_var"] = np.ones(c_out, self.dtype)
-                self.layers.append(("block", name, None))
-                if drop:
-                    self.layers.append(("dropout", name, drop))
-                c_in = c_out
-            self.layers.append(("pool", f"pool{block}", None))
-        hidden = ch(512)
-        self.layers.append(("dropout", "fc1", 0.5))
-        fc_in = c_in * (image_size // 32) ** 2  # 1x1 after the pools at 32x32 (the CIFAR net)
-        params["fc1.W"] = _lecun_normal(rng, (hidden, fc_in), fc_in, self.dtype)
-        params["bn_fc1.gamma"] = np.ones(hidden, self.dtype)
-        params["bn_fc1.beta"] = np.zeros(hidden, self.dtype)
-        state["bn_fc1.avg_mean"] = np.zeros(hidden, self.dtype)
-        state["bn_fc1.avg_var"] = np.ones(hidden, self.dtype)
-        self.layers.append(("fc_bn_relu", "fc1", None))
-        self.layers.append(("dropout", "fc2", 0.5))
-        params["fc2.W"] = _lecun_normal(rng, (n_classes, hidden), hidden, self.dtype)
-        self.layers.append(("fc", "fc2", None))
-        self.params, self.state = params, state
-
-    # -- parameters ------------------------------------------------------------------------
-    @property
-    def n_params(self):
-        return int(sum(np.prod(v.shape) for v in self.params.values()))
-
-    def load_params(self, mapping, state=None):
-        """Replace the parameters (and optionally the BatchNorm state) from a mapping.
-
-        Names and shapes must match exactly (``KeyError``/``ValueError`` otherwise); values must
-        be real numbers (``TypeError``) and, for NumPy values, finite (``ValueError``: training
-        never starts from NaN or Inf), and NumPy BatchNorm running variances ``*.avg_var`` must
-        be >= 0.  Dask (and device) values are taken as they are, not checked for finiteness or
-        sign (that would compute them or copy them to the host).  Every value
-        is cast to the model's dtype.  Nothing is replaced unless everything checks out.
-        """
-        from collections.abc import Mapping
-
-        checked = []
-        for target, new, what in ((self.params, mapping, "params"), (self.state, state, "state")):
-            if new is None:
-                continue
-            if not isinstance(new, Mapping):
-                raise TypeError(f"{what} must be a mapping of name -> array, got {type(new).__name__}")
-            missing = sorted(set(target) - set(new))
-            extra = sorted(set(new) - set(target))
-            if missing or extra:
-                raise KeyError(f"{what} names do not match: missing {missing}, unexpected {extra}")
-            values = {}
-            for k, v in new.items():
-                if not (hasattr(v, "shape") and hasattr(v, "dtype")):  # lists etc.; Dask, CuPy kept
-                    v = np.asarray(v)
-                if tuple(v.shape) != tuple(target[k].shape):
-                    raise ValueError(f"{what}[{k!r}] has shape {tuple(v.shape)}, expected {target[k].shape}")
-                if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
-                    raise TypeError(f"{what}[{k!r}] must hold real numbers, got dtype {v.dtype}")
-                if isinstance(v, np.ndarray) and not np.isfinite(v).all():
-                    raise ValueError(f"{what}[{k!r}] holds NaN or Inf; refusing to load it")
-                if what == "state" and k.endswith(".avg_var") and isinstance(v, np.ndarray) and (v < 0).any():
-                    raise ValueError(f"{what}[{k!r}] (a BatchNorm running variance) has negative values")
-                values[k] = v.astype(self.dtype, copy=False)  # lazy for Dask, on the device for CuPy
-            checked.append((target, values))
-        for target, values in checked:
-            target.update(values)
-
-    def _out_chunks(self, n):
-        s = min(self.channel_split, n)
-        return even_chunks(n, s) if s > 1 else (n,)
-
-    def _as_dask(self, name, value, like=None):
-        """A parameter as a Dask array chunked for the channel split (output channels), with
-        blocks of ``like``'s library if given (see :meth:`dask_params`)."""
-        lead = self._out_chunks(value.shape[0])
-        if name.startswith("fc2"):
-            lead = (value.shape[0],)
-        chunks = (lead,) + tuple((n,) for n in value.shape[1:])
-        if isinstance(value, da.Array):
-            value = value if value.chunks == chunks else value.rechunk(chunks)
-        else:
-            value = da.from_array(value, chunks=chunks, name=False, asarray=False)
-        return value if like is None else on_device_of(value, like)
-
-    def dask_params(self, like=None):
-        """The parameters as Dask arrays chunked for ``channel_split``.
-
-        With ``like`` (the input batch, a Dask array) whose blocks are CuPy arrays, NumPy
-        parameters get a task per chunk that copies them to the device; parameters already
-        there (the persisted result of a training step) are used as they are, so the weights
-        move to the device once.
-        """
-        return {k: self._as_dask(k, v, like) for k, v in self.params.items()}
-
-    # -- forward ---------------------------------------------------------------------------
-    def forward(self, x, train=True, dropout=True, step=0, params=None, state=None):
-        """Logits (a :class:`~dask_pconv.autodiff.Tensor` of shape (N, n_classes)) and the
-        lazily updated BatchNorm state (training mode) or the current one (evaluation).
-        ``state`` (running statistics, name -> array) replaces the model's own."""
-        x = wrap(x, x.shape)
-        p = params if params is not None else self._tensors(like=x)
-        state = self.state if state is None else state
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must be (N, {', '.join(map(str, expected))}), got shape {x.shape}")
-        h = ad.Tensor(x.astype(self.dtype, copy=False))
-        new_state = {}
-
-        def bn_relu(h, name):
-            gamma, beta = p[f"{name}.gamma"], p[f"{name}.beta"]
-            # the ops chunk these like h's channels themselves
-            old_m, old_v = state[f"{name}.avg_mean"], state[f"{name}.avg_var"]
-            if not train:
-                return ad.batch_norm(h, gamma, beta, old_m, old_v, eps=BN_EPS, relu=True)
-            stats = batch_norm_stats(h.value)  # the same graph keys as inside batch_norm
-            new_m, new_v = batch_norm_running_update(stats, old_m, old_v, BN_DECAY)
-            new_state[f"{name}.avg_mean"], new_state[f"{name}.avg_var"] = new_m, new_v
-            return ad.batch_norm(h, gamma, beta, eps=BN_EPS, relu=True)
-
-        for li, (kind, name, extra) in enumerate(self.layers):
-            if kind == "block":
-                h = ad.conv2d(h, p[f"{name}.conv.W"], padding=1)
-                h = bn_relu(h, f"{name}.bn")
-            elif kind == "pool":
-                h = ad.max_pool2d(h, 2, 2)
-            elif kind == "dropout":
-                if train and dropout:
-                    h = ad.dropout(h, extra, self.seed, step, li)
-            elif kind == "fc_bn_relu":
-                h = ad.flatten(h)
-                h = bn_relu(ad.linear(h, p[f"{name}.W"]), "bn_fc1")
-            elif kind == "fc":
-                h = ad.linear(h, p[f"{name}.W"])
-        state = new_state if train else {}
-        return h, state
+        self.n_classes, self.in_channels, self.width = n_classes, in_channels, width
+        super().__init__(
+            vgg16_program(n_classes, in_channels, width, image_size),
+            seed=seed,
+            dtype=dtype,
+            channel_split=channel_split,
+            input_shape=(in_channels, image_size, image_size),
+        )
 
     def features(self, x, blocks=5):
         """The convolutional feature stack in evaluation mode, as a lazy Dask array.
@@ -254,76 +137,8 @@ class VGG16:
         """
         if not (isinstance(blocks, int) and 1 <= blocks <= len(VGG16_CONFIG)):
             raise ValueError(f"blocks must be an int from 1 to {len(VGG16_CONFIG)}, got {blocks!r}")
-        x = wrap(x, x.shape)
-        if x.ndim != 4 or x.shape[1] != self.in_channels or min(x.shape[2:]) < 2**blocks:
+        if getattr(x, "ndim", None) == 4 and min(x.shape[2:]) < 2**blocks:
             raise ValueError(
                 f"x must be (N, {self.in_channels}, H, W) with H, W >= {2**blocks}, got shape {x.shape}"
             )
-        p = self.dask_params()
-        h = x.astype(self.dtype, copy=False)
-        for kind, name, _ in self.layers:
-            if kind == "block":
-                h = conv2d(h, p[f"{name}.conv.W"], padding=1)
-                mean, var = self.state[f"{name}.bn.avg_mean"], self.state[f"{name}.bn.avg_var"]
-                gamma, beta = p[f"{name}.bn.gamma"], p[f"{name}.bn.beta"]
-                h = batch_norm(h, gamma, beta, mean, var, eps=BN_EPS, relu=True)
-            elif kind == "pool":
-                h = max_pool2d(h, 2, 2)
-                if name == f"pool{blocks}":
-                    return h
-        raise AssertionError("unreachable: every block ends in a pool")
-
-    def _tensors(self, like=None, params=None):
-        """The parameters (``params``, or :meth:`dask_params` for ``like``) as tape leaves."""
-        params = self.dask_params(like) if params is None else params
-        return {k: ad.Tensor(v, name=k) for k, v in params.items()}
-
-    def forward_backward_aux(self, x, t, train=True, dropout=True, step=0, params=None, state=None):
-        """``(loss, grads, aux)``: like :meth:`forward_backward` plus ``aux['accuracy']``
-        (lazy scalar), ``aux['state']`` (updated BatchNorm statistics) and ``aux['logits']``.
-
-        ``params`` (name -> Dask array, as from :meth:`dask_params`) replaces the model's own,
-        so that an optimizer update built from the same arrays shares their graph keys (and a
-        parameter copied to the device is copied once); ``state`` likewise replaces the running
-        BatchNorm statistics."""
-        x = wrap(x, x.shape)
-        p = self._tensors(like=x, params=params)
-        z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p, state=state)
-        t = wrap(t, (z.value.chunks[0],))
-        if t.chunks[0] != z.value.chunks[0]:
-            t = t.rechunk((z.value.chunks[0],))
-        loss = ad.softmax_cross_entropy(z, t)
-        grads = ad.grad(loss, p)
-        aux = {"accuracy": ad.accuracy(z, t), "state": state, "logits": z.value}
-        return loss.value, grads, aux
-
-    def forward_backward(self, x, t, train=True, dropout=True, step=0):
-        """Lazy loss and gradients for a batch.
-
-        Parameters
-        ----------
-        x : dask.array.Array, shape (N, in_channels, 32, 32)
-            Any chunking: batch, channel, spatial or a mix.
-        t : array of int, shape (N,)
-            Labels.
-        train : bool
-            BatchNorm uses batch statistics (True) or the running ones (False).
-        dropout : bool
-            Apply dropout (only when ``train``); masks come from ``(seed, step, layer)``.
-        step : int
-            Training step, for the dropout masks.
-
-        Returns
-        -------
-        loss : dask.array.Array
-            Mean softmax cross-entropy, a 0-d array.
-        grads : dict
-            Name -> Dask array, keyed and shaped like :attr:`params`.
-        """
-        loss, grads, _ = self.forward_backward_aux(x, t, train, dropout, step)
-        return loss, grads
-
-    def predict(self, x):
-        """Logits in evaluation mode (running BatchNorm statistics, no dropout): lazy (N, K)."""
-        z, _ = self.forward(x, train=False)
-        return z.value
+        return super().features(x, until=f"pool{blocks}")

@@ -1,0 +1,237 @@
+"""The layer kinds a model program is made of: what parameters and state each declares, and
+how it runs on the tape.
+
+A layer is data (its hyperparameters) plus one method, :meth:`Layer.apply`, that computes its
+output from its inputs with the differentiable primitives of :mod:`dask_pconv.autodiff`.  The
+same call serves training (inputs and parameters are tape tensors, so the backward pass is
+recorded) and evaluation or feature extraction (plain Dask arrays: the primitives then just
+compute, nothing is recorded).  Parameters and state are declared with :class:`ArraySpec`, so
+that a program knows every array's shape, initial value and how a channel split chunks it
+without running anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import autodiff as ad
+from ..ops.nn import batch_norm_running_update, batch_norm_stats
+
+__all__ = [
+    "Add",
+    "ArraySpec",
+    "BatchNorm",
+    "Conv2d",
+    "Dropout",
+    "Flatten",
+    "Layer",
+    "Linear",
+    "MaxPool2d",
+    "ReLU",
+    "RunMode",
+]
+
+
+class ArraySpec(NamedTuple):
+    """One parameter or state array a layer declares.
+
+    ``init`` is ``"lecun_normal"`` (Chainer's default, N(0, 1/fan_in)), ``"ones"`` or
+    ``"zeros"``.  ``channel_split``: axis 0 (the output channels) is chunked by a model's
+    channel split; False keeps the array whole.
+    """
+
+    shape: tuple
+    init: str
+    fan_in: int = 1
+    channel_split: bool = True
+
+    def initial(self, rng, dtype):
+        """The initial value; ``lecun_normal`` draws from ``rng`` (in program order)."""
+        if self.init == "lecun_normal":
+            return (rng.standard_normal(self.shape) * np.sqrt(1.0 / self.fan_in)).astype(dtype)
+        if self.init == "ones":
+            return np.ones(self.shape, dtype)
+        if self.init == "zeros":
+            return np.zeros(self.shape, dtype)
+        raise ValueError(f"unknown initializer {self.init!r}")
+
+
+@dataclass(frozen=True)
+class RunMode:
+    """How a program runs: BatchNorm on batch statistics (``train``) or running ones; dropout
+    masks from ``(seed, step, layer)`` when ``train and dropout``."""
+
+    train: bool = True
+    dropout: bool = True
+    seed: int = 0
+    step: int = 0
+
+
+def _value(a):
+    return getattr(a, "value", a)
+
+
+class Layer:
+    """A layer kind.  Subclasses are frozen dataclasses of their hyperparameters."""
+
+    def params(self):
+        """Trainable parameters: local name -> :class:`ArraySpec`."""
+        return {}
+
+    def state(self):
+        """Non-trainable state (running statistics): local name -> :class:`ArraySpec`."""
+        return {}
+
+    def apply(self, inputs, params, state, mode, index):
+        """``(output, new_state)``: the output from ``inputs`` (a tuple, tensors or Dask arrays)
+        and this layer's ``params`` and ``state`` (local name -> value); ``new_state`` holds the
+        state after a training step (local names), empty if unchanged.  ``index`` is the node's
+        position in its program (what makes dropout masks of two layers differ)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Conv2d(Layer):
+    """``torch.nn.Conv2d`` without padding modes: ``W`` (out, in/groups, kh, kw), optional ``b``."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 0
+    bias: bool = False
+
+    def params(self):
+        k = self.kernel_size
+        fan_in = self.in_channels * k * k
+        out = {"W": ArraySpec((self.out_channels, self.in_channels, k, k), "lecun_normal", fan_in)}
+        if self.bias:
+            out["b"] = ArraySpec((self.out_channels,), "zeros")
+        return out
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.conv2d(x, params["W"], params.get("b"), stride=self.stride, padding=self.padding), {}
+
+
+@dataclass(frozen=True)
+class BatchNorm(Layer):
+    """BatchNorm over axis 1 of (N, C) or (N, C, H, W), Chainer's running averages (``decay``,
+    unbiased variance), optionally followed by ReLU in the same task (``relu``)."""
+
+    channels: int
+    eps: float = 2e-5
+    decay: float = 0.9
+    relu: bool = False
+
+    def params(self):
+        return {"gamma": ArraySpec((self.channels,), "ones"), "beta": ArraySpec((self.channels,), "zeros")}
+
+    def state(self):
+        c = (self.channels,)
+        return {"avg_mean": ArraySpec(c, "zeros"), "avg_var": ArraySpec(c, "ones")}
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        gamma, beta = params["gamma"], params["beta"]
+        if not mode.train:
+            mean, var = state["avg_mean"], state["avg_var"]
+            return ad.batch_norm(x, gamma, beta, mean, var, eps=self.eps, relu=self.relu), {}
+        # the batch statistics, computed once: the normalisation and the running update read them
+        stats = batch_norm_stats(_value(x))
+        mean, var = batch_norm_running_update(stats, state["avg_mean"], state["avg_var"], self.decay)
+        y = ad.batch_norm(x, gamma, beta, eps=self.eps, relu=self.relu, stats=stats)
+        return y, {"avg_mean": mean, "avg_var": var}
+
+
+@dataclass(frozen=True)
+class ReLU(Layer):
+    """``max(x, 0)``."""
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.relu(x), {}
+
+
+@dataclass(frozen=True)
+class MaxPool2d(Layer):
+    """``torch.nn.MaxPool2d(kernel_size, stride)`` (stride defaults to the kernel size)."""
+
+    kernel_size: int = 2
+    stride: int | None = None
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.max_pool2d(x, self.kernel_size, self.stride or self.kernel_size), {}
+
+
+@dataclass(frozen=True)
+class Dropout(Layer):
+    """Inverted dropout in training mode (identity otherwise); the mask is a function of
+    ``(seed, step, index)`` and each element's global index."""
+
+    ratio: float
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        if mode.train and mode.dropout:
+            x = ad.dropout(x, self.ratio, mode.seed, mode.step, index)
+        return x, {}
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    """(N, ...) -> (N, prod(...))."""
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.flatten(x), {}
+
+
+@dataclass(frozen=True)
+class Linear(Layer):
+    """``x @ W.T`` (``W`` (out, in), PyTorch's layout), no bias.  ``channel_split=False`` keeps
+    ``W`` whole under a model's channel split (a network's last layer: its outputs are the
+    logits, which the loss reads whole)."""
+
+    in_features: int
+    out_features: int
+    channel_split: bool = True
+
+    def params(self):
+        shape = (self.out_features, self.in_features)
+        return {"W": ArraySpec(shape, "lecun_normal", self.in_features, self.channel_split)}
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.linear(x, params["W"]), {}
+
+
+@dataclass(frozen=True)
+class Add(Layer):
+    """The elementwise sum of its inputs (a residual connection): a node reading two or more
+    nodes of the same shape."""
+
+    def apply(self, inputs, params, state, mode, index):
+        if len(inputs) < 2:
+            raise ValueError(f"Add needs two or more inputs, got {len(inputs)}")
+        shapes = {tuple(a.shape) for a in inputs}
+        if len(shapes) != 1:
+            raise ValueError(f"Add needs inputs of one shape, got {sorted(shapes)}")
+        out = inputs[0]
+        for a in inputs[1:]:
+            out = ad.add(out, _rechunked_like(a, out))
+        return out, {}
+
+
+def _rechunked_like(a, like):
+    """``a`` chunked like ``like`` (a residual branch may come back chunked otherwise)."""
+    target = _value(like).chunks
+    if _value(a).chunks == target:
+        return a
+    if isinstance(a, ad.Tensor):
+        return ad.rechunk(a, target)
+    return a.rechunk(target)

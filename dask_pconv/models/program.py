@@ -1,0 +1,132 @@
+"""A model as a program: named layer nodes, each reading the outputs of earlier nodes, run by
+one interpreter for training, evaluation and feature extraction.
+
+A :class:`Node` names a :class:`~dask_pconv.models.layers.Layer` and the nodes it reads
+(``inputs``; the program's input is ``"input"``).  A :class:`Program` is a tuple of nodes in
+an order where every node comes after its inputs (a directed acyclic graph: a chain for
+VGG16, a residual addition or a concatenation reads two nodes).  Parameter and state names are
+``"<node name>.<local name>"`` (``block1_1.conv.W``), in program order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layers import Layer, RunMode
+
+__all__ = ["INPUT", "Node", "Program", "sequential"]
+
+#: The name a node uses to read the program's input.
+INPUT = "input"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One step of a program: ``layer`` applied to the outputs of the nodes named ``inputs``."""
+
+    name: str
+    layer: Layer
+    inputs: tuple = ()
+
+
+def sequential(*pairs):
+    """A chain of nodes from ``(name, layer)`` pairs: each node reads the one before it (the
+    first reads the program's input)."""
+    nodes, previous = [], INPUT
+    for name, layer in pairs:
+        nodes.append(Node(name, layer, (previous,)))
+        previous = name
+    return Program(tuple(nodes))
+
+
+@dataclass(frozen=True)
+class Program:
+    """Layer nodes in dependency order; the last node's output is the program's output.
+
+    Raises ``ValueError`` for a name used twice, an input that names no earlier node, or a
+    parameter name that two nodes would share.
+    """
+
+    nodes: tuple
+
+    def __post_init__(self):
+        seen = {INPUT}
+        for node in self.nodes:
+            if not isinstance(node, Node) or not isinstance(node.layer, Layer):
+                raise TypeError(f"a program holds Nodes of Layers, got {node!r}")
+            if node.name in seen:
+                raise ValueError(f"node name {node.name!r} is used twice (or is the reserved {INPUT!r})")
+            missing = [i for i in node.inputs if i not in seen]
+            if missing or not node.inputs:
+                raise ValueError(f"node {node.name!r} reads {missing or 'nothing'}: not an earlier node")
+            seen.add(node.name)
+        if not self.nodes:
+            raise ValueError("a program needs at least one node")
+
+    def node(self, name):
+        """The node called ``name`` (``KeyError`` naming the known ones otherwise)."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node {name!r}; the nodes are {[n.name for n in self.nodes]}")
+
+    def param_specs(self):
+        """Every trainable parameter, full name -> :class:`~dask_pconv.models.layers.ArraySpec`,
+        in program order."""
+        return {f"{n.name}.{k}": spec for n in self.nodes for k, spec in n.layer.params().items()}
+
+    def state_specs(self):
+        """Every state array (running statistics), full name -> ``ArraySpec``."""
+        return {f"{n.name}.{k}": spec for n in self.nodes for k, spec in n.layer.state().items()}
+
+    def init(self, seed, dtype):
+        """Initial ``(params, state)``, NumPy arrays of ``dtype``; random initializers draw from
+        one generator seeded with ``seed``, in program order."""
+        rng = np.random.default_rng(seed)
+        params = {k: spec.initial(rng, dtype) for k, spec in self.param_specs().items()}
+        state = {k: spec.initial(rng, dtype) for k, spec in self.state_specs().items()}
+        return params, state
+
+    def run(self, x, params, state, mode=None, until=None):
+        """Interpret the program on ``x``: ``(output, new_state)``.
+
+        Parameters
+        ----------
+        x : dask.array.Array or autodiff.Tensor
+            The input.
+        params, state : dict
+            Full name -> value (tape tensors to record a backward pass, Dask arrays otherwise).
+        mode : RunMode, optional
+            Training (batch statistics, dropout) or evaluation; default ``RunMode()``
+            (training, dropout on, seed 0, step 0).
+        until : str, optional
+            Stop after this node and return its output (feature extraction).
+
+        Returns
+        -------
+        output
+            The last node's output (or ``until``'s), a tensor or a Dask array like the inputs.
+        new_state : dict
+            Full name -> the state after a training step, for the layers that update any
+            (empty in evaluation mode).
+        """
+        mode = RunMode() if mode is None else mode
+        if until is not None:
+            self.node(until)  # KeyError naming the nodes
+        values, new_state = {INPUT: x}, {}
+        for index, node in enumerate(self.nodes):
+            local_p = _local(params, node.name, node.layer.params())
+            local_s = _local(state, node.name, node.layer.state())
+            inputs = tuple(values[i] for i in node.inputs)
+            out, updated = node.layer.apply(inputs, local_p, local_s, mode, index)
+            new_state.update({f"{node.name}.{k}": v for k, v in updated.items()})
+            values[node.name] = out
+            if node.name == until:
+                return out, new_state
+        return out, new_state
+
+
+def _local(arrays, prefix, specs):
+    return {k: arrays[f"{prefix}.{k}"] for k in specs}
