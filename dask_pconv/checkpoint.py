@@ -4,6 +4,7 @@ checksum of the arrays, written atomically and validated whole when it is read."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["check_velocities", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Snapshot", "check_velocities", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 def _checksum(arrays):
@@ -188,3 +189,51 @@ def check_velocities(velocities, params, path):
         want = tuple(params[k].shape)
         if v.shape != want:
             raise ValueError(f"checkpoint {path}: velocity[{k!r}] has shape {v.shape}, expected {want}")
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Host (NumPy) copies of everything a training run continues from: the parameters,
+    running statistics and optimizer velocities with the counters.  What a checkpoint holds,
+    and what the training loop goes back to after losing a worker."""
+
+    params: dict
+    state: dict
+    velocities: dict | None
+    epoch: int = 0
+    step: int = 0
+    log: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+
+    @classmethod
+    def take(cls, params, state, velocities, epoch, step, log, elapsed):
+        """Compute the (lazy, possibly device) arrays and copy them to the host."""
+        import dask
+
+        from .backend import to_host
+
+        params, state, velocities = dask.compute(params, state, velocities)
+        host = lambda arrays: {k: to_host(v) for k, v in arrays.items()}  # noqa: E731
+        vel = None if velocities is None else host(velocities)
+        return cls(host(params), host(state), vel, epoch, step, list(log), elapsed)
+
+    def save(self, path, seed):
+        """Write it as a checkpoint (:func:`save_checkpoint`), ``seed`` in its meta."""
+        meta = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "log": self.log,
+            "elapsed": self.elapsed,
+            "seed": seed,
+        }
+        save_checkpoint(path, self.params, self.state, self.velocities, meta)
+
+    @classmethod
+    def load(cls, path, params):
+        """A checkpoint, validated whole (:func:`load_checkpoint`) and its velocities against
+        ``params`` (names and shapes, :func:`check_velocities`): ``ValueError`` naming the
+        file and the field otherwise."""
+        p, state, vel, meta = load_checkpoint(path)
+        check_velocities(vel, params, path)
+        elapsed = float(meta.get("elapsed", 0.0))
+        return cls(p, state, vel, meta["epoch"], meta["step"], list(meta["log"]), elapsed)

@@ -18,7 +18,8 @@ def evaluate(model, dataset, batch_size, split, to_device=None, graph_bytes=8 * 
     batches holding at most ``graph_bytes`` of images (at least one batch per graph); the
     result does not depend on the grouping.  ``split`` and ``to_device`` are as for
     :func:`~dask_pconv.batching.to_dask` (a short last batch gets at most as many pieces as
-    images).
+    images); the split's ``out_channel`` chunks the parameters (``model.predict(x,
+    channel_split=...)``).
     """
     n = len(dataset.t)
     batch_bytes = batch_size * dataset.x[:1].nbytes
@@ -30,7 +31,7 @@ def evaluate(model, dataset, batch_size, split, to_device=None, graph_bytes=8 * 
         for i in starts[g : g + per_graph]:
             x, t = dataset.x[i : i + batch_size], dataset.t[i : i + batch_size]
             xd, td = to_dask(x, t, split_for(split, len(t)), to_device=to_device)
-            z = model.predict(xd)
+            z = model.predict(xd, channel_split=split.get("out_channel"))
             graph.append((softmax_cross_entropy(z, td) * len(td), accuracy(z, td) * len(td)))
         parts.extend(dask.compute(graph)[0])
     return float(sum(p[0] for p in parts) / n), float(sum(p[1] for p in parts) / n)

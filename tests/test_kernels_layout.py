@@ -85,6 +85,12 @@ def _cases():
         "max_pool2d_argmax": (kernels.max_pool2d_argmax, (x, (2, 2), (2, 2), (1, 1), (0, 0), 18), {}),
         "max_pool2d_backward": (kernels.max_pool2d_backward, (x, g6[:, :, :10, :9], (2, 2), (2, 2)), {}),
         "onehot": (kernels.onehot, (np.arange(12) % 5, 5, np.float32), {}),
+        "log_softmax": (kernels.log_softmax, (g2 * 30,), {}),
+        "cross_entropy_sum": (
+            kernels.cross_entropy_sum,
+            (g2 * 30, kernels.onehot(np.arange(300) % 64, 64, np.float32)),
+            {},
+        ),
         "linear_forward": (kernels.linear_forward, (h, W), {}),
         "linear_grad_x": (kernels.linear_grad_x, (g2, W), {}),
         "linear_grad_w": (kernels.linear_grad_w, (g2, h), {}),

@@ -347,7 +347,12 @@ def test_trainer_checks_its_split_and_reads_the_old_channel_key(small_data):
     for key in ("out_channel", "channel"):  # "channel": the old name of the key
         m = VGG16(n_classes=4, width=0.0625)
         tr = Trainer(m, train, val, batch_size=20, split={key: 3})
-        assert m.channel_split == 3 and tr.split == {"out_channel": 3}
+        assert tr.split == {"out_channel": 3} and m.channel_split == 1  # the model is not changed
+    with dask.config.set(scheduler="sync"):
+        tr.train_step(train.x[:20], train.t[:20])
+    # the trained parameters come chunked for the split: 3 pieces of output channels, the logits whole
+    assert len(m.params["block1_1.conv.W"].chunks[0]) == 3 and len(m.params["fc1.W"].chunks[0]) == 3
+    assert len(m.params["fc2.W"].chunks[0]) == 1 and len(tr.velocities["block1_1.conv.W"].chunks[0]) == 3
 
 
 def test_every_step_counts_as_many_tasks_a_resumed_first_step_too(small_data, tmp_path):

@@ -15,6 +15,7 @@ from .conv import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block
 from .labels import onehot
 from .linear import linear_forward, linear_grad_w, linear_grad_x
+from .loss import cross_entropy_sum, log_softmax
 from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats
 from .pool import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
 
@@ -34,10 +35,12 @@ __all__ = [
     "conv2d_grad_b",
     "conv2d_grad_w",
     "conv2d_grad_x",
+    "cross_entropy_sum",
     "get_namespace",
     "linear_forward",
     "linear_grad_w",
     "linear_grad_x",
+    "log_softmax",
     "max_pool2d_argmax",
     "max_pool2d_backward",
     "max_pool2d_forward",

@@ -22,10 +22,12 @@ from ..kernels import (
     bn_forward,
     bn_partial_stats,
     combine_stats,
+    cross_entropy_sum,
     dropout_block,
     linear_forward,
     linear_grad_w,
     linear_grad_x,
+    log_softmax,
     onehot,
 )
 from ._graph import tree_sum
@@ -117,7 +119,20 @@ def batch_norm_stats(x):
     return _per_channel_reduce(f"batch_norm-stats-{tokenize(x)}", bn_partial_stats, [x], rows=3)
 
 
-def _stats(x, mean, var):
+def _stats(x, mean, var, stats=None):
+    """The ``(3, C)`` statistics a BatchNorm block reads: ``stats`` (the batch statistics of
+    ``x``, given), the batch statistics computed here, or the running ``mean``/``var``."""
+    if stats is not None:
+        if mean is not None or var is not None:
+            raise ValueError(
+                "pass either stats (training: x's batch statistics) or mean and var (evaluation)"
+            )
+        if not isinstance(stats, da.Array) or stats.shape != (3, x.shape[1]):
+            raise ValueError(
+                f"stats must be batch_norm_stats(x), a (3, {x.shape[1]}) Dask array, got "
+                f"{type(stats).__name__} of shape {getattr(stats, 'shape', None)}"
+            )
+        return stats.rechunk(((3,), x.chunks[1]))
     if mean is None:
         return batch_norm_stats(x)
     mean = _per_channel(mean, x, np.float64)
@@ -125,16 +140,20 @@ def _stats(x, mean, var):
     return da.stack([da.ones_like(mean), mean, var]).rechunk({0: 3})  # count 1, M2 = var
 
 
-def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
+def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False, stats=None):
     """``gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, then ReLU if ``relu``.
 
     With ``mean``/``var`` None (training) they are the batch statistics over N (and H, W)
     across all chunks, biased variance; otherwise (evaluation) the given running statistics.
     ``eps`` defaults to Chainer's 2e-5.  One task per block, plus a tree for the statistics.
+
+    ``stats`` (training only) is :func:`batch_norm_stats` of ``x``, computed once by a caller
+    that also needs it (a model's running-statistics update): the normalisation then reads
+    that array instead of building its own.
     """
     _plain(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     ind = _bn_index(x)
-    stats = _stats(x, mean, var)
+    stats = _stats(x, mean, var, stats)
     # tokenized as Dask arrays: a raw device (CuPy) array would be pickled, a copy to the host
     gamma, beta = _per_channel(gamma, x), _per_channel(beta, x)
     return da.blockwise(
@@ -157,8 +176,8 @@ def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False):
     )
 
 
-def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=None):
-    """Gradients ``(g_x, g_gamma, g_beta)`` of :func:`batch_norm`.
+def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=None, stats=None):
+    """Gradients ``(g_x, g_gamma, g_beta)`` of :func:`batch_norm` (``stats`` as there).
 
     In training mode ``g_x`` includes the paths through the batch mean and variance:
     ``g_x = gamma * invstd * (g' - mean(g') - xhat * mean(g' * xhat))`` with ``g'`` the
@@ -171,7 +190,7 @@ def batch_norm_vjp(x, gamma, g, mean=None, var=None, eps=2e-5, relu=False, y=Non
             "batch_norm_vjp with relu=True needs y, the forward output (its sign is the ReLU mask)"
         )
     train = mean is None
-    stats = _stats(x, mean, var)
+    stats = _stats(x, mean, var, stats)
     y = x if y is None else y  # read only for the ReLU mask
     g = g if g.chunks == x.chunks else g.rechunk(x.chunks)
     name = f"batch_norm-gsum-{tokenize(x, y, g, stats, eps, relu)}"
@@ -346,21 +365,42 @@ def _onehot(t, z):
     return rows.rechunk(z.chunks)
 
 
+def _whole_rows(z):
+    """``z`` with every class in one chunk (the kernels work on whole rows)."""
+    return z if z.numblocks[1] == 1 else z.rechunk({1: -1})
+
+
 def _log_softmax(z):
-    m = z.max(axis=1, keepdims=True)
-    return z - m - da.log(da.exp(z - m).sum(axis=1, keepdims=True))
+    return z.map_blocks(log_softmax, dtype=z.dtype, meta=z._meta, name=f"log-softmax-{tokenize(z)}")
 
 
 def softmax_cross_entropy(z, t):
-    """Mean over the batch of ``-log softmax(z)[t]``; ``z`` (N, K) logits, ``t`` (N,) labels."""
+    """Mean over the batch of ``-log softmax(z)[t]``; ``z`` (N, K) logits, ``t`` (N,) labels.
+
+    One task per chunk of rows sums its rows' losses (a kernel: the same bits for any layout
+    of the block), then a tree sums those partial sums."""
     _plain(z=z, t=t)
-    return -(_log_softmax(z) * _onehot(t, z)).sum() / z.shape[0]
+    z = _whole_rows(z)
+    meta = meta_from_array(z._meta, ndim=1, dtype=z.dtype)
+    parts = da.map_blocks(
+        cross_entropy_sum,
+        z,
+        _onehot(t, z),
+        drop_axis=1,
+        chunks=((1,) * z.numblocks[0],),
+        dtype=z.dtype,
+        meta=meta,
+        name=f"cross-entropy-sum-{tokenize(z, t)}",
+    )
+    return parts.sum() / z.shape[0]
 
 
 def softmax_cross_entropy_vjp(z, t, g):
-    """Gradient of :func:`softmax_cross_entropy` with respect to ``z``."""
+    """Gradient of :func:`softmax_cross_entropy` with respect to ``z``, chunked like ``z``."""
     _plain(z=z, t=t, g=g)
-    return (da.exp(_log_softmax(z)) - _onehot(t, z)) * (g / z.shape[0])
+    whole = _whole_rows(z)
+    g_z = (da.exp(_log_softmax(whole)) - _onehot(t, whole)) * (g / z.shape[0])
+    return g_z if g_z.chunks == z.chunks else g_z.rechunk(z.chunks)
 
 
 def _argmax_rows(block):
