@@ -58,6 +58,12 @@ def graph_stats(collections):
         own result on the cluster (a persisted collection's ``Future``); not tasks either: the
         data is there before the graph starts.  ``tasks + aliases + inputs`` is the number of
         keys of the optimised graph.
+
+    Notes
+    -----
+    On the local schedulers (synchronous, threads) a persisted collection holds its values in
+    its graph, not futures: there its keys count as tasks, roots of one task each, so a step
+    built on them has one task more on its critical path than on a distributed cluster.
     """
     from dask._task_spec import Alias, convert_legacy_graph
     from dask.core import toposort
