@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,58 @@ def interleaved(fns, repeat=5, warmup=1):
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+class StepGraphs:
+    """What :func:`step_graphs` records: the seconds each step's graph took to build, and the
+    latest step's lazy outputs (only the latest: each holds the inputs of its step alive)."""
+
+    def __init__(self):
+        self.build_seconds = []
+        self.latest = None
+
+
+@contextlib.contextmanager
+def step_graphs():
+    """Record the step graphs :class:`~dask_pconv.train.Trainer` builds inside the block.
+
+    Wraps ``dask_pconv.train.training_step``, the function ``Trainer.submit_step`` calls to
+    build a step's graph, so what is timed is the client's graph construction of the real
+    step, whatever the model's internals; restored on exit.
+    """
+    import dask_pconv.train as train
+
+    rec, original = StepGraphs(), train.training_step
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        outs = original(*args, **kwargs)
+        rec.build_seconds.append(time.perf_counter() - t0)
+        rec.latest = outs
+        return outs
+
+    train.training_step = timed
+    try:
+        yield rec
+    finally:
+        train.training_step = original
+
+
+#: task-stream categories (:data:`dask_pconv.profiling.CATEGORIES`) that are convolution work
+CONV_CATEGORIES = ("conv forward", "conv grad-x", "conv grad-w", "conv grad-b")
+
+
+def non_conv_share(task_stream):
+    """Share of the workers' compute time (from ``distributed.get_task_stream`` records) spent
+    in tasks that are not convolutions: halo slicing, BatchNorm, pooling, reductions, the
+    optimizer...; transfers and disk are not compute and not counted.  None if nothing ran."""
+    from dask_pconv.profiling import summarize
+
+    compute = {k: v for k, v in summarize(task_stream).items() if k not in ("transfers", "disk")}
+    total = sum(compute.values())
+    if total == 0:
+        return None
+    return 1 - sum(compute.get(c, 0.0) for c in CONV_CATEGORIES) / total
 
 
 def machine():

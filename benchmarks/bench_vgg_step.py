@@ -1,9 +1,17 @@
 """3. One VGG16 training step (forward, backward, momentum SGD) on a LocalCluster of 2 workers
 x 1 thread, against a PyTorch CPU step of the same network (2 threads), float32.
 
-Reports the step time (median of the timed steps, after a warm-up step), the ratio to
-PyTorch, the number of tasks in a step's graph, and the scheduler overhead per step: wall time
-minus the busiest worker's compute time, from the task stream.
+Reports per case: the step time (median of the timed steps, after a warm-up step), PyTorch's
+step and the ratio; the step's graph: tasks per step (the Trainer's count) and its critical
+path (the longest chain of dependent tasks, :func:`dask_pconv.graphstats.graph_stats`); the
+client's time per step: building the graph (``client build s``, the ``training_step`` call in
+``Trainer.submit_step``) and all of ``submit_step`` (``client submit s``: the build plus the
+graph's optimisation and hand-off to the scheduler); from the task stream, the share of the
+workers' compute spent outside convolutions (``non-conv share``) and the scheduler overhead
+(wall time minus the busiest worker's compute time).
+
+The floor cases (width 1/16, batch 4, 32x32) have negligible compute: their step time is what
+the graph's shape costs, about critical path x one dependent hop through the scheduler.
 
     python benchmarks/bench_vgg_step.py --json vgg_step.json
 """
@@ -17,15 +25,35 @@ import numpy as np
 from distributed import Client, LocalCluster, get_task_stream
 
 from dask_pconv.data import Dataset
+from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
 
-from _common import table, write_json
+from _common import non_conv_share, step_graphs, table, write_json
 
 CASES = [
     ("batch 64, 32x32, batch:2", 64, 32, {"batch": 2}),
     ("batch 16, 128x128, spatial:2x2", 16, 128, {"spatial": (2, 2)}),
+]
+#: compute negligible: the step time is the graph's shape (issue 12); always at FLOOR_WIDTH
+FLOOR_CASES = [
+    ("floor: batch 4, 32x32, batch:2", 4, 32, {"batch": 2}),
+    ("floor: batch 4, 32x32, spatial:2x2", 4, 32, {"spatial": (2, 2)}),
+    ("floor: batch 4, 32x32, unsplit", 4, 32, {}),
+]
+FLOOR_WIDTH = 1 / 16
+COLUMNS = [
+    "case",
+    "dask_pconv step s",
+    "torch step s",
+    "ratio",
+    "tasks per step",
+    "critical path",
+    "client build s",
+    "client submit s",
+    "non-conv share",
+    "overhead s",
 ]
 
 
@@ -95,18 +123,19 @@ def torch_step_time(model, x, t, steps, device="cpu"):
     return float(np.median(times))
 
 
-def run(steps=3, width=1.0, cases=CASES):
+def run(steps=3, width=1.0, cases=CASES, floor_cases=FLOOR_CASES, floor_width=FLOOR_WIDTH):
     rows = []
     rng = np.random.default_rng(0)
+    runs = [(c, width) for c in cases] + [(c, floor_width) for c in floor_cases]
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
         Client(cluster),
     ):
-        for label, n, size, split in cases:
+        for (label, n, size, split), w in runs:
             x = rng.random((n, 3, size, size), dtype=np.float32)
             t = rng.integers(0, 10, n)
             data = Dataset(x, t, 10, "random")
-            model = VGG16(width=width, image_size=size)
+            model = VGG16(width=w, image_size=size)
             tr = Trainer(
                 model,
                 data,
@@ -117,25 +146,37 @@ def run(steps=3, width=1.0, cases=CASES):
                 optimizer=MomentumSGD(0.05, 0.9, 5e-4),
             )
             tr.train_step(x, t)  # warm-up: parameters move to the workers
-            walls, overheads = [], []
-            for _ in range(steps):
-                with get_task_stream() as ts:
-                    t0 = time.perf_counter()
-                    tr.train_step(x, t)
-                    wall = time.perf_counter() - t0
-                busy = defaultdict(float)
-                for d in ts.data:
-                    for s in d["startstops"]:
-                        if s["action"] == "compute":
-                            busy[d["worker"]] += s["stop"] - s["start"]
-                walls.append(wall)
-                overheads.append(wall - max(busy.values()))
+            walls, overheads, submits, stream = [], [], [], []
+            with step_graphs() as built:
+                for _ in range(steps):
+                    with get_task_stream() as ts:
+                        t0 = time.perf_counter()
+                        loss, acc = tr.submit_step(x, t)  # train_step, with the client's part timed
+                        submits.append(time.perf_counter() - t0)
+                        dask.compute(loss, acc)
+                        wall = time.perf_counter() - t0
+                    busy = defaultdict(float)
+                    for d in ts.data:
+                        for s in d["startstops"]:
+                            if s["action"] == "compute":
+                                busy[d["worker"]] += s["stop"] - s["start"]
+                    walls.append(wall)
+                    overheads.append(wall - max(busy.values()))
+                    stream += ts.data
+            stats = graph_stats(built.latest)  # after the timed steps: it optimises the whole graph
             row = {
                 "case": label,
+                "width": w,
                 "dask_pconv step s": float(np.median(walls)),
                 "tasks per step": tr.tasks_per_step,
+                "critical path": stats.critical_path,
+                "graph": stats._asdict(),
+                "client build s": float(np.median(built.build_seconds)),
+                "client submit s": float(np.median(submits)),
+                "non-conv share": non_conv_share(stream),
                 "overhead s": float(np.median(overheads)),
             }
+            built.latest = None  # it holds its step's inputs on the workers
             print(row, flush=True)
             try:
                 row["torch step s"] = torch_step_time(model, x, t, steps)
@@ -150,11 +191,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--cases", choices=["all", "main", "floor"], default="all", help="main: CASES at --width")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    rows = run(args.steps, args.width)
-    table(rows, ["case", "dask_pconv step s", "torch step s", "ratio", "tasks per step", "overhead s"])
-    write_json(args.json, "vgg_step", rows, width=args.width)
+    cases = CASES if args.cases != "floor" else []
+    floor_cases = FLOOR_CASES if args.cases != "main" else []
+    rows = run(args.steps, args.width, cases, floor_cases)
+    table(rows, COLUMNS)
+    write_json(args.json, "vgg_step", rows, width=args.width, floor_width=FLOOR_WIDTH)
     return rows
 
 

@@ -13,7 +13,10 @@ the cuDNN block kernel and the baseline):
     ``Trainer(to_device=cupy.asarray)`` against the same steps on NumPy blocks: loss, accuracy
     and every parameter must agree to 1e-8 (relative), and the parameters must stay CuPy.
 (b) Speed (float32): ``conv2d`` forward and forward + backward, and a VGG16 training step, on
-    CuPy blocks against PyTorch (cuDNN) on the same GPU; ratio = ours / PyTorch.  Two PyTorch
+    CuPy blocks against PyTorch (cuDNN) on the same GPU; ratio = ours / PyTorch.  Each VGG16
+    row gives the step graph's task count and critical path (longest chain of dependent
+    tasks); the floor rows (width 1/16, batch 4, 32x32: batch:2, spatial 2x2, unsplit) are
+    steps whose compute is negligible, so their time is what the graph's shape costs.  Two PyTorch
     baselines: ``torch``, with the numerics our cuDNN path uses (full float32, deterministic
     algorithms), and ``torch TF32``, PyTorch's defaults (TF32 convolutions, any algorithm).
 
@@ -38,12 +41,13 @@ import numpy as np
 
 import dask_pconv as dp
 from dask_pconv.data import Dataset
+from dask_pconv.graphstats import graph_stats
 from dask_pconv.kernels import _torch
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
 
-from _common import interleaved, table, write_json
+from _common import interleaved, step_graphs, table, write_json
 from bench_vgg_step import torch_step_time
 
 SPLITS = {
@@ -352,24 +356,41 @@ def _torch_conv(torch, be, x, w, gy, backward, flags):
 
 
 def _label(spec):
-    return ", ".join(f"{k}:{v}" for k, v in spec.items()) or "one block"
+    def fmt(v):
+        return "x".join(map(str, v)) if isinstance(v, tuple) else v
+
+    return ", ".join(f"{k}:{fmt(v)}" for k, v in spec.items()) or "one block"
+
+
+#: the step floor: VGG16 at width 1/16, batch 4, 32x32, where compute is negligible and the step
+#: time is what the graph's shape costs (per task here, per dependent hop on a cluster)
+FLOOR = (0.0625, 4)
+FLOOR_SPLITS = [{"batch": 2}, {"spatial": (2, 2)}, {}]
 
 
 def time_vgg(be, quick, steps):
-    width, n, cases = (0.0625, 4, [{}]) if quick else (1.0, 64, [{}, {"batch": 2}])
-    data = _vgg_data(n, seed=2)
+    """Seconds per VGG16 training step, ours and PyTorch's, with the step graph's task count
+    and critical path (:func:`dask_pconv.graphstats.graph_stats`); the floor cases too."""
+    main = [] if quick else [(1.0, 64, split, False) for split in ({}, {"batch": 2})]
+    floor = [(*FLOOR, split, True) for split in ([{"batch": 2}, {}] if quick else FLOOR_SPLITS)]
     rows = []
-    for split in cases:
+    for width, n, split, is_floor in main + floor:
+        data = _vgg_data(n, seed=2)
         tr = _trainer(VGG16(width=width), data, split, to_device=be.to_device)
         tr.train_step(data.x, data.t)  # warm-up: parameters move to the device
         walls = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            tr.train_step(data.x, data.t)  # returns floats: waits for the device
-            walls.append(time.perf_counter() - t0)
+        with step_graphs() as built:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                tr.train_step(data.x, data.t)  # returns floats: waits for the device
+                walls.append(time.perf_counter() - t0)
+        stats = graph_stats(built.latest)  # not timed: it optimises the whole graph
         row = {
-            "case": f"VGG16 width {width}, batch {n}, {_label(split)}",
+            "case": f"{'floor: ' if is_floor else ''}VGG16 width {width}, batch {n}, {_label(split)}",
+            "floor": is_floor,
             "ours step s": float(np.median(walls)),
+            "tasks": stats.tasks,
+            "critical path": stats.critical_path,
         }
         for baseline in be.baselines():
             _cudnn(be.torch(), NUMERICS[baseline])
@@ -405,7 +426,8 @@ def main(argv=None):
         c for k in be.kernels() for c in [f"ours[{k}] s"] + [f"ours[{k}] / {b}" for b in bases]
     ]
     table(conv, conv_cols + [f"{b} s" for b in bases])
-    table(vgg, ["case", "ours step s"] + [c for b in bases for c in (f"{b} step s", f"ours / {b}")])
+    vgg_cols = ["case", "ours step s"] + [c for b in bases for c in (f"{b} step s", f"ours / {b}")]
+    table(vgg, vgg_cols + ["tasks", "critical path"])
     failed = [c["check"] for c in checks if not c["ok"]]
     write_json(
         out / "gpu_check.json",

@@ -29,7 +29,13 @@ def test_dry_run_with_numpy_blocks(tmp_path):
     assert all(c["ok"] for c in out["checks"])
     assert {r["op"] for r in out["rows"] if "op" in r} == {"fwd", "fwd+bwd"}
     assert all(r["ours[numpy] s"] > 0 for r in out["rows"] if "op" in r)
-    assert [r["ours step s"] > 0 for r in out["rows"] if "op" not in r] == [True]
+    vgg = [r for r in out["rows"] if "op" not in r]
+    # --quick: the step floor (width 1/16, batch 4) for two splits, each with its graph's shape
+    assert [r["case"].split(", ")[-1] for r in vgg if r["floor"]] == ["batch:2", "one block"]
+    assert all(r["ours step s"] > 0 and 0 < r["critical path"] < r["tasks"] for r in vgg)
+    # splitting the batch adds tasks and shortens no chain of them
+    unsplit, batch = (next(r for r in vgg if r["case"].endswith(s)) for s in ("one block", "batch:2"))
+    assert batch["tasks"] > unsplit["tasks"] and batch["critical path"] >= unsplit["critical path"]
 
 
 @pytest.mark.skipif(
