@@ -3,16 +3,43 @@
 Statistics travel as a ``(3, C)`` float64 block ``(count, mean, M2)`` per channel (M2 is the
 sum of squared deviations) and are merged with Chan et al.'s parallel formula, which is exact
 and stable in any order, so a tree over chunks gives the same mean and variance as one pass.
+
+The kernels read a block in its own dtype and never copy it whole into float64: every
+per-channel sum is accumulated in float64 straight from the block (or from one temporary of
+the block's dtype, such as ``x - mean``), see :func:`_channel_sums`.  The statistics are two
+passes (the mean, then the squares of ``x - mean``), so their error does not grow with
+``mean / std`` as a one-pass ``sum(x**2) - n * mean**2`` would; the elementwise parts
+compute their per-channel coefficients in float64 and round them once to the block's dtype.
 """
 
 from __future__ import annotations
 
 from ..backend import array_namespace
 from ._namespace import layout_invariant
+from ._select import where_zero
 
 
-def _axes(x):
-    return (0,) if x.ndim == 2 else (0, 2, 3)
+def _rows(x):
+    """``x`` as a ``(N, C, K)`` view (``K = H * W``, or 1 for a ``(N, C)`` block): a view,
+    not a copy, of the C-contiguous blocks the kernels see."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _channel_sums(a):
+    """Per-channel sums ``(C,)`` float64 of a C-contiguous ``(N, C, K)`` block.
+
+    First over N: the ``N`` rows of ``C * K`` contiguous elements are added into one float64
+    row (NumPy casts them in buffered pieces, no float64 copy of the block; the inner loop
+    is long whatever ``K``, where a reduction over ``(0, 2)`` would loop over rows of ``K``,
+    only 4 elements in VGG16's last stage); then over K in the small ``(C, K)`` float64 row.
+    The order of additions is fixed by the shape, so the bits are a function of the values.
+    """
+    N, C, K = a.shape
+    return a.reshape(N, C * K).sum(axis=0, dtype=_f64(a)).reshape(C, K).sum(axis=1)
+
+
+def _f64(a):
+    return array_namespace(a).float64
 
 
 def _bcast(v, x):
@@ -22,19 +49,23 @@ def _bcast(v, x):
 
 @layout_invariant
 def bn_partial_stats(x):
-    """``(count, mean, M2)`` per channel of one block: ``(3, C)`` float64."""
+    """``(count, mean, M2)`` per channel of one block: ``(3, C)`` float64.
+
+    The mean is a float64 sum of the block; ``M2`` the float64 sum of ``(x - m)**2`` with
+    ``m`` the mean rounded to ``x``'s dtype (for float32, ``M2`` then exceeds the exact one by
+    ``n * (mean - m)**2``, a relative ``(2**-25 * mean / std)**2``: below float32's precision
+    unless ``|mean| > 100 * std``, and never negative).
+    """
     xp = array_namespace(x)
-    axes = _axes(x)
-    xf = x.astype(xp.float64)
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
-    mean = xf.mean(axis=axes)
-    m2 = ((xf - _bcast(mean, xf)) ** 2).sum(axis=axes)
+    a = _rows(x)
+    n = a.shape[0] * a.shape[2]
+    mean = _channel_sums(a) / n
+    d = a - mean.astype(x.dtype).reshape(1, -1, 1)  # (N, C, K), x's dtype
+    d *= d
     out = xp.empty((3, x.shape[1]), dtype=xp.float64)
     out[0] = n
     out[1] = mean
-    out[2] = m2
+    out[2] = _channel_sums(d)
     return out
 
 
@@ -52,53 +83,77 @@ def combine_stats(parts):
     return acc
 
 
-def _mean_invstd(stats, eps, dtype):
+def _mean_invstd(stats, eps):
+    """Mean and ``1 / sqrt(var + eps)`` per channel, float64."""
     xp = array_namespace(stats)
-    mean = stats[1]
-    var = stats[2] / stats[0]
-    return mean.astype(dtype), (1.0 / xp.sqrt(var + eps)).astype(dtype)
+    return stats[1], 1.0 / xp.sqrt(stats[2] / stats[0] + eps)
 
 
 @layout_invariant
 def bn_forward(x, stats, gamma, beta, eps, relu):
-    """``gamma * (x - mean) * invstd + beta`` (then ``max(., 0)`` if ``relu``)."""
+    """``gamma * (x - mean) * invstd + beta`` (then ``max(., 0)`` if ``relu``).
+
+    Computed as ``x * scale + shift`` with ``scale = gamma * invstd`` and
+    ``shift = beta - mean * scale`` per channel (in float64, then rounded to ``x``'s dtype),
+    as PyTorch's CPU kernel does: one multiply and one add per element.
+    """
     xp = array_namespace(x)
-    mean, invstd = _mean_invstd(stats, eps, x.dtype)
-    scale = invstd * gamma.astype(x.dtype)
-    y = (x - _bcast(mean, x)) * _bcast(scale, x) + _bcast(beta.astype(x.dtype), x)
+    mean, invstd = _mean_invstd(stats, eps)
+    scale = invstd * gamma.astype(xp.float64)
+    shift = beta.astype(xp.float64) - mean * scale
+    y = x * _bcast(scale.astype(x.dtype), x)
+    y += _bcast(shift.astype(x.dtype), x)
     return xp.maximum(y, x.dtype.type(0)) if relu else y
 
 
 def _masked(g, y, relu):
-    xp = array_namespace(g)
-    return xp.where(y > 0, g, g.dtype.type(0)) if relu else g
+    """``g`` through the ReLU: ``g`` where ``y > 0``, else 0 (a new array if ``relu``, ``g``
+    itself otherwise: never write into it)."""
+    return where_zero(y > 0, g) if relu else g
 
 
 @layout_invariant
 def bn_backward_partial(x, y, g, stats, eps, relu):
     """Per-channel ``(sum g', sum g' * xhat)`` of one block, ``(2, C)`` float64, where ``g'``
-    is ``g`` through the ReLU mask (``y > 0``)."""
+    is ``g`` through the ReLU mask (``y > 0``).
+
+    ``sum g' * xhat = invstd * (sum g' * (x - m) + (m - mean) * sum g')`` with ``m`` the mean
+    rounded to ``x``'s dtype: the products are one temporary of ``x``'s dtype, summed in
+    float64, and the second term makes up for the rounding of the mean exactly.
+    """
     xp = array_namespace(x)
-    axes = _axes(x)
-    gg = _masked(g, y, relu).astype(xp.float64)
-    mean, invstd = _mean_invstd(stats, eps, xp.float64)
-    xhat = (x.astype(xp.float64) - _bcast(mean, x)) * _bcast(invstd, x)
+    mean, invstd = _mean_invstd(stats, eps)
+    m = mean.astype(x.dtype)
+    gg = _rows(_masked(g, y, relu))
+    sum_g = _channel_sums(gg)
+    d = _rows(x) - m.reshape(1, -1, 1)  # (N, C, K), x's dtype
+    d *= gg
     out = xp.empty((2, x.shape[1]), dtype=xp.float64)
-    out[0] = gg.sum(axis=axes)
-    out[1] = (gg * xhat).sum(axis=axes)
+    out[0] = sum_g
+    out[1] = (_channel_sums(d) + (m.astype(xp.float64) - mean) * sum_g) * invstd
     return out
 
 
 @layout_invariant
 def bn_backward(x, y, g, stats, sums, gamma, count, eps, relu, train):
     """``g_x`` of one block.  In training mode the batch statistics depend on ``x`` too:
-    ``g_x = gamma * invstd * (g' - sum(g')/m - xhat * sum(g' xhat)/m)``."""
+    ``g_x = gamma * invstd * (g' - sum(g')/m - xhat * sum(g' xhat)/m)``.
+
+    Computed with one temporary: ``t = (x - mean) * (invstd * sum(g' xhat)/m) + sum(g')/m``
+    (``xhat * mgx`` with one per-channel coefficient), then ``g_x = (t - g') * -scale``, the
+    same bits as ``(g' - t) * scale`` (IEEE negation and ``a - b = -(b - a)`` are exact).
+    """
+    xp = array_namespace(x)
+    mean, invstd = _mean_invstd(stats, eps)
+    scale = invstd * gamma.astype(xp.float64)
     gg = _masked(g, y, relu)
-    mean, invstd = _mean_invstd(stats, eps, x.dtype)
-    scale = _bcast(invstd * gamma.astype(x.dtype), x)
     if not train:
-        return gg * scale
-    xhat = (x - _bcast(mean, x)) * _bcast(invstd, x)
-    mg = _bcast((sums[0] / count).astype(x.dtype), x)
-    mgx = _bcast((sums[1] / count).astype(x.dtype), x)
-    return scale * (gg - mg - xhat * mgx)
+        return gg * _bcast(scale.astype(x.dtype), x)
+    mg = sums[0] / count
+    k = invstd * (sums[1] / count)
+    t = x - _bcast(mean.astype(x.dtype), x)
+    t *= _bcast(k.astype(x.dtype), x)
+    t += _bcast(mg.astype(x.dtype), x)
+    t -= gg
+    t *= _bcast((-scale).astype(x.dtype), x)
+    return t

@@ -13,6 +13,7 @@ from __future__ import annotations
 from .. import geometry as geo
 from ..backend import array_namespace
 from ._namespace import layout_invariant
+from ._select import where_zero
 from ._window import materialize
 
 
@@ -85,17 +86,39 @@ def max_pool2d_argmax(x, kernel_size, stride, dilation, origin, width):
     return best, base + (idx // kw) * (dy * width) + (idx % kw) * dx
 
 
+def _argmax_index(x, kernel_size, stride, dilation, origin):
+    """Tap index of each window's argmax, as :func:`_argmax_taps` gives it, without a ``where``
+    per tap (NumPy's branches on every element, slow on the random comparisons of pooling,
+    see ``_select``): ``maximum`` keeps the maximum so far (it propagates NaN, so it takes the
+    same decisions as ``where(better, v, best)``), and since the taps are visited in increasing
+    order, a tap that wins is the largest index so far: ``idx = maximum(idx, better * t)``."""
+    xp = array_namespace(x)
+    kw = kernel_size[1]
+    N, C, Hw, Ww = x.shape
+    oH, oW = geo.block_output_hw((Hw, Ww), kernel_size, stride, dilation)
+    best = xp.full((N, C, oH, oW), float("-inf"), dtype=x.dtype)
+    idx = _first_taps(xp, best.shape, kernel_size, stride, dilation, origin)
+    for i, j, (sl_y, sl_x) in geo.taps(kernel_size, (oH, oW), stride, dilation):
+        v = x[:, :, sl_y, sl_x]
+        better = v > best  # padding is -inf: never greater, never NaN, never chosen
+        better |= xp.isnan(v)
+        best = xp.maximum(best, v)
+        won = better.astype(idx.dtype)
+        won *= i * kw + j  # a Python int: no host-to-device copy
+        idx = xp.maximum(idx, won)
+    return idx
+
+
 @layout_invariant
 def max_pool2d_backward(x, gy, kernel_size, stride, dilation=(1, 1), origin=(0, 0)):
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
     x = materialize(x)
     xp = array_namespace(x, gy)
     kw = kernel_size[1]
-    _, idx = _argmax_taps(x, kernel_size, stride, dilation, origin)
+    idx = _argmax_index(x, kernel_size, stride, dilation, origin)
     N, C, oH, oW = gy.shape
     Hw, Ww = geo.block_window_hw((oH, oW), kernel_size, stride, dilation)
     gx = xp.zeros((N, C, Hw, Ww), dtype=gy.dtype)
-    zero = xp.zeros((), dtype=gy.dtype)
     for i, j, (sl_y, sl_x) in geo.taps(kernel_size, (oH, oW), stride, dilation):
-        gx[:, :, sl_y, sl_x] += xp.where(idx == i * kw + j, gy, zero)
+        gx[:, :, sl_y, sl_x] += where_zero(idx == i * kw + j, gy)
     return gx
