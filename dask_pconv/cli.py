@@ -63,7 +63,7 @@ def _split_spec(text):
 class _HelpFormatter(argparse.HelpFormatter):
     """Each option's default once: appended unless its help already says it (argparse's
     ArgumentDefaultsHelpFormatter adds a second one, and "(default: None)" where the default is
-    worked out later)."""
+    worked out later: https://bugs.python.org/issue28742)."""
 
     def _get_help_string(self, action):
         text = action.help or ""

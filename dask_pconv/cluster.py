@@ -32,7 +32,9 @@ class _ClosingClient(Client):
         try:
             return super().start(**kwargs)
         except BaseException:
-            # close() does nothing for a client that never connected: stop its loop directly.
+            # close() does nothing for a client that never connected, and close() is where
+            # distributed stops a client's loop runner (https://github.com/dask/distributed/pull/4112):
+            # stop its loop directly.
             # The connection error is what the caller needs, even if the loop is slow to stop.
             try:
                 self._loop_runner.stop()
@@ -43,8 +45,9 @@ class _ClosingClient(Client):
 
 def _loopback_dashboard(address):
     """``address`` with 127.0.0.1 filled in where it names only a port (``":8799"``, ``":0"``,
-    ``8799``): distributed binds such an address on every interface, and a cluster started here
-    listens on loopback unless the user names the host."""
+    ``8799``): distributed binds such an address on every interface
+    (https://github.com/dask/distributed/pull/3941), and a cluster started here listens on
+    loopback unless the user names the host."""
     if isinstance(address, int) and not isinstance(address, bool):
         return f"127.0.0.1:{address}"
     if isinstance(address, str):
@@ -151,7 +154,8 @@ def _new_cluster_kwargs(n_workers, threads_per_worker, memory_limit, dashboard_a
         kwargs["security"] = security
     if dashboard_address is None:
         # no dashboard, but the scheduler still serves /health and /metrics over HTTP: on a free
-        # loopback port (by default it tries port 8787 and warns when that is taken)
+        # loopback port (by default it tries port 8787 and warns when that is taken;
+        # https://github.com/dask/distributed/issues/7207)
         kwargs["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
     return kwargs
 
@@ -171,7 +175,8 @@ def _local_cuda_cluster(**kwargs):
             "cuda=True needs dask-cuda and CuPy: pip install 'dask-pconv[gpu]' "
             "(or: pip install dask-cuda 'cupy-cuda12x[ctk]')"
         ) from e
-    # dask-cuda's own defaults: one worker per GPU, one thread each (it refuses None)
+    # dask-cuda's own defaults: one worker per GPU, one thread each (it refuses None;
+    # https://docs.nvidia.com/dask-cuda/26.10/api/)
     for name in ("n_workers", "threads_per_worker"):
         if kwargs[name] is None:
             del kwargs[name]
