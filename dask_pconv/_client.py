@@ -58,6 +58,7 @@ def replicate(collections):
     if futures:
         if client.amm.running():
             # its ReduceReplicas policy would drop the copies again within seconds
+            # (https://distributed.dask.org/en/stable/active_memory_manager.html)
             client.amm.stop()
             stopped = True
         client.replicate(futures)

@@ -63,7 +63,7 @@ def _split_spec(text):
 class _HelpFormatter(argparse.HelpFormatter):
     """Each option's default once: appended unless its help already says it (argparse's
     ArgumentDefaultsHelpFormatter adds a second one, and "(default: None)" where the default is
-    worked out later)."""
+    worked out later: https://bugs.python.org/issue28742)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -89,6 +89,15 @@ def build_parser():
 
 
 def _train_options(tr):
+    """Every ``train`` option, in the order ``--help`` lists them."""
+    _network_and_data_options(tr)
+    _optimization_options(tr)
+    _cluster_options(tr)
+    _run_options(tr)
+
+
+def _network_and_data_options(tr):
+    """The network and the images it trains on."""
     tr.add_argument("--model", choices=["vgg16"], default="vgg16", help="the network")
     tr.add_argument("--width", type=_positive_float, default=0.25, help="channel width multiplier")
     tr.add_argument(
@@ -102,6 +111,10 @@ def _train_options(tr):
         default=None,
         help="folder with CIFAR-10's python batches (default: none; cifar10 needs it)",
     )
+
+
+def _optimization_options(tr):
+    """How long, in what steps and how each step is split."""
     tr.add_argument("--epochs", type=_positive_int, default=5, help="train until this many epochs are done")
     tr.add_argument("--batch-size", type=_positive_int, default=64, help="images per training step")
     tr.add_argument(
@@ -121,6 +134,10 @@ def _train_options(tr):
         "such as batch:2,spatial:2x2; at most one piece per image and one tile per pixel row "
         "and column; channel:N is the old spelling of out_channel:N",
     )
+
+
+def _cluster_options(tr):
+    """The cluster the run starts or connects to, and what it records there."""
     tr.add_argument(
         "--workers",
         type=_positive_int,
@@ -156,6 +173,10 @@ def _train_options(tr):
     tr.add_argument(
         "--tls", action="store_true", help="run the new cluster over TLS with temporary credentials"
     )
+
+
+def _run_options(tr):
+    """Where the run writes, what it continues, and its seed, dropout, dtype and progress bar."""
     tr.add_argument("--out", default="result", help="folder for log.json, plots and checkpoints")
     tr.add_argument(
         "--resume",
@@ -221,22 +242,53 @@ def train_command(args, stream=None):
     epoch 1; one whose checkpoint already holds ``--epochs`` epochs says that training is
     complete and trains nothing.
     """
-    from .cluster import connect
-    from .models import VGG16
     from .optim import MomentumSGD
-    from .train import Trainer
 
     stream = stream or sys.stdout
-    to_device = None
-    if args.cuda:
-        try:
-            import cupy
-        except ImportError as e:
-            raise SetupError(
-                "--cuda needs CuPy and dask-cuda: pip install 'dask-pconv[gpu]' (or: pip install "
-                "dask-cuda 'cupy-cuda12x[ctk]')"
-            ) from e
-        to_device = cupy.asarray  # each batch's blocks; the weights follow them once
+    to_device = _device_copy(args)
+    train_set, val_set = _datasets(args)
+    model = _model(args, train_set)
+    optimizer = MomentumSGD(_recipe_value(args, "lr"), args.momentum, args.weight_decay)
+    with _connect(args) as client:
+        trainer = _trainer(args, model, train_set, val_set, optimizer, to_device, stream)
+        if args.resume:
+            _resume(trainer, args.out, stream)
+        if trainer.epoch >= args.epochs:
+            print(
+                f"training is already complete: {args.out} holds epoch {trainer.epoch} and --epochs is "
+                f"{args.epochs}; nothing to do (raise --epochs to train on)",
+                file=stream,
+            )
+            return trainer.log
+        print(_summary(args, model, train_set, val_set, client), file=stream)
+        t0 = time.perf_counter()
+        log = _train_epochs(args, trainer, stream)
+        if trainer.tasks_per_step is not None:  # None when no step ran
+            print(
+                f"tasks per step: {trainer.tasks_per_step}; {time.perf_counter() - t0:.1f} s; "
+                f"log, plots and checkpoints in {args.out}/",
+                file=stream,
+            )
+    return log
+
+
+def _device_copy(args):
+    """What copies each batch's blocks to the GPU (``cupy.asarray``) with ``--cuda``, else None."""
+    if not args.cuda:
+        return None
+    try:
+        import cupy
+    except ImportError as e:
+        raise SetupError(
+            "--cuda needs CuPy and dask-cuda: pip install 'dask-pconv[gpu]' (or: pip install "
+            "dask-cuda 'cupy-cuda12x[ctk]')"
+        ) from e
+    return cupy.asarray  # each batch's blocks; the weights follow them once
+
+
+def _datasets(args):
+    """``(train_set, val_set)`` of ``--dataset``, with ``--batch-size`` and ``--split`` checked
+    against them."""
     with _setup(f"loading dataset {args.dataset!r}"):
         train_set, val_set = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
     if args.batch_size > len(train_set):
@@ -245,19 +297,34 @@ def train_command(args, stream=None):
         check_split(args.split, (args.batch_size, *train_set.x.shape[1:]))
     except ValueError as e:
         raise SetupError(f"--split: {e}") from e
-    recipe = RECIPES[args.dataset]
-    dropout = args.dropout if args.dropout is not None else recipe["dropout"]
-    lr = args.lr if args.lr is not None else recipe["lr"]
-    model = VGG16(
+    return train_set, val_set
+
+
+def _recipe_value(args, name):
+    """``--lr`` or ``--dropout`` as given, or the dataset's :data:`RECIPES` value."""
+    value = getattr(args, name)
+    return RECIPES[args.dataset][name] if value is None else value
+
+
+def _model(args, train_set):
+    """The ``--model`` network for ``train_set``'s images and classes."""
+    from .models import VGG16
+
+    return VGG16(
         n_classes=train_set.n_classes,
         in_channels=train_set.x.shape[1],
         width=args.width,
         seed=args.seed,
         dtype=args.dtype,
     )
-    opt = MomentumSGD(lr, args.momentum, args.weight_decay)
+
+
+def _connect(args):
+    """A client of the ``--scheduler`` or of a new cluster (``--workers``, ``--cuda``, ...)."""
+    from .cluster import connect
+
     with _setup("connecting to the scheduler" if args.scheduler else "starting the cluster"):
-        client = connect(
+        return connect(
             args.scheduler,
             n_workers=args.workers if args.workers is not None or args.cuda else 2,
             threads_per_worker=args.threads_per_worker,
@@ -265,74 +332,80 @@ def train_command(args, stream=None):
             security=True if args.tls else None,
             cuda=args.cuda,
         )
-    with client:
-        trainer = Trainer(
-            model,
-            train_set,
-            val_set,
-            batch_size=args.batch_size,
-            split=args.split,
-            optimizer=opt,
-            seed=args.seed,
-            out=args.out,
-            dropout=dropout,
-            progress=not args.no_progress,
-            stream=stream,
-            replicate=args.replicate,
-            to_device=to_device,
-        )
-        if args.resume:
-            with _setup(f"resuming from {args.out}"):
-                resumed = trainer.resume()
-            if resumed:
-                print(f"resumed from epoch {trainer.epoch} (step {trainer.step})", file=stream)
-            else:
-                print(f"nothing to resume: no checkpoint in {args.out}; starting from epoch 1", file=stream)
-        if trainer.epoch >= args.epochs:
-            print(
-                f"training is already complete: {args.out} holds epoch {trainer.epoch} and --epochs is "
-                f"{args.epochs}; nothing to do (raise --epochs to train on)",
-                file=stream,
-            )
-            return trainer.log
-        dashboard = client.dashboard_link if args.scheduler or args.dashboard else "off"
-        print(
-            f"VGG16 width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
-            f"{len(train_set)} train / {len(val_set)} validation; split {format_split(args.split)}; "
-            f"lr {lr}, dropout {'on' if dropout else 'off'}; "
-            f"{len(client.scheduler_info()['workers'])} workers; dashboard {dashboard}",
-            file=stream,
-        )
-        t0 = time.perf_counter()
-        try:
-            if args.report:
-                from .profiling import profile, report_paths
 
-                with profile(args.report):
-                    log = trainer.run(args.epochs)
-                written = ", ".join(str(p) for p in report_paths(args.report))
-                print(f"performance report and per-operator summary: {written}", file=stream)
-            else:
-                log = trainer.run(args.epochs)
-        except KeyboardInterrupt:
-            last = trainer.latest_checkpoint()
-            again = _command_line(args)
-            where = (
-                f"the last complete checkpoint is {last}; continue with: "
-                f"{again if args.resume else again + ' --resume'}"
-                if last
-                else f"no epoch was complete, so there is no checkpoint yet; start again with: {again}"
-            )
-            msg = f"interrupted in epoch {trainer.epoch + 1} (after step {trainer.step}); {where}"
-            print(f"\n{msg}", file=sys.stderr)
-            raise
-        if trainer.tasks_per_step is not None:  # None when no step ran
-            print(
-                f"tasks per step: {trainer.tasks_per_step}; {time.perf_counter() - t0:.1f} s; "
-                f"log, plots and checkpoints in {args.out}/",
-                file=stream,
-            )
-    return log
+
+def _trainer(args, model, train_set, val_set, optimizer, to_device, stream):
+    """The :class:`~dask_pconv.train.Trainer` of these options (``--dropout`` from the recipe
+    when not given)."""
+    from .train import Trainer
+
+    return Trainer(
+        model,
+        train_set,
+        val_set,
+        batch_size=args.batch_size,
+        split=args.split,
+        optimizer=optimizer,
+        seed=args.seed,
+        out=args.out,
+        dropout=_recipe_value(args, "dropout"),
+        progress=not args.no_progress,
+        stream=stream,
+        replicate=args.replicate,
+        to_device=to_device,
+    )
+
+
+def _resume(trainer, out, stream):
+    """Load the newest checkpoint in ``out``, and say where training continues."""
+    with _setup(f"resuming from {out}"):
+        resumed = trainer.resume()
+    if resumed:
+        print(f"resumed from epoch {trainer.epoch} (step {trainer.step})", file=stream)
+    else:
+        print(f"nothing to resume: no checkpoint in {out}; starting from epoch 1", file=stream)
+
+
+def _summary(args, model, train_set, val_set, client):
+    """The line that opens a run: network, data, split, recipe, workers and dashboard."""
+    dashboard = client.dashboard_link if args.scheduler or args.dashboard else "off"
+    return (
+        f"VGG16 width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
+        f"{len(train_set)} train / {len(val_set)} validation; split {format_split(args.split)}; "
+        f"lr {_recipe_value(args, 'lr')}, dropout {'on' if _recipe_value(args, 'dropout') else 'off'}; "
+        f"{len(client.scheduler_info()['workers'])} workers; dashboard {dashboard}"
+    )
+
+
+def _train_epochs(args, trainer, stream):
+    """``trainer.run(--epochs)``, recorded in a performance report with ``--report``; after
+    Ctrl-C, says on standard error how to continue (:func:`_interrupted`) and re-raises."""
+    try:
+        if not args.report:
+            return trainer.run(args.epochs)
+        from .profiling import profile, report_paths
+
+        with profile(args.report):
+            log = trainer.run(args.epochs)
+        written = ", ".join(str(p) for p in report_paths(args.report))
+        print(f"performance report and per-operator summary: {written}", file=stream)
+        return log
+    except KeyboardInterrupt:
+        print(f"\n{_interrupted(args, trainer)}", file=sys.stderr)
+        raise
+
+
+def _interrupted(args, trainer):
+    """Where an interrupted run stopped, and the command that continues it."""
+    last = trainer.latest_checkpoint()
+    again = _command_line(args)
+    where = (
+        f"the last complete checkpoint is {last}; continue with: "
+        f"{again if args.resume else again + ' --resume'}"
+        if last
+        else f"no epoch was complete, so there is no checkpoint yet; start again with: {again}"
+    )
+    return f"interrupted in epoch {trainer.epoch + 1} (after step {trainer.step}); {where}"
 
 
 def main(argv=None):

@@ -32,7 +32,9 @@ class _ClosingClient(Client):
         try:
             return super().start(**kwargs)
         except BaseException:
-            # close() does nothing for a client that never connected: stop its loop directly.
+            # close() does nothing for a client that never connected, and close() is where
+            # distributed stops a client's loop runner (https://github.com/dask/distributed/pull/4112):
+            # stop its loop directly.
             # The connection error is what the caller needs, even if the loop is slow to stop.
             try:
                 self._loop_runner.stop()
@@ -43,8 +45,9 @@ class _ClosingClient(Client):
 
 def _loopback_dashboard(address):
     """``address`` with 127.0.0.1 filled in where it names only a port (``":8799"``, ``":0"``,
-    ``8799``): distributed binds such an address on every interface, and a cluster started here
-    listens on loopback unless the user names the host."""
+    ``8799``): distributed binds such an address on every interface
+    (https://github.com/dask/distributed/pull/3941), and a cluster started here listens on
+    loopback unless the user names the host."""
     if isinstance(address, int) and not isinstance(address, bool):
         return f"127.0.0.1:{address}"
     if isinstance(address, str):
@@ -94,21 +97,50 @@ def connect(
         whole process group) interrupts the client only, and training stops cleanly.
     """
     if address is not None:
-        if not isinstance(address, str) or ":" not in address:
-            raise ValueError(f"scheduler address must look like 'tcp://host:port', got {address!r}")
-        if address.split("://", 1)[0] in ("http", "https"):
-            raise ValueError(
-                f"{address!r} looks like a dashboard (HTTP) address; the scheduler's is "
-                "'tcp://host:8786' (or 'tls://...')"
-            )
+        return _connect_to_scheduler(address, security)
+    kwargs = _new_cluster_kwargs(n_workers, threads_per_worker, memory_limit, dashboard_address, security)
+    cluster = _local_cuda_cluster(**kwargs) if cuda else _local_cluster(**kwargs)
+    return _OwningClient(cluster)
+
+
+def _check_scheduler_address(address):
+    """``ValueError`` unless ``address`` can be a scheduler's (``tcp://host:port``, ...)."""
+    if not isinstance(address, str) or ":" not in address:
+        raise ValueError(f"scheduler address must look like 'tcp://host:port', got {address!r}")
+    if address.split("://", 1)[0] in ("http", "https"):
+        raise ValueError(
+            f"{address!r} looks like a dashboard (HTTP) address; the scheduler's is "
+            "'tcp://host:8786' (or 'tls://...')"
+        )
+
+
+def _connect_to_scheduler(address, security):
+    """A client of the running scheduler at ``address`` (``security=True`` means none: there
+    are no temporary credentials for a cluster started elsewhere)."""
+    _check_scheduler_address(address)
+    try:
+        return _ClosingClient(address, security=None if security is True else security)
+    except OSError as e:
+        raise OSError(
+            f"could not connect to the scheduler at {address!r}: {e} "
+            "(is it running, and reachable from here? distributed.comm.timeouts.connect sets "
+            "how long to try)"
+        ) from e
+
+
+def _check_tls_credentials(security):
+    """``ImportError`` if ``security=True`` asks for temporary credentials without cryptography."""
+    if security is True:
         try:
-            return _ClosingClient(address, security=None if security is True else security)
-        except OSError as e:
-            raise OSError(
-                f"could not connect to the scheduler at {address!r}: {e} "
-                "(is it running, and reachable from here? distributed.comm.timeouts.connect sets "
-                "how long to try)"
+            import cryptography  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "security=True (temporary TLS credentials) needs cryptography: pip install 'dask-pconv[tls]'"
             ) from e
+
+
+def _new_cluster_kwargs(n_workers, threads_per_worker, memory_limit, dashboard_address, security):
+    """The keyword arguments of a new cluster, for either kind, listening on loopback."""
     kwargs = dict(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
@@ -117,32 +149,35 @@ def connect(
         # the workers ignore Ctrl-C: the client stops cleanly between steps, then closes them
         preload=["dask_pconv._worker_init"],
     )
-    if security is True:
-        try:
-            import cryptography  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                "security=True (temporary TLS credentials) needs cryptography: pip install 'dask-pconv[tls]'"
-            ) from e
+    _check_tls_credentials(security)
     if security not in (None, False):
         kwargs["security"] = security
     if dashboard_address is None:
         # no dashboard, but the scheduler still serves /health and /metrics over HTTP: on a free
-        # loopback port (by default it tries port 8787 and warns when that is taken)
+        # loopback port (by default it tries port 8787 and warns when that is taken;
+        # https://github.com/dask/distributed/issues/7207)
         kwargs["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
-    if cuda:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as e:
-            raise ImportError(
-                "cuda=True needs dask-cuda and CuPy: pip install 'dask-pconv[gpu]' "
-                "(or: pip install dask-cuda 'cupy-cuda12x[ctk]')"
-            ) from e
-        # dask-cuda's own defaults: one worker per GPU, one thread each (it refuses None)
-        for name in ("n_workers", "threads_per_worker"):
-            if kwargs[name] is None:
-                del kwargs[name]
-        cluster = LocalCUDACluster(host="127.0.0.1", **kwargs)
-    else:
-        cluster = LocalCluster(host="127.0.0.1", processes=True, **kwargs)
-    return _OwningClient(cluster)
+    return kwargs
+
+
+def _local_cluster(**kwargs):
+    """A ``distributed.LocalCluster`` of worker processes on 127.0.0.1."""
+    return LocalCluster(host="127.0.0.1", processes=True, **kwargs)
+
+
+def _local_cuda_cluster(**kwargs):
+    """dask-cuda's ``LocalCUDACluster`` on 127.0.0.1; ``n_workers`` or ``threads_per_worker``
+    None mean its defaults."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as e:
+        raise ImportError(
+            "cuda=True needs dask-cuda and CuPy: pip install 'dask-pconv[gpu]' "
+            "(or: pip install dask-cuda 'cupy-cuda12x[ctk]')"
+        ) from e
+    # dask-cuda's own defaults: one worker per GPU, one thread each (it refuses None;
+    # https://docs.nvidia.com/dask-cuda/26.10/api/)
+    for name in ("n_workers", "threads_per_worker"):
+        if kwargs[name] is None:
+            del kwargs[name]
+    return LocalCUDACluster(host="127.0.0.1", **kwargs)

@@ -69,7 +69,9 @@ def summarize(task_stream):
 
 
 def _chart(summary, path):
-    from matplotlib.figure import Figure  # no pyplot: the user's backend and figures stay alone
+    # no pyplot: the user's backend and figures stay alone
+    # (https://matplotlib.org/stable/gallery/user_interfaces/web_application_server_sgskip.html)
+    from matplotlib.figure import Figure
 
     names = list(summary)[::-1]
     fig = Figure(figsize=(7, 0.4 * len(names) + 1.2))
@@ -82,8 +84,9 @@ def _chart(summary, path):
 
 
 def _drop_remote_icon(path):
-    """distributed's report template links its favicon from docs.dask.org: the one request the
-    report would make (an error logged in an offline browser).  Drop the link."""
+    """distributed's report template links its favicon from docs.dask.org
+    (https://github.com/dask/distributed/issues/3754): the one request the report would make
+    (an error logged in an offline browser).  Drop the link."""
     html = path.read_text(encoding="utf-8")
     out = re.sub(r'<link rel="(?:shortcut )?icon" href="https?://[^"]*"\s*/?>\s*', "", html)
     if out != html:
@@ -113,10 +116,10 @@ def profile(path):
     """Record what runs inside on the active ``distributed.Client``.
 
     Writes ``path`` (distributed's performance report, self-contained HTML: ``mode="inline"``
-    so it opens with no network), and beside it ``<stem>-summary.json`` and
-    ``<stem>-summary.png``: seconds per operator (conv forward, grad-x, grad-w, halo slicing,
-    BatchNorm, pooling, reductions, optimizer, transfers, ...); :func:`report_paths` names the
-    three.  Yields a dict that holds the summary once the block ends.
+    so it opens with no network, https://github.com/dask/distributed/issues/4999), and beside
+    it ``<stem>-summary.json`` and ``<stem>-summary.png``: seconds per operator (conv forward,
+    grad-x, grad-w, halo slicing, BatchNorm, pooling, reductions, optimizer, transfers, ...);
+    :func:`report_paths` names the three.  Yields a dict that holds the summary once the block ends.
     """
     from distributed import get_task_stream, performance_report
 

@@ -40,7 +40,9 @@ def write_log(out, log):
 
 def _plot(log, keys, path, ylabel):
     """A line plot per key over the epochs, written atomically; pyplot's global state (and the
-    user's matplotlib backend) is left alone."""
+    user's matplotlib backend) is left alone: a ``Figure`` of its own, as
+    https://matplotlib.org/stable/gallery/user_interfaces/web_application_server_sgskip.html
+    does."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 

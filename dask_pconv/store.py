@@ -190,7 +190,8 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
 def _refuse_memory_store_under_distributed(store):
     """A zarr ``MemoryStore`` (or a dict, which zarr wraps in one) lives in this process, and
     distributed pickles every task, even for workers in this process: each write would go into
-    a copy of the store and be lost (dask's ``to_zarr`` refuses the same)."""
+    a copy of the store and be lost (dask's ``to_zarr`` refuses the same:
+    https://github.com/dask/dask/pull/10422)."""
     from zarr.storage import MemoryStore
 
     if isinstance(store, (MemoryStore, dict)) and active_client() is not None:

@@ -1,5 +1,6 @@
 """LocalClusters for the tests: 127.0.0.1 only, no dashboard, and nothing on fixed ports (the
-scheduler's HTTP endpoints take a free port instead of trying 8787), so the tests also pass
+scheduler's HTTP endpoints, served without a dashboard too, take a free port instead of trying
+8787: https://github.com/dask/distributed/issues/7207), so the tests also pass
 while another Dask cluster runs on the machine."""
 
 import sys

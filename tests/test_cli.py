@@ -8,6 +8,7 @@ import io
 import pathlib
 import re
 import shlex
+import sys
 
 import pytest
 from clusters import local_cluster
@@ -112,6 +113,140 @@ def test_the_command_line_of_a_run_gives_the_same_run(argv):
     words = shlex.split(cli._command_line(args))
     assert words[:2] == ["dask-pconv", "train"]
     assert vars(parser.parse_args(words[1:])) == vars(args)
+
+
+class _RecordingClient:
+    """What ``connect`` returns, standing in for a client of a cluster with two workers."""
+
+    dashboard_link = "http://127.0.0.1:8787/status"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def scheduler_info(self):
+        return {"workers": {"tcp://127.0.0.1:1": {}, "tcp://127.0.0.1:2": {}}}
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    """Run the command against stand-ins of ``connect`` and ``Trainer`` that record what they
+    are given: ``connect``'s arguments, the Trainer's arguments and ``run``'s epochs."""
+    calls = {}
+
+    def connect(*args, **kwargs):
+        calls["connect"] = (args, kwargs)
+        return _RecordingClient()
+
+    class Trainer:
+        def __init__(self, model, train_set, val_set, **kwargs):
+            calls["trainer"] = dict(model=model, train_set=train_set, val_set=val_set, **kwargs)
+            self.epoch, self.step, self.log, self.tasks_per_step = 0, 0, [], None
+
+        def run(self, epochs):
+            calls["epochs"] = epochs
+            if calls.get("interrupt"):
+                raise KeyboardInterrupt
+            return []
+
+        def latest_checkpoint(self):
+            return None
+
+    monkeypatch.setattr("dask_pconv.cluster.connect", connect)
+    monkeypatch.setattr("dask_pconv.train.Trainer", Trainer)
+    monkeypatch.chdir(tmp_path)
+    return calls
+
+
+_DEFAULTS = dict(
+    connect=(
+        (None,),
+        dict(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0", security=None, cuda=False),
+    ),
+    trainer=dict(
+        batch_size=64, split={"batch": 2}, seed=0, out="result", dropout=False, progress=True, replicate=False
+    ),
+    optimizer=(0.02, 0.9, 5e-4),
+    model=dict(width=0.25, seed=0, dtype="float32"),
+    epochs=5,
+    summary="digits: 1438 train / 359 validation; split batch:2; lr 0.02, dropout off; 2 workers; "
+    "dashboard http://127.0.0.1:8787/status",
+)
+_GIVEN = dict(
+    connect=(
+        (None,),
+        dict(n_workers=3, threads_per_worker=2, dashboard_address=None, security=True, cuda=False),
+    ),
+    trainer=dict(
+        batch_size=32,
+        split={"spatial": (2, 2)},
+        seed=4,
+        out="run",
+        dropout=True,
+        progress=False,
+        replicate=True,
+    ),
+    optimizer=(0.01, 0.5, 0.0),
+    model=dict(width=0.125, seed=4, dtype="float64"),
+    epochs=3,
+    summary="lr 0.01, dropout on; 2 workers; dashboard off",
+)
+_SCHEDULER = dict(
+    _DEFAULTS,
+    connect=(("tcp://10.0.0.1:8786",), _DEFAULTS["connect"][1]),
+    trainer=dict(_DEFAULTS["trainer"], split={"batch": 4}),
+    summary="split batch:4; lr 0.02, dropout off; 2 workers; dashboard http://127.0.0.1:8787/status",
+)
+_GIVEN_ARGV = (
+    "--width 0.125 --epochs 3 --batch-size 32 --lr 0.01 --momentum 0.5 --weight-decay 0 --split spatial:2 "
+    "--workers 3 --threads-per-worker 2 --dashboard= --replicate --tls --out run --seed 4 --dropout "
+    "--dtype float64 --no-progress"
+)
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        ("train", _DEFAULTS),
+        (f"train {_GIVEN_ARGV}", _GIVEN),
+        # an existing scheduler: the new cluster's options are passed on unchanged (connect ignores
+        # them), and the summary names the scheduler's dashboard
+        (
+            "--dataset synthetic --split batch:4 --scheduler tcp://10.0.0.1:8786",
+            _SCHEDULER,
+        ),
+    ],
+    ids=["defaults", "every option given", "scheduler"],
+)
+def test_each_option_reaches_the_cluster_the_model_and_the_trainer(argv, want, recorded, capsys):
+    """Every option's value, given or its default, arrives where it acts, and the run's first
+    line says what runs."""
+    assert cli.main(shlex.split(argv)) == 0, capsys.readouterr().err
+    assert recorded["connect"] == want["connect"]
+    trainer = recorded["trainer"]
+    assert {k: trainer[k] for k in want["trainer"]} == want["trainer"]
+    assert trainer["to_device"] is None and trainer["stream"] is sys.stdout
+    opt = trainer["optimizer"]
+    assert (opt.lr, opt.momentum, opt.weight_decay) == want["optimizer"]
+    model, images = trainer["model"], trainer["train_set"]
+    assert dict(width=model.width, seed=model.seed, dtype=str(model.dtype)) == want["model"]
+    assert (model.n_classes, model.in_channels) == (images.n_classes, images.x.shape[1])
+    assert recorded["epochs"] == want["epochs"]
+    out = capsys.readouterr().out
+    assert out.startswith(f"VGG16 width {model.width}: {model.n_params:,} parameters; ")
+    assert out.endswith(f"{want['summary']}\n") and out.count("\n") == 1
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_how_to_start_again(recorded):
+    recorded["interrupt"] = True
+    rc, out, err = _run("--dataset", "synthetic", "--epochs", "3", "--out", "my run")
+    assert rc == 130
+    assert err == (
+        "\ninterrupted in epoch 1 (after step 0); no epoch was complete, so there is no checkpoint "
+        "yet; start again with: dask-pconv train --dataset synthetic --epochs 3 --out 'my run'\n"
+    )
 
 
 @pytest.mark.cluster

@@ -81,7 +81,8 @@ def test_sigint_keeps_the_last_checkpoint_and_resume_continues(tmp_path, capsys)
     assert "interrupted in epoch 2" in stderr and str(ckpt) in stderr and "--resume" in stderr
     # the workers ignored the signal: no task was cut short, nothing cancelled.  (A worker's
     # heartbeat that races with the cluster's shutdown may log a CommClosedError traceback;
-    # that is distributed's shutdown noise, not a task.)
+    # that is distributed's shutdown noise, not a task:
+    # https://github.com/dask/distributed/issues/7192.)
     for cut_short in ("KeyboardInterrupt", "CancelledError", "KilledWorker"):
         assert cut_short not in stderr, stderr
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files

@@ -52,7 +52,8 @@ def _unavailable(reason):
 @pytest.fixture(scope="module")
 def browser():
     """Headless Chromium driven by the system chromedriver.  Given the driver's path, Selenium
-    never runs Selenium Manager (which would download one)."""
+    never runs Selenium Manager (which would download one;
+    https://selenium.dev/documentation/selenium_manager)."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -105,7 +106,8 @@ def report(tmp_path_factory):
     x = rng.standard_normal((4, 6, 24, 24))
     w = rng.standard_normal((8, 6, 3, 3))
     # Workers in this process (the report is the same, the cluster starts in a blink), no
-    # dashboard, and the scheduler's small HTTP server on any free port rather than 8787.
+    # dashboard, and the scheduler's small HTTP server on any free port rather than 8787
+    # (it starts without a dashboard too: https://github.com/dask/distributed/issues/7207).
     with (
         LocalCluster(
             n_workers=2,

@@ -160,6 +160,7 @@ def test_features_to_zarr_equals_features(tmp_path):
 # Dask's memory management would hide a graph that does not stream: spilling moves held blocks
 # to disk and pausing throttles the worker.  Both are off, so resident memory is what the graph
 # holds.  The nanny still restarts a worker at 95% of its limit (checked below as a lost worker).
+# (The thresholds: https://distributed.dask.org/en/latest/worker-memory.html)
 NO_SPILL = {
     "distributed.worker.memory.target": False,
     "distributed.worker.memory.spill": False,
