@@ -150,8 +150,9 @@ class WindowGradients:
             )
 
     def argument(self, idx):
-        """Window ``idx``'s gradient as an argument of the task that reads it: its embedded
-        task, or the key of its own task (which Dask replaces by the task's result)."""
+        """Window ``idx``'s gradient as an argument of the task that reads it, a *computation*
+        in Dask's terms (https://docs.dask.org/en/stable/spec.html): its embedded task, or the
+        key of its own task in ``dsk`` (which Dask replaces by that task's result)."""
         return self.embedded[idx] if idx in self.embedded else (self.name, *idx)
 
     def cropped(self, idx, rows, cols):
@@ -248,11 +249,14 @@ class WindowedSetup:
         ``{op}-gxwin-{token}``."""
         return WindowGradients(f"{self.op}-gxwin-{token}", self.plan_h, self.plan_w, croppable)
 
-    def grad_x(self, grads, token, dsk, dependencies):
+    def grad_x(self, grads, token, dependencies, reads_windows=False):
         """The gradient with respect to ``x`` (batched, chunked like ``x``): the window gradients
-        ``grads`` added back into the tiles (tasks ``{op}-gx-{token}``), in a graph of ``dsk``,
-        ``grads.dsk`` and the scatter tasks on top of ``dependencies``."""
+        ``grads`` added back into the tiles, as tasks ``{op}-gx-{token}`` on top of the
+        collections ``dependencies``.  With ``reads_windows`` the gradients' tasks read the
+        input windows ``win`` (pooling finds each window's maximum again), which join the
+        graph."""
         name = f"{self.op}-gx-{token}"
+        dsk = dict(self.win.dsk) if reads_windows else {}
         dsk.update(grads.dsk)
         scatter_windows(dsk, name, grads, self.x, self.meta)
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=dependencies)

@@ -268,7 +268,7 @@ def _grad_x(s, g_y, tok):
                         for oi, calls in by_c[ci]
                     }
                     grads.add((n, ci, i, j), parts)
-    return s.grad_x(grads, tok, {}, dependencies=[g_y, s.w])
+    return s.grad_x(grads, tok, [g_y, s.w])
 
 
 def _grad_w(s, g_y, tok):

@@ -129,8 +129,8 @@ def max_pool2d_vjp(x, g_y, kernel_size, stride=None, padding=0, dilation=1, ceil
     grads = s.window_gradients(tok)
     for key, origin in s.blocks():
         task = (max_pool2d_backward, s.win[key], (g_y.name, *key), s.kernel, s.stride, s.dilation, origin)
-        grads.add(key, {0: task})
-    return s.result(s.grad_x(grads, tok, dict(s.win.dsk), dependencies=[s.x, g_y]))
+        grads.add(key, {0: task})  # one part, so its label names no task
+    return s.result(s.grad_x(grads, tok, [s.x, g_y], reads_windows=True))
 
 
 __all__ = ["max_pool2d", "max_pool2d_vjp"]
