@@ -1,5 +1,5 @@
 """Where arrays live: the array library of a block, whether it is on a device, copies between
-host and device, and wrapping arrays as Dask arrays with blocks of their own library.
+host and device, and arrays as Dask arrays with blocks of their own library (:func:`to_dask_array`).
 
 Every module of the package that asks one of these questions asks it here.  NumPy blocks are
 the host; a device block is an array of another library: CuPy, or any array that gives its
@@ -26,6 +26,7 @@ __all__ = [
     "is_device",
     "is_numpy",
     "on_device_of",
+    "to_dask_array",
     "to_host",
     "wrap",
 ]
@@ -91,18 +92,24 @@ def asarray_like(block, like):
     return array_namespace(like).asarray(block)
 
 
-def wrap(a, chunks):
-    """``a`` (a NumPy or device array, or a list) as a Dask array with blocks of its own
-    library; a Dask array is returned as it is.
+def to_dask_array(a, chunks):
+    """``a`` (a NumPy or device array, or a list) as a Dask array of ``chunks`` with blocks of
+    its own library; a Dask array is returned as it is (``chunks`` is then not applied).
 
-    Device arrays get a random name instead of one hashed from their data: Dask has no
-    tokenizer for CuPy, so hashing would pickle the array, which copies it to the host.
+    Nothing is checked here: the ops check their operands before they wrap them.  Device
+    arrays get a random name instead of one hashed from their data: Dask has no deterministic
+    tokenizer for CuPy (https://github.com/dask/dask/issues/6718), so hashing would pickle the
+    array, which copies it to the host.
     """
     if isinstance(a, da.Array):
         return a
     if not hasattr(a, "shape"):
         a = np.asarray(a)
     return da.from_array(a, chunks=chunks, asarray=False, name=None if isinstance(a, np.ndarray) else False)
+
+
+#: the first name of :func:`to_dask_array`, kept for the callers that use it
+wrap = to_dask_array
 
 
 def on_device_of(a, like):

@@ -4,7 +4,8 @@ its split (on the accelerator if asked).
 
 :func:`epoch_batches` cuts an epoch into index batches, :func:`parse_split` reads a split spec
 (:func:`format_split` writes one back, :func:`check_split` checks one against a batch's shape)
-and :func:`to_dask` turns one NumPy batch into Dask arrays chunked for that split.
+and :func:`chunk_batch` turns one NumPy batch into Dask arrays chunked for that split
+(``to_dask`` is its first name, kept).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import numpy as np
 
 from .ops import split as _split
 
-__all__ = ["check_split", "epoch_batches", "format_split", "parse_split", "split_for", "to_dask"]
+__all__ = [
+    "check_split",
+    "chunk_batch",
+    "epoch_batches",
+    "format_split",
+    "parse_split",
+    "split_for",
+    "to_dask",
+]
 
 _SPLIT_AXES = ("batch", "out_channel", "spatial")
 #: the old spelling of ``out_channel``: read as it, with a DeprecationWarning (issue 10: it read
@@ -225,8 +234,8 @@ def check_split(split, shape):
     return split
 
 
-def to_dask(x, t, split=None, to_device=None):
-    """Wrap one NumPy batch as Dask arrays chunked for a split.
+def chunk_batch(x, t, split=None, to_device=None):
+    """One NumPy batch (images and labels) as Dask arrays chunked for a split.
 
     Parameters
     ----------
@@ -269,13 +278,18 @@ def to_dask(x, t, split=None, to_device=None):
     # a new name per call: with a name hashed from the batch, a batch seen again (the same
     # images evaluated after training on them, or full-batch steps) reused the keys of an
     # earlier graph, which Dask's optimisation had fused differently there, and the
-    # distributed worker then waited forever for the earlier graph's dependency
+    # distributed worker then waited forever for the earlier graph's dependency (the scheduler
+    # takes a key to name one task only: https://github.com/dask/dask/issues/9888)
     return tuple(
         a.map_blocks(
             to_device, dtype=a.dtype, meta=to_device(a._meta), name=f"to-device-batch-{uuid.uuid4().hex}"
         )
         for a in (xd, td)
     )
+
+
+#: the first name of :func:`chunk_batch`, kept for the code that imports it
+to_dask = chunk_batch
 
 
 def split_for(split, n):

@@ -10,7 +10,8 @@ Every loader returns a pair of :class:`Dataset` objects whose images are float32
 - :func:`synthetic` -- a small learnable set made from a seed.
 
 :func:`epoch_batches`, :func:`parse_split`, :func:`format_split`, :func:`check_split` and
-:func:`to_dask` live in :mod:`dask_pconv.batching` and are importable from here too.
+:func:`~dask_pconv.batching.chunk_batch` (and ``to_dask``, its first name) live in
+:mod:`dask_pconv.batching` and are importable from here too.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import _check_int, check_split, epoch_batches, format_split, parse_split, to_dask
+from .batching import _check_int, check_split, chunk_batch, epoch_batches, format_split, parse_split, to_dask
 
 __all__ = [
     "DATASETS",
     "Dataset",
     "check_split",
+    "chunk_batch",
     "epoch_batches",
     "format_split",
     "load_cifar10",

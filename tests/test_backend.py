@@ -86,18 +86,23 @@ def test_asarray_like_copies_to_the_library_of_like():
     assert type(backend.asarray_like(a, np.empty(0))) is np.ndarray
 
 
-def test_wrap_names_numpy_arrays_by_content_and_device_arrays_at_random():
+def test_to_dask_array_names_numpy_arrays_by_content_and_device_arrays_at_random():
     a = np.arange(12.0).reshape(3, 4)
-    x = backend.wrap(a, (1, 4))
+    x = backend.to_dask_array(a, (1, 4))
     assert x.chunks == ((1, 1, 1), (4,))
-    assert backend.wrap(a.copy(), (1, 4)).name == x.name
-    assert backend.wrap(x, (3, 4)) is x
+    assert backend.to_dask_array(a.copy(), (1, 4)).name == x.name
+    assert backend.to_dask_array(x, (3, 4)) is x
     standin.LOG.clear()
     d = to_device(a)
-    xd, xd2 = backend.wrap(d, a.shape), backend.wrap(d, a.shape)
+    xd, xd2 = backend.to_dask_array(d, a.shape), backend.to_dask_array(d, a.shape)
     assert isinstance(xd._meta, StandInArray) and xd.name != xd2.name
     assert not [e for e in standin.LOG if e.startswith("download")]
-    assert backend.wrap([1.0, 2.0], -1).dtype == np.float64
+    assert backend.to_dask_array([1.0, 2.0], -1).dtype == np.float64
+
+
+def test_wrap_is_the_first_name_of_to_dask_array():
+    assert backend.wrap is backend.to_dask_array
+    assert {"to_dask_array", "wrap"} <= set(backend.__all__)
 
 
 def test_on_device_of():
@@ -156,7 +161,7 @@ def _imported_modules(path):
 
 
 def test_no_module_imports_a_private_module_of_another_package():
-    """Private modules (``ops/_graph.py``, ``kernels/_namespace.py``) serve their own package;
+    """Private modules (``ops/_halo.py``, ``kernels/_namespace.py``) serve their own package;
     what others need is public (``models/`` and ``optim.py`` once imported ``ops/_device.py``)."""
     found = []
     for p in _modules():

@@ -333,41 +333,49 @@ def test_parse_split_type():
         data.parse_split(2)
 
 
-def test_to_dask_chunks():
+def test_chunk_batch_chunks():
     x = np.random.default_rng(0).random((10, 3, 32, 32), dtype=np.float32)
     t = np.arange(10, dtype=np.int64)
-    xd, td = data.to_dask(x, t, {"batch": 4, "spatial": (2, 3)})
+    xd, td = data.chunk_batch(x, t, {"batch": 4, "spatial": (2, 3)})
     assert isinstance(xd, da.Array) and isinstance(td, da.Array)
     assert xd.chunks == ((3, 3, 2, 2), (3,), (16, 16), (11, 11, 10))
     assert td.chunks == ((3, 3, 2, 2),)
     np.testing.assert_array_equal(xd.compute(), x)
     np.testing.assert_array_equal(td.compute(), t)
-    assert xd.chunks == data.to_dask(x, t, "batch:4,spatial:2x3")[0].chunks
+    assert xd.chunks == data.chunk_batch(x, t, "batch:4,spatial:2x3")[0].chunks
 
 
-def test_to_dask_channel_split_leaves_images_whole():
+def test_to_dask_is_the_first_name_of_chunk_batch():
+    from dask_pconv import batching
+
+    assert batching.to_dask is batching.chunk_batch
+    assert data.to_dask is data.chunk_batch is batching.chunk_batch
+    assert {"chunk_batch", "to_dask"} <= set(batching.__all__) & set(data.__all__)
+
+
+def test_chunk_batch_channel_split_leaves_images_whole():
     x = np.zeros((4, 3, 8, 8), np.float32)
-    xd, td = data.to_dask(x, np.zeros(4, np.int64), data.parse_split("out_channel:3,batch:2"))
+    xd, td = data.chunk_batch(x, np.zeros(4, np.int64), data.parse_split("out_channel:3,batch:2"))
     assert xd.chunks == ((2, 2), (3,), (8,), (8,))
     assert td.chunks == ((2, 2),)
     for split in (None, {}, "none"):
-        xd, td = data.to_dask(x, np.zeros(4, np.int64), split)
+        xd, td = data.chunk_batch(x, np.zeros(4, np.int64), split)
         assert xd.numblocks == (1, 1, 1, 1) and td.numblocks == (1,)
 
 
-def test_to_dask_bad_args():
+def test_chunk_batch_bad_args():
     x = np.zeros((4, 3, 8, 8), np.float32)
     t = np.zeros(4, np.int64)
     with pytest.raises(ValueError, match="depth"):
-        data.to_dask(x, t, {"depth": 2})
+        data.chunk_batch(x, t, {"depth": 2})
     with pytest.raises(ValueError, match="batch"):
-        data.to_dask(x, t, {"batch": 5})
+        data.chunk_batch(x, t, {"batch": 5})
     with pytest.raises(ValueError, match="4-D"):
-        data.to_dask(x[0], t, {})
+        data.chunk_batch(x[0], t, {})
     with pytest.raises(ValueError, match="t must have shape"):
-        data.to_dask(x, t[:3], {})
+        data.chunk_batch(x, t[:3], {})
     with pytest.raises(TypeError, match="split"):
-        data.to_dask(x, t, 2)
+        data.chunk_batch(x, t, 2)
 
 
 def test_parse_split_reads_the_old_channel_spelling_as_output_channels():
@@ -416,7 +424,7 @@ def test_the_largest_split_check_split_allows_trains():
     m = VGG16(n_classes=2, width=0.0625, seed=0, dtype=np.float64)
     out = {}
     for spec in ("none", "spatial:32x1"):
-        xd, td = data.to_dask(x, t, data.check_split(spec, x.shape))
+        xd, td = data.chunk_batch(x, t, data.check_split(spec, x.shape))
         out[spec] = dask.compute(*m.forward_backward(xd, td, dropout=False), scheduler="sync")
     (l0, g0), (l1, g1) = out.values()
     np.testing.assert_allclose(l1, l0, rtol=1e-12)

@@ -6,6 +6,8 @@ import pytest
 from dask.core import get_dependencies
 
 import dask_pconv as dp
+from dask_pconv import geometry as geo
+from dask_pconv.ops.pool import max_pool2d_vjp
 
 
 def _input_deps(dsk, key, x_name):
@@ -90,3 +92,30 @@ def test_each_tile_depends_only_on_its_window(kw, op):
             expected = {(1, c, r, q) for c in chans for r in rows for q in cols}
             assert deps == expected
             assert len(deps) < n_all
+
+
+@pytest.mark.parametrize("op", ["conv2d", "max_pool2d"])
+def test_only_window_gradients_that_reach_neighbours_get_a_task(op):
+    """A window that reaches one input tile has its gradient computed inside the one tile task
+    that reads it; a window that reaches neighbours gets a task of its own (``-gxwin``), read
+    by each tile it overlaps.  Both VJPs follow the same rule."""
+    x = da.random.random((1, 1, 12, 9), chunks=(1, 1, (5, 7), 9))
+    if op == "conv2d":
+        w = np.ones((1, 1, 2, 2))
+        y = dp.conv2d(x, w, stride=2)
+        g_x = dp.conv2d_vjp(x, w, da.ones_like(y), stride=2)[0]
+    else:
+        y = dp.max_pool2d(x, 2)
+        g_x = max_pool2d_vjp(x, da.ones_like(y), 2)
+    plan_h, plan_w = (geo.plan_axis(x.chunks[a], 2, 2, (0, 0), 1) for a in (2, 3))
+    reach = {
+        (0, 0, i, j): len(src_h[2]) * len(src_w[2])
+        for i, src_h in enumerate(plan_h.sources)
+        for j, src_w in enumerate(plan_w.sources)
+    }
+    dsk = dict(g_x.__dask_graph__())
+    own = {k[1:] for k in dsk if isinstance(k, tuple) and f"{op}-gxwin-" in k[0]}
+    assert own == {idx for idx, r in reach.items() if r > 1}
+    assert 0 < len(own) < len(reach)
+    # every output's gradient arrives once: at the 2x2 taps of its window, or at its maximum
+    assert g_x.compute().sum() == (4 if op == "conv2d" else 1) * np.prod(y.shape)

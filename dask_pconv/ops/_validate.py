@@ -9,7 +9,7 @@ import sys
 import dask.array as da
 import numpy as np
 
-from ..backend import on_device_of, wrap
+from ..backend import on_device_of, to_dask_array
 
 _LAYOUTS = {4: "(N, C, H, W)", 3: "(C, H, W)", 1: ""}
 
@@ -33,18 +33,20 @@ def check_plain(a, name):
     return a
 
 
-def as_dask(a, name, ndim, empty_batch=False):
-    """``a`` as a Dask array of ``ndim`` dims (an int or a tuple of allowed ones) with known
-    chunks and a floating dtype.
+def checked_operand(a, name, ndim, empty_batch=False):
+    """An op's operand ``a`` (named ``name`` in the errors), checked and as a Dask array: of
+    ``ndim`` dims (an int or a tuple of allowed ones), with known chunks and a floating dtype,
+    neither masked nor a tensor (:func:`check_plain`).
 
-    NumPy (or CuPy) arrays are wrapped in a single chunk.  Empty arrays are refused, except
-    that with ``empty_batch`` the first axis of a 4-D array may be 0 (as in PyTorch).
+    NumPy (or CuPy) arrays are wrapped in a single chunk
+    (:func:`~dask_pconv.backend.to_dask_array`).  Empty arrays are refused, except that with
+    ``empty_batch`` the first axis of a 4-D array may be 0 (as in PyTorch).
     """
     check_plain(a, name)
     if not isinstance(a, da.Array):
         if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim")):
             raise TypeError(f"{name} must be a Dask, NumPy or CuPy array, got {type(a).__name__}")
-        a = wrap(a, a.shape or ())
+        a = to_dask_array(a, a.shape or ())
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if a.ndim not in allowed:
         want = " or ".join(f"{n}-D {_LAYOUTS.get(n, '')}".rstrip() for n in allowed)
@@ -78,10 +80,11 @@ def batched(a):
 
 
 def output_gradient(g_y, setup):
-    """``g_y`` for a VJP whose forward is described by ``setup`` (its ``x``, ``unbatched``,
-    ``out_shape`` and ``out_chunks``): checked against the output's shape and ``x``'s dtype,
+    """``g_y`` for a VJP whose forward is described by ``setup`` (a
+    :class:`~dask_pconv.ops._halo.WindowedSetup`: its ``x``, ``unbatched``, ``out_shape`` and
+    ``out_chunks``): checked against the output's shape and ``x``'s dtype,
     batched, on ``x``'s device and chunked like the output."""
-    g_y = as_dask(g_y, "g_y", 3 if setup.unbatched else 4, empty_batch=True)
+    g_y = checked_operand(g_y, "g_y", 3 if setup.unbatched else 4, empty_batch=True)
     g_y = on_device_of(check_same_dtype(g_y, "g_y", setup.x), setup.x)
     out_shape = setup.out_shape[1:] if setup.unbatched else setup.out_shape
     if g_y.shape != out_shape:

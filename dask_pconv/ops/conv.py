@@ -17,24 +17,36 @@ from dask.highlevelgraph import HighLevelGraph
 from .. import geometry as geo
 from ..backend import array_namespace, on_device_of
 from ..kernels import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, cropped
-from ._graph import Windows, scatter_windows, tree_sum, window_reach
-from ._validate import as_dask, batched, check_groups, check_kernel_fits, check_same_dtype, output_gradient
+from ._halo import WindowedSetup
+from ._tree_sum import tree_sum
+from ._validate import (
+    batched,
+    check_groups,
+    check_kernel_fits,
+    check_same_dtype,
+    checked_operand,
+    output_gradient,
+)
 
 
-class _ConvSetup:
-    """Validated arguments and the geometry shared by forward and backward."""
+class _ConvSetup(WindowedSetup):
+    """Validated arguments and the geometry shared by forward and backward (the attributes of
+    :class:`~dask_pconv.ops._halo.WindowedSetup`, and ``w``, ``groups``, ``dtype`` and
+    ``pairs``)."""
+
+    op = "conv2d"
 
     def __init__(self, x, w, stride, padding, dilation, groups):
-        x = as_dask(x, "x", (3, 4), empty_batch=True)
-        self.unbatched = x.ndim == 3
+        x = checked_operand(x, "x", (3, 4), empty_batch=True)
+        unbatched = x.ndim == 3
         x = batched(x)
-        w = on_device_of(check_same_dtype(as_dask(w, "w", 4), "w", x), x)
+        w = on_device_of(check_same_dtype(checked_operand(w, "w", 4), "w", x), x)
         self.groups = groups = check_groups(groups)
-        self.stride = geo.normalize_pair(stride, "stride")
-        self.dilation = geo.normalize_pair(dilation, "dilation")
+        stride = geo.normalize_pair(stride, "stride")
+        dilation = geo.normalize_pair(dilation, "dilation")
         N, C, H, W = x.shape
         O, Cg, kh, kw = w.shape
-        self.kernel = (kh, kw)
+        kernel = (kh, kw)
         if C % groups:
             raise ValueError(f"groups={groups} does not divide the {C} input channels of x")
         if O % groups:
@@ -44,22 +56,16 @@ class _ConvSetup:
                 f"channel mismatch: x has {C} channels but w expects {Cg} x groups={groups} "
                 f"= {Cg * groups} (w has shape {w.shape})"
             )
-        self.pads = geo.resolve_padding(padding, self.kernel, self.stride, self.dilation)
-        self.out_hw = tuple(
-            geo.output_length(n, k, s, p, d)
-            for n, k, s, p, d in zip((H, W), self.kernel, self.stride, self.pads, self.dilation)
+        pads = geo.resolve_padding(padding, kernel, stride, dilation)
+        out_hw = tuple(
+            geo.output_length(n, k, s, p, d) for n, k, s, p, d in zip((H, W), kernel, stride, pads, dilation)
         )
-        check_kernel_fits((H, W), self.kernel, self.pads, self.dilation, self.out_hw)
+        check_kernel_fits((H, W), kernel, pads, dilation, out_hw)
         # an output-channel split is w's chunking on axis 0; the other axes are needed whole
         if any(len(c) > 1 for c in w.chunks[1:]):
             w = w.rechunk({1: -1, 2: -1, 3: -1})
-        self.x, self.w = x, w
-        self.plan_h = geo.plan_axis(x.chunks[2], kh, self.stride[0], self.pads[0], self.dilation[0])
-        self.plan_w = geo.plan_axis(x.chunks[3], kw, self.stride[1], self.pads[1], self.dilation[1])
-        self.out_shape = (N, O) + self.out_hw
-        self.out_chunks = (x.chunks[0], w.chunks[0], self.plan_h.out_chunks, self.plan_w.out_chunks)
+        self.w = w
         self.dtype = x.dtype  # w has it too: nothing is promoted
-        self.meta = x._meta
         # which (output-channel chunk, input-channel chunk) pairs meet, through which groups
         o_ranges = _ranges(w.chunks[0])
         c_ranges = _ranges(x.chunks[1])
@@ -71,10 +77,8 @@ class _ConvSetup:
             for orng in o_ranges
         ]
         self.pairs = [[(ci, calls) for ci, calls in row if calls] for row in self.pairs]
-        self.token = tokenize(x, w, self.stride, self.pads, self.dilation, groups)
-
-    def windows(self):
-        return Windows(self.x, self.plan_h, self.plan_w, 0, f"conv2d-halo-{self.token}")
+        token = tokenize(x, w, stride, pads, dilation, groups)
+        super().__init__(x, unbatched, kernel, stride, pads, dilation, out_hw, w.chunks[0], 0, token)
 
 
 def _ranges(chunks):
@@ -182,9 +186,8 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     neighbouring tiles as the kernel reaches; zeros are read only outside the image.
     """
     s = _ConvSetup(x, w, stride, padding, dilation, groups)
-    win = s.windows()
     name = f"conv2d-fwd-{s.token}"
-    dsk = dict(win.dsk)
+    dsk = dict(s.win.dsk)
     for n in range(len(s.x.chunks[0])):
         for oi, row in enumerate(s.pairs):
             n_out = s.w.chunks[0][oi]
@@ -194,7 +197,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                     parts = [
                         (
                             (name + "-part", ci, n, oi, i, j),
-                            (_conv_pair, win[n, ci, i, j], w_key, calls, n_out, s.stride, s.dilation),
+                            (_conv_pair, s.win[n, ci, i, j], w_key, calls, n_out, s.stride, s.dilation),
                         )
                         for ci, calls in row
                     ]
@@ -202,11 +205,11 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[s.x, s.w])
     y = Array(graph, name, s.out_chunks, meta=s.meta)
     if b is not None:
-        b = on_device_of(check_same_dtype(as_dask(b, "b", 1), "b", s.x), y)
+        b = on_device_of(check_same_dtype(checked_operand(b, "b", 1), "b", s.x), y)
         if b.shape != (s.out_shape[1],):
             raise ValueError(f"b must have shape ({s.out_shape[1]},), got {b.shape}")
         y = y + b.rechunk((s.w.chunks[0],)).reshape(1, -1, 1, 1)
-    return y[0] if s.unbatched else y
+    return s.result(y)
 
 
 def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
@@ -235,63 +238,51 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
     """
     s = _ConvSetup(x, w, stride, padding, dilation, groups)
     g_y = output_gradient(g_y, s)
-    win = s.windows()
     tok = tokenize(s.token, g_y)
-    meta = s.meta
-    nN, nI, nJ = len(s.x.chunks[0]), len(s.plan_h.out_chunks), len(s.plan_w.out_chunks)
+    return s.result(_grad_x(s, g_y, tok)), _grad_w(s, g_y, tok), _grad_b(g_y, tok)
 
-    # g_x: per window, summed over output-channel chunks, then scattered back into tiles
-    gxw_name, gx_name = f"conv2d-gxwin-{tok}", f"conv2d-gx-{tok}"
-    by_c = {}
+
+def _grad_x(s, g_y, tok):
+    """g_x of :func:`conv2d_vjp`, batched: per input window and input-channel chunk, the sum over
+    output-channel chunks of the transposed convolutions, scattered back into the tiles."""
+    by_c = {}  # input-channel chunk -> the output-channel chunks it meets, and their calls
     for oi, row in enumerate(s.pairs):
         for ci, calls in row:
             by_c.setdefault(ci, []).append((oi, calls))
-    dsk = {}
-    nested = {}  # a window gradient read by one tile only and made by one task: embed it there
-    for n in range(nN):
+    # a tile that is the interior of one window made by one task computes just the tile
+    grads = s.window_gradients(tok, croppable=True)
+    for n in range(len(s.x.chunks[0])):
         for ci, n_in in enumerate(s.x.chunks[1]):
-            for i in range(nI):
-                for j in range(nJ):
-                    parts = [
-                        (
-                            (gxw_name + "-part", oi, n, ci, i, j),
-                            (
-                                _gx_pair,
-                                (g_y.name, n, oi, i, j),
-                                (s.w.name, oi, 0, 0, 0),
-                                calls,
-                                n_in,
-                                s.stride,
-                                s.dilation,
-                            ),
+            for i in range(len(s.plan_h.out_chunks)):
+                for j in range(len(s.plan_w.out_chunks)):
+                    parts = {
+                        oi: (
+                            _gx_pair,
+                            (g_y.name, n, oi, i, j),
+                            (s.w.name, oi, 0, 0, 0),
+                            calls,
+                            n_in,
+                            s.stride,
+                            s.dilation,
                         )
                         for oi, calls in by_c[ci]
-                    ]
-                    if len(parts) == 1 and window_reach(s.plan_h, s.plan_w, i, j) == 1:
-                        nested[n, ci, i, j] = parts[0][1]
-                    else:
-                        tree_sum(dsk, (gxw_name, n, ci, i, j), parts)
+                    }
+                    grads.add((n, ci, i, j), parts)
+    return s.grad_x(grads, tok, [g_y, s.w])
 
-    def direct(n, ci, i, j, wy, wx):
-        # a tile that is the interior of one window made by one task: compute just the tile
-        task = nested.get((n, ci, i, j))
-        return None if task is None else task + ((wy, wx),)
 
-    scatter_windows(
-        dsk, gx_name, lambda *idx: nested.get(idx, (gxw_name, *idx)), s.x, s.plan_h, s.plan_w, meta, direct
-    )
-    graph = HighLevelGraph.from_collections(gx_name, dsk, dependencies=[g_y, s.w])
-    g_x = Array(graph, gx_name, s.x.chunks, meta=meta)
-
-    # g_w: one partial per (window, output-channel chunk), tree-summed over batch, tiles, channels
+def _grad_w(s, g_y, tok):
+    """g_w of :func:`conv2d_vjp`: one partial per (window, output-channel chunk), tree-summed
+    over batch chunks, tiles and input-channel chunks."""
     gw_name = f"conv2d-gw-{tok}"
-    dsk = dict(win.dsk)
+    nN, nI, nJ = len(s.x.chunks[0]), len(s.plan_h.out_chunks), len(s.plan_w.out_chunks)
+    dsk = dict(s.win.dsk)
     for oi, row in enumerate(s.pairs):
         w_shape = (s.w.chunks[0][oi],) + s.w.shape[1:]
         parts = [
             (
                 (gw_name + "-part", n, i, j, ci, oi),
-                (_gw_pair, win[n, ci, i, j], (g_y.name, n, oi, i, j), calls, w_shape, s.stride, s.dilation),
+                (_gw_pair, s.win[n, ci, i, j], (g_y.name, n, oi, i, j), calls, w_shape, s.stride, s.dilation),
             )
             for n in range(nN)
             for i in range(nI)
@@ -300,10 +291,14 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
         ]
         tree_sum(dsk, (gw_name, oi, 0, 0, 0), parts)
     graph = HighLevelGraph.from_collections(gw_name, dsk, dependencies=[s.x, g_y])
-    g_w = Array(graph, gw_name, s.w.chunks, meta=meta)
+    return Array(graph, gw_name, s.w.chunks, meta=s.meta)
 
-    # one (1, O, 1, 1) partial sum per block, then Dask's sum of the partials: Dask's own sum
-    # of the blocks would round by each block's memory layout
+
+def _grad_b(g_y, tok):
+    """g_b of :func:`conv2d_vjp`: one ``(1, O, 1, 1)`` partial sum per block (by the kernel, on
+    a canonical block), then Dask's sum of the partials.  Dask's own sum of the blocks would
+    round by each block's memory layout, which depends on where the block was computed
+    (NumPy's sum follows the memory order: https://github.com/numpy/numpy/issues/13240)."""
     parts = da.blockwise(
         conv2d_grad_b,
         "nohw",
@@ -314,8 +309,7 @@ def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
         meta=g_y._meta,
         name=f"conv2d-gb-{tok}",
     )
-    g_b = parts.sum(axis=(0, 2, 3))
-    return (g_x[0] if s.unbatched else g_x), g_w, g_b
+    return parts.sum(axis=(0, 2, 3))
 
 
 __all__ = ["conv2d", "conv2d_vjp"]

@@ -15,7 +15,7 @@ from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from ..backend import array_namespace, on_device_of, wrap
+from ..backend import array_namespace, on_device_of, to_dask_array
 from ..kernels import (
     bn_backward,
     bn_backward_partial,
@@ -30,7 +30,7 @@ from ..kernels import (
     log_softmax,
     onehot,
 )
-from ._graph import tree_sum
+from ._tree_sum import tree_sum
 from ._validate import check_plain
 
 __all__ = [
@@ -77,15 +77,10 @@ def _bn_index(x):
     raise ValueError(f"batch_norm expects (N, C) or (N, C, H, W), got shape {x.shape}")
 
 
-def _as_dask(v):
-    """A NumPy/CuPy array (or a list) as a one-chunk Dask array of the same library."""
-    return wrap(v, -1)
-
-
 def _per_channel(v, x, dtype=None):
     """A (C,) vector as a Dask array chunked like ``x``'s channel axis (axis 1), with blocks
     of ``x``'s library (a NumPy vector meeting CuPy blocks is copied to the device)."""
-    v = on_device_of(_as_dask(v), x).rechunk((x.chunks[1],))
+    v = on_device_of(to_dask_array(v, -1), x).rechunk((x.chunks[1],))
     return v.astype(dtype or x.dtype, copy=False)
 
 
@@ -155,6 +150,7 @@ def batch_norm(x, gamma, beta, mean=None, var=None, eps=2e-5, relu=False, stats=
     ind = _bn_index(x)
     stats = _stats(x, mean, var, stats)
     # tokenized as Dask arrays: a raw device (CuPy) array would be pickled, a copy to the host
+    # (Dask has no deterministic tokenizer for CuPy: https://github.com/dask/dask/issues/6718)
     gamma, beta = _per_channel(gamma, x), _per_channel(beta, x)
     return da.blockwise(
         bn_forward,
@@ -279,7 +275,7 @@ def linear(x, W):
     axis 0 split the outputs.  The contraction is whole in each task: chunks of ``x`` on axis 1
     (and of ``W``) are concatenated there, so the result does not depend on them."""
     _plain(x=x, W=W)
-    W = on_device_of(_as_dask(W), x)
+    W = on_device_of(to_dask_array(W, -1), x)
     return da.blockwise(
         linear_forward,
         "no",
@@ -298,7 +294,7 @@ def linear_vjp(x, W, g):
     """Gradients ``(g_x, g_W)`` of :func:`linear`, chunked like ``x`` and ``W``; each task's
     contraction is whole (over the output features for ``g_x``, the batch for ``g_W``)."""
     _plain(x=x, W=W, g=g)
-    W = on_device_of(_as_dask(W), x)
+    W = on_device_of(to_dask_array(W, -1), x)
     tok = tokenize(x, W, g)
     g_x = da.blockwise(
         linear_grad_x,
@@ -358,7 +354,7 @@ def dropout(x, ratio, seed, step, layer):
 
 def _onehot(t, z):
     """``(N, K)`` one-hot rows of the labels ``t``, chunked like ``z``, in ``z``'s library."""
-    t = on_device_of(_as_dask(t), z)
+    t = on_device_of(to_dask_array(t, -1), z)
     K = z.shape[1]
     meta = meta_from_array(z._meta, ndim=2, dtype=z.dtype)
     rows = t.map_blocks(onehot, K, z.dtype, new_axis=1, chunks=(t.chunks[0], (K,)), dtype=z.dtype, meta=meta)
@@ -412,7 +408,7 @@ def accuracy(z, t):
 
     The arg-max is taken block by block over whole rows (the class axis is one chunk, rechunked
     if it was split): Dask's general arg-reduction across chunks goes through a structured
-    dtype that CuPy supports only partly."""
+    dtype that CuPy supports only partly (https://github.com/dask/dask/issues/7997)."""
     _plain(z=z, t=t)
     if z.numblocks[1] > 1:
         z = z.rechunk({1: -1})
@@ -420,4 +416,4 @@ def accuracy(z, t):
     pred = z.map_blocks(
         _argmax_rows, drop_axis=1, dtype=np.intp, meta=meta, name=f"accuracy-argmax-{tokenize(z)}"
     )
-    return (pred == on_device_of(_as_dask(t), z)).mean()
+    return (pred == on_device_of(to_dask_array(t, -1), z)).mean()

@@ -18,22 +18,25 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import geometry as geo
 from ..kernels import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
-from ._graph import Windows, scatter_windows, window_reach
-from ._validate import as_dask, batched, check_kernel_fits, output_gradient
+from ._halo import WindowedSetup
+from ._validate import batched, check_kernel_fits, checked_operand, output_gradient
 
 
-class _PoolSetup:
-    """Validated arguments and the geometry shared by forward and backward."""
+class _PoolSetup(WindowedSetup):
+    """Validated arguments and the geometry shared by forward and backward (the attributes of
+    :class:`~dask_pconv.ops._halo.WindowedSetup`)."""
+
+    op = "max_pool2d"
 
     def __init__(self, x, kernel_size, stride, padding, dilation, ceil_mode):
-        x = as_dask(x, "x", (3, 4), empty_batch=True)
-        self.unbatched = x.ndim == 3
-        self.x = x = batched(x)
-        self.kernel = kernel = geo.normalize_pair(kernel_size, "kernel_size")
+        x = checked_operand(x, "x", (3, 4), empty_batch=True)
+        unbatched = x.ndim == 3
+        x = batched(x)
+        kernel = geo.normalize_pair(kernel_size, "kernel_size")
         # PyTorch reads an empty stride as the default too
         default = stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)
-        self.stride = stride = kernel if default else geo.normalize_pair(stride, "stride")
-        self.dilation = dilation = geo.normalize_pair(dilation, "dilation")
+        stride = kernel if default else geo.normalize_pair(stride, "stride")
+        dilation = geo.normalize_pair(dilation, "dilation")
         pad = geo.normalize_pair(padding, "padding", minimum=0)
         if any(p > k // 2 for p, k in zip(pad, kernel)):
             raise ValueError(f"padding {pad} must be at most half of kernel_size {kernel} (as in PyTorch)")
@@ -43,12 +46,10 @@ class _PoolSetup:
         pads = tuple(geo.pool_pads(*a, bool(ceil_mode)) for a in zip(hw, kernel, stride, pad, dilation))
         out_hw = tuple(geo.output_length(*a) for a in zip(hw, kernel, stride, pads, dilation))
         check_kernel_fits(hw, kernel, pads, dilation, out_hw)
-        self.plan_h = geo.plan_axis(x.chunks[2], kernel[0], stride[0], pads[0], dilation[0])
-        self.plan_w = geo.plan_axis(x.chunks[3], kernel[1], stride[1], pads[1], dilation[1])
-        self.out_shape = x.shape[:2] + out_hw
-        self.out_chunks = (x.chunks[0], x.chunks[1], self.plan_h.out_chunks, self.plan_w.out_chunks)
-        self.token = tokenize(x, kernel, stride, pads, dilation)
-        self.win = Windows(x, self.plan_h, self.plan_w, float("-inf"), f"max_pool2d-halo-{self.token}")
+        token = tokenize(x, kernel, stride, pads, dilation)
+        super().__init__(
+            x, unbatched, kernel, stride, pads, dilation, out_hw, x.chunks[1], float("-inf"), token
+        )
 
     def blocks(self):
         """``(n, c, i, j)`` of every output block and the image position of its window."""
@@ -57,9 +58,6 @@ class _PoolSetup:
                 for i, (y0, _) in enumerate(self.plan_h.windows):
                     for j, (x0, _) in enumerate(self.plan_w.windows):
                         yield (n, c, i, j), (y0, x0)
-
-    def result(self, a):
-        return a[0] if self.unbatched else a
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -104,17 +102,15 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
         for key, _ in s.blocks():
             dsk[(name, *key)] = (max_pool2d_forward, s.win[key], s.kernel, s.stride, s.dilation)
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[s.x])
-        return s.result(Array(graph, name, s.out_chunks, meta=s.x._meta))
+        return s.result(Array(graph, name, s.out_chunks, meta=s.meta))
     both, idx_name = f"max_pool2d-argmax-{s.token}", f"max_pool2d-indices-{s.token}"
     width = s.x.shape[3]
     for key, origin in s.blocks():
         dsk[(both, *key)] = (max_pool2d_argmax, s.win[key], s.kernel, s.stride, s.dilation, origin, width)
         dsk[(name, *key)] = (operator.getitem, (both, *key), 0)
         dsk[(idx_name, *key)] = (operator.getitem, (both, *key), 1)
-    y = Array(
-        HighLevelGraph.from_collections(name, dsk, dependencies=[s.x]), name, s.out_chunks, meta=s.x._meta
-    )
-    meta = meta_from_array(s.x._meta, ndim=4, dtype=np.int64)
+    y = Array(HighLevelGraph.from_collections(name, dsk, dependencies=[s.x]), name, s.out_chunks, meta=s.meta)
+    meta = meta_from_array(s.meta, ndim=4, dtype=np.int64)
     graph = HighLevelGraph.from_collections(idx_name, dsk, dependencies=[s.x])
     return s.result(y), s.result(Array(graph, idx_name, s.out_chunks, meta=meta))
 
@@ -130,20 +126,11 @@ def max_pool2d_vjp(x, g_y, kernel_size, stride=None, padding=0, dilation=1, ceil
     s = _PoolSetup(x, kernel_size, stride, padding, dilation, ceil_mode)
     g_y = output_gradient(g_y, s)
     tok = tokenize(s.token, g_y)
-    gwin, name = f"max_pool2d-gxwin-{tok}", f"max_pool2d-gx-{tok}"
-    dsk = dict(s.win.dsk)
-    nested = {}  # a window read by one tile only: its gradient is computed inside that tile's task
+    grads = s.window_gradients(tok)
     for key, origin in s.blocks():
-        gy_key = (g_y.name, *key)
-        task = (max_pool2d_backward, s.win[key], gy_key, s.kernel, s.stride, s.dilation, origin)
-        if window_reach(s.plan_h, s.plan_w, *key[2:]) == 1:
-            nested[key] = task
-        else:
-            dsk[(gwin, *key)] = task
-    meta = s.x._meta
-    scatter_windows(dsk, name, lambda *idx: nested.get(idx, (gwin, *idx)), s.x, s.plan_h, s.plan_w, meta)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[s.x, g_y])
-    return s.result(Array(graph, name, s.x.chunks, meta=meta))
+        task = (max_pool2d_backward, s.win[key], (g_y.name, *key), s.kernel, s.stride, s.dilation, origin)
+        grads.add(key, {0: task})  # one part, so its label names no task
+    return s.result(s.grad_x(grads, tok, [s.x, g_y], reads_windows=True))
 
 
 __all__ = ["max_pool2d", "max_pool2d_vjp"]

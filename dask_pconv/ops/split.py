@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import geometry as geo
-from ._validate import as_dask
+from ._validate import checked_operand
 
 
 def split(x, batch=None, channel=None, spatial=None, *, in_channel=None):
@@ -41,7 +41,7 @@ def split(x, batch=None, channel=None, spatial=None, *, in_channel=None):
         raise TypeError("split: give in_channel or channel (the same thing, its first name), not both")
     name = "channel" if in_channel is None else "in_channel"
     in_channel = channel if in_channel is None else in_channel
-    x = as_dask(x, "x", 4, empty_batch=True)
+    x = checked_operand(x, "x", 4, empty_batch=True)
     chunks = dict()
     if batch is not None:
         chunks[0] = geo.even_chunks(x.shape[0], batch, "batch")
