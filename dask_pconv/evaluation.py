@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dask
 
-from .batching import split_for, to_dask
+from .batching import chunk_batch, split_for
 from .ops.nn import accuracy, softmax_cross_entropy
 
 __all__ = ["evaluate"]
@@ -17,7 +17,7 @@ def evaluate(model, dataset, batch_size, split, to_device=None, graph_bytes=8 * 
     The batches travel inside the graphs, so the set is evaluated in one graph per group of
     batches holding at most ``graph_bytes`` of images (at least one batch per graph); the
     result does not depend on the grouping.  ``split`` and ``to_device`` are as for
-    :func:`~dask_pconv.batching.to_dask` (a short last batch gets at most as many pieces as
+    :func:`~dask_pconv.batching.chunk_batch` (a short last batch gets at most as many pieces as
     images); the split's ``out_channel`` chunks the parameters (``model.predict(x,
     channel_split=...)``).
     """
@@ -30,7 +30,7 @@ def evaluate(model, dataset, batch_size, split, to_device=None, graph_bytes=8 * 
         graph = []
         for i in starts[g : g + per_graph]:
             x, t = dataset.x[i : i + batch_size], dataset.t[i : i + batch_size]
-            xd, td = to_dask(x, t, split_for(split, len(t)), to_device=to_device)
+            xd, td = chunk_batch(x, t, split_for(split, len(t)), to_device=to_device)
             z = model.predict(xd, channel_split=split.get("out_channel"))
             graph.append((softmax_cross_entropy(z, td) * len(td), accuracy(z, td) * len(td)))
         parts.extend(dask.compute(graph)[0])

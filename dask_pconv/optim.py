@@ -6,7 +6,7 @@ from __future__ import annotations
 import dask.array as da
 from dask.base import tokenize
 
-from .backend import on_device_of, wrap
+from .backend import on_device_of, to_dask_array
 
 __all__ = ["MomentumSGD"]
 
@@ -53,12 +53,12 @@ class MomentumSGD:
             g = grads[k]
             if g is None:
                 raise ValueError(f"no gradient for parameter {k!r}")
-            p = wrap(p, g.chunks)
+            p = to_dask_array(p, g.chunks)
             g = g.astype(p.dtype, copy=False)
             if g.chunks != p.chunks:
                 g = g.rechunk(p.chunks)
             v = velocities[k]
-            v = wrap(v, p.chunks)
+            v = to_dask_array(v, p.chunks)
             if v.chunks != p.chunks:
                 v = v.rechunk(p.chunks)
             p, v = on_device_of(p, g), on_device_of(v, g)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dask
 
-from .batching import check_split, to_dask
+from .batching import check_split, chunk_batch
 from .checkpoint import Snapshot, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
 from .loop import WorkerLossError, run_epochs
@@ -184,7 +184,7 @@ class Trainer:
         Returns the persisted ``(loss, accuracy)`` 0-d arrays.  The next step's graph can be
         built while this one runs: its parameters are this step's persisted results.
         """
-        xd, td = to_dask(x, t, self.split, to_device=self.to_device)
+        xd, td = chunk_batch(x, t, self.split, to_device=self.to_device)
         params, vel, state = self._inputs.get(xd, self.opt.init_state)
         outs = training_step(self.model, self.opt, params, state, vel, xd, td, self.step, self.dropout)
         if self.tasks_per_step is None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from dask.delayed import Delayed
 
-from dask_pconv.data import to_dask
+from dask_pconv.data import chunk_batch
 from dask_pconv.graphstats import GraphStats, graph_stats
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
@@ -103,7 +103,7 @@ def _vgg_step(split):
     t = rng.integers(0, 10, 4)
     m = VGG16(width=1 / 16, image_size=32)
     opt = MomentumSGD(0.05, 0.9, 5e-4)
-    xd, td = to_dask(x, t, split)
+    xd, td = chunk_batch(x, t, split)
     params = m.dask_params(like=xd)
     return training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, step=0)
 

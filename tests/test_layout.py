@@ -131,3 +131,18 @@ def test_importing_does_not_import_distributed(statement):
     line does not import distributed: only :mod:`dask_pconv.cluster` (starting or connecting to
     a cluster) and :mod:`dask_pconv.profiling` need it at import time."""
     assert _loaded_after(statement) == "[]"
+
+
+#: The longest a class or a function (docstring included) may grow before it holds more than
+#: one concern and wants splitting (the structure review's limits).
+MAX_CLASS_LINES, MAX_FUNCTION_LINES = 250, 80
+
+
+def test_no_class_or_function_outgrows_one_concern():
+    too_long = []
+    for module, (path, _) in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = {ast.ClassDef: MAX_CLASS_LINES, ast.FunctionDef: MAX_FUNCTION_LINES}.get(type(node))
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines > {limit}")
+    assert not too_long, "; ".join(too_long)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dask_pconv.checkpoint import Snapshot
-from dask_pconv.data import to_dask
+from dask_pconv.data import chunk_batch
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.placement import StepInputs
@@ -15,7 +15,7 @@ RNG = np.random.default_rng(2)
 
 
 def _batch(n=4):
-    return to_dask(RNG.random((n, 3, 32, 32), dtype=np.float32), RNG.integers(0, 4, n), {"batch": 2})
+    return chunk_batch(RNG.random((n, 3, 32, 32), dtype=np.float32), RNG.integers(0, 4, n), {"batch": 2})
 
 
 def test_inputs_are_chunked_for_the_split_and_placed_once():

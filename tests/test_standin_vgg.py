@@ -24,7 +24,7 @@ import dask
 import numpy as np
 import pytest
 
-from dask_pconv.data import Dataset, to_dask
+from dask_pconv.data import Dataset, chunk_batch
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
@@ -69,7 +69,7 @@ def _uploads(*arrays):
 
 def _batch_uploads(tr, x, t):
     """The batch's blocks, and the empty metas the Trainer makes with ``to_device``."""
-    xd, td = to_dask(x, t, tr.split, to_device=tr.to_device)
+    xd, td = chunk_batch(x, t, tr.split, to_device=tr.to_device)
     return _uploads(xd, td) + [f"upload:{(0,) * xd.ndim}", "upload:(0,)"]
 
 
@@ -108,7 +108,7 @@ def _run(split, steps):
         split = tr.split.get("out_channel")
         params = _uploads(*m.chunked(m.params, channel_split=split).values())  # every chunk once
         state = _uploads(*m.chunked(m.state, channel_split=split).values())  # every statistic once
-        _, host_batch = _built(to_dask, x, t, tr.split)  # the NumPy batch, before it is copied
+        _, host_batch = _built(chunk_batch, x, t, tr.split)  # the NumPy batch, before it is copied
         host_inputs = len(host_batch) + len(m.params) + len(m.state)  # and parameters, statistics
         for step in range(steps):
             out, built, events = _step_on_standin(tr, x, t)

@@ -4,7 +4,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from dask_pconv.data import synthetic, to_dask
+from dask_pconv.data import chunk_batch, synthetic
 from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.step import StepOutputs, training_step
@@ -19,7 +19,7 @@ def test_training_step_is_the_trainers_step_and_leaves_the_model_alone():
     params0, state0 = dict(m.params), dict(m.state)
     opt = MomentumSGD(lr=0.01)
     vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in params0.items()}  # not zeros: used
-    xd, td = to_dask(x, t, split)
+    xd, td = chunk_batch(x, t, split)
     out = training_step(m, opt, m.dask_params(like=xd), dict(m.state), vel, xd, td, step=0)
     assert isinstance(out, StepOutputs)
     assert all(isinstance(v, da.Array) for g in (out.params, out.velocities, out.state) for v in g.values())

@@ -316,7 +316,7 @@ def test_evaluating_the_batch_just_trained_on_completes(small_data):
     """With ``to_device``, a batch seen again (here: evaluated right after a full-batch step on
     it) once reused the keys of the step's graph, fused differently there, and the worker
     waited forever for a dependency of the earlier graph.  It completes, with the result of the
-    synchronous scheduler."""
+    synchronous scheduler (to rounding)."""
     import threading
 
     train, _ = small_data
@@ -335,7 +335,11 @@ def test_evaluating_the_batch_just_trained_on_completes(small_data):
         worker.start()
         worker.join(120)
         assert got, "the evaluation did not finish within 120 s"
-    assert got[0] == want
+    # to rounding only: the synchronous scheduler runs BLAS (and PyTorch's kernels) with this
+    # process's threads, the worker with one, and BLAS rounds by its thread count (docs/training.rst)
+    (loss, acc), (val_loss, val_acc) = got[0]
+    assert (acc, val_acc) == (want[0][1], want[1][1])
+    np.testing.assert_allclose([loss, val_loss], [want[0][0], want[1][0]], rtol=1e-5)
 
 
 def test_trainer_checks_its_split_and_reads_the_old_channel_key(small_data):

@@ -10,7 +10,7 @@ import dask.array as da
 import numpy as np
 
 from .. import autodiff as ad
-from ..backend import on_device_of, wrap
+from ..backend import on_device_of, to_dask_array
 from ..geometry import even_chunks
 from .layers import RunMode
 from .program import Program
@@ -113,7 +113,7 @@ class Model:
 
     # -- running the program ---------------------------------------------------------------
     def _input(self, x):
-        x = wrap(x, x.shape)
+        x = to_dask_array(x, x.shape)
         if x.ndim != 4 or (self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape):
             want = ", ".join(map(str, self.input_shape or ("C", "H", "W")))
             raise ValueError(f"x must be (N, {want}), got shape {x.shape}")
@@ -151,7 +151,7 @@ class Model:
         x = self._input(x)
         p = self._tensors(self.dask_params(x, channel_split) if params is None else params)
         z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p, state=state)
-        t = wrap(t, (z.value.chunks[0],))
+        t = to_dask_array(t, (z.value.chunks[0],))
         if t.chunks[0] != z.value.chunks[0]:
             t = t.rechunk((z.value.chunks[0],))
         loss = ad.softmax_cross_entropy(z, t)
@@ -199,7 +199,7 @@ class Model:
         shape check applies to the channels only), so a large image chunked into spatial
         tiles runs layer by layer, tile by tile, with halos.
         """
-        x = wrap(x, x.shape)
+        x = to_dask_array(x, x.shape)
         channels = None if self.input_shape is None else self.input_shape[0]
         if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
             raise ValueError(f"x must be (N, {channels or 'C'}, H, W), got shape {x.shape}")
