@@ -36,7 +36,14 @@ CATEGORIES = {
     "pooling": ("max_pool2d",),
     "batchnorm": ("batch_norm",),
     "dropout": ("dropout",),
-    "optimizer": ("sgd-",),
+    "optimizer": ("sgd-", "fused-velocity", "fused-param"),
+    # a fused step (dask_pconv.fused): whole stages, the small picks other chunks read, the
+    # running statistics
+    "forward stages": ("fused-fwd", "fused-last"),
+    "backward stages": ("fused-bwd",),
+    "exchange": ("fused-stats", "fused-sums", "fused-grad"),
+    "running statistics": ("fused-running",),
+    "loss": ("fused-loss", "fused-accuracy"),
     "reductions": ("sum", "mean", "max", "arg", "chunk_", "tree"),
 }
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .fused import fusable, fused_training_step
+
 __all__ = ["StepOutputs", "training_step"]
 
 
@@ -46,12 +48,22 @@ def training_step(model, optimizer, params, state, velocities, x, t, step, dropo
         The step's index: dropout masks are a function of (seed, step, layer, element).
     dropout : bool
 
+    Notes
+    -----
+    A chain of the layers VGG16 is made of, split along the batch only, with momentum SGD,
+    runs as coarse stages (:mod:`dask_pconv.fused`: one task per chunk between two BatchNorm
+    synchronisations); any other step as the fine-grained graph of the tape.  Both give the
+    same result to rounding; ``dask.config.set({"pconv.fused": False})`` forces the second.
+
     Returns
     -------
     StepOutputs
         All lazy.  The running statistics not updated by the step (none for VGG16) keep their
         values from ``state``.
     """
+    if fusable(model, optimizer, params, x) is None:
+        outs = fused_training_step(model, optimizer, params, state, velocities, x, t, step, dropout)
+        return StepOutputs(*outs)
     loss, grads, aux = model.forward_backward_aux(
         x, t, train=True, dropout=dropout, step=step, params=params, state=state
     )

@@ -117,7 +117,7 @@ def _run(split, steps):
             # and nothing but the inputs went in: the parameters and statistics once
             assert Counter(events[:-2]) == Counter(batch + params + state if step == 0 else batch)
             assert sum(b is not StandInArray for b in built) == host_inputs
-            assert len(built) > 400 and StandInArray in built
+            assert len(built) > 100 and StandInArray in built
             host_inputs = len(host_batch)  # from the second step on, only the batch is on the host
     assert [type(v._meta) for v in m.params.values()] == [StandInArray] * len(m.params)
     assert "matmul" in standin.LOG and "arange" in standin.LOG  # kernels ran in the stand-in's namespace

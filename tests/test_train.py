@@ -131,7 +131,8 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
     html = (tmp_path / "report.html").read_text()
     assert "<html" in html.lower() and "Task Stream" in html
     summary = json.loads((tmp_path / "report-summary.json").read_text())
-    assert {"conv forward", "conv grad-x", "conv grad-w", "batchnorm", "optimizer"} <= set(summary["seconds"])
+    # the CLI's default split (batch:2) runs fused stages (dask_pconv.fused)
+    assert {"forward stages", "backward stages", "exchange", "optimizer"} <= set(summary["seconds"])
     assert (tmp_path / "report-summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -193,6 +194,9 @@ def test_task_names_map_to_operators():
     assert categorize("conv2d-gw-part") == "conv grad-w"
     assert categorize("conv2d-halo-slice") == "halo slicing"
     assert categorize("sgd-velocity") == categorize("sgd-update") == "optimizer"
+    assert categorize("fused-fwd-1f") == categorize("fused-last-1f") == "forward stages"
+    assert categorize("fused-bwd-1f") == "backward stages" and categorize("fused-sums-1f") == "exchange"
+    assert categorize("fused-velocity-fc1.W-1f") == categorize("fused-param-fc1.W-1f") == "optimizer"
     assert categorize("from-array") == "other"
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "batch_norm_stats",
     "batch_norm_vjp",
     "dropout",
+    "dropout_key",
     "linear",
     "linear_vjp",
     "relu",
@@ -327,6 +328,12 @@ def _dropout_map(x, ratio, key, shape, block_info=None):
     return dropout_block(x, ratio, key, shape, block_info[0]["array-location"])
 
 
+def dropout_key(seed, step, layer):
+    """The 64-bit key of a dropout layer's masks in a training step: a hash of ``(seed, step,
+    layer)`` (NumPy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence([seed, step, layer]).generate_state(1, dtype=np.uint64)[0])
+
+
 def dropout(x, ratio, seed, step, layer):
     """Inverted dropout: zero each element with probability ``ratio``, scale the rest by
     ``1/(1-ratio)``.
@@ -340,7 +347,7 @@ def dropout(x, ratio, seed, step, layer):
         raise ValueError(f"dropout ratio must be in [0, 1), got {ratio}")
     if ratio == 0.0:
         return x
-    key = int(np.random.SeedSequence([seed, step, layer]).generate_state(1, dtype=np.uint64)[0])
+    key = dropout_key(seed, step, layer)
     return x.map_blocks(
         _dropout_map,
         ratio,

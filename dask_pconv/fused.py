@@ -1,0 +1,490 @@
+"""A training step as coarse tasks: between two points where the batch chunks must exchange
+something (a BatchNorm's statistics forward, its gradient sums backward), each chunk's work is
+one task.
+
+The fine-grained step (the tape over :mod:`dask_pconv.ops`) makes several tasks per layer and
+chunk: the convolution, the partial statistics, a tree that combines them, the normalisation,
+the ReLU, the dropout, the pooling, and as many again backward.  On distributed each dependent
+task costs a scheduler round trip (about 6 ms here), so a VGG16 step's critical path of about
+155 tasks costs about 1 s before any arithmetic.  Here a *stage* runs, for one chunk of the
+batch, a BatchNorm (reading every chunk's partial statistics itself, no combine task), the
+layers after it up to the next BatchNorm, and that BatchNorm's partial statistics of its
+input; the last stage also runs the loss and the backward pass back to the last BatchNorm.
+Backward stages mirror it.  The weight gradients' per-chunk parts are summed in chunk order by
+the optimizer's update task.
+
+A stage's result is a tuple; a small ``getitem`` task picks out what other chunks read (the
+statistics, the gradient sums, a weight gradient's part), so a communication point costs two
+dependent tasks: the stage and its ``getitem``.  (A Dask task has one result, and a consumer on
+another worker receives that result whole.)
+
+Which steps take this path (:func:`fusable`): a :class:`~dask_pconv.models.program.Program`
+that is a chain of ``Conv2d`` (stride 1), ``BatchNorm`` (at least one), ``ReLU``,
+``MaxPool2d``, ``Dropout``, ``Flatten`` and ``Linear`` layers ending in a ``Linear``; a batch
+split only (channels and image whole in each chunk, parameters unsplit); momentum SGD.  Every
+other step runs the fine-grained graph, with the same result to rounding.  The config key
+``pconv.fused`` (default True) turns the path off.
+
+Results: the same mathematics as the fine-grained step, so equal to rounding; bitwise the same
+for the same split on any number of workers (every kernel is layout invariant and every sum
+over chunks runs in chunk order in one task).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.array.utils import meta_from_array
+from dask.base import tokenize
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from .backend import array_namespace, to_dask_array
+from .kernels import (
+    Padded,
+    bn_backward,
+    bn_backward_partial,
+    bn_forward,
+    bn_partial_stats,
+    combine_stats,
+    conv2d_forward,
+    conv2d_grad_b,
+    conv2d_grad_w,
+    conv2d_grad_x,
+    cross_entropy_sum,
+    dropout_block,
+    linear_forward,
+    linear_grad_w,
+    linear_grad_x,
+    log_softmax,
+    max_pool2d_backward,
+    max_pool2d_forward,
+    onehot,
+)
+from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from .ops.nn import dropout_key
+
+__all__ = ["fusable", "fused_training_step"]
+
+_LAYERS = (Conv2d, BatchNorm, ReLU, MaxPool2d, Dropout, Flatten, Linear)
+
+
+def fusable(model, optimizer, params, x):
+    """Why the step of ``model`` on ``x`` cannot run as coarse stages, or None if it can."""
+    from .optim import MomentumSGD
+
+    if not dask.config.get("pconv.fused", True):
+        return "pconv.fused is off"
+    if not isinstance(optimizer, MomentumSGD):
+        return f"the optimizer is a {type(optimizer).__name__}, not MomentumSGD"
+    nodes = getattr(getattr(model, "program", None), "nodes", None)
+    if not nodes:
+        return "the model has no program"
+    previous = "input"
+    for node in nodes:
+        if node.inputs != (previous,):
+            return f"node {node.name!r} does not read the node before it (not a chain)"
+        if not isinstance(node.layer, _LAYERS):
+            return f"node {node.name!r} is a {type(node.layer).__name__}"
+        if isinstance(node.layer, Conv2d) and node.layer.stride != 1:
+            return f"node {node.name!r} has stride {node.layer.stride}"
+        previous = node.name
+    if not isinstance(nodes[-1].layer, Linear) or not any(isinstance(n.layer, BatchNorm) for n in nodes):
+        return "the program does not end in a Linear layer or has no BatchNorm"
+    if x.ndim != 4 or x.numblocks[1:] != (1, 1, 1):
+        return "the batch is split along more than the batch axis"
+    if any(p.npartitions != 1 for p in params.values()):
+        return "the parameters are split"
+    return None
+
+
+# -- the stages, one chunk at a time ------------------------------------------------------------
+def _segments(nodes):
+    """``[(index, node), ...]`` per stage: the first holds the layers before the first
+    BatchNorm, each later one starts at a BatchNorm."""
+    segs = [[]]
+    for i, node in enumerate(nodes):
+        if isinstance(node.layer, BatchNorm):
+            segs.append([])
+        segs[-1].append((i, node))
+    return [tuple(s) for s in segs]
+
+
+class _Ctx:
+    """What every stage task of a step shares: the dropout keys, where the chunk lies."""
+
+    def __init__(self, seed, step, dropout, n_total, offset):
+        self.seed, self.step, self.dropout, self.n_total, self.offset = seed, step, dropout, n_total, offset
+
+    def location(self, h):
+        n0 = self.offset
+        return ((n0, n0 + h.shape[0]),) + tuple((0, s) for s in h.shape[1:])
+
+    def full_shape(self, h):
+        return (self.n_total, *h.shape[1:])
+
+
+def _layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
+    """One layer of a stage forward; appends what its backward reads to ``saved``."""
+    if isinstance(layer, Conv2d):
+        pad = layer.padding
+        saved.append(h)
+        y = conv2d_forward(Padded(h, (pad, pad, pad, pad), 0), p["W"], (1, 1), (1, 1), 1)
+        return y + p["b"].reshape(1, -1, 1, 1) if layer.bias else y
+    if isinstance(layer, BatchNorm):
+        stats = combine_stats(list(stats_parts))
+        y = bn_forward(h, stats, p["gamma"], p["beta"], layer.eps, layer.relu)
+        saved.append((h, y, stats))
+        return y
+    if isinstance(layer, ReLU):
+        y = array_namespace(h).maximum(h, h.dtype.type(0))
+        saved.append(y)
+        return y
+    if isinstance(layer, MaxPool2d):
+        k, s = layer.kernel_size, layer.stride or layer.kernel_size
+        saved.append(h)
+        return max_pool2d_forward(h, (k, k), (s, s))
+    if isinstance(layer, Dropout):
+        if not ctx.dropout:
+            return h
+        key = dropout_key(ctx.seed, ctx.step, i)
+        return dropout_block(h, layer.ratio, key, ctx.full_shape(h), ctx.location(h))
+    if isinstance(layer, Flatten):
+        saved.append(h.shape)
+        return h.reshape(h.shape[0], -1)
+    saved.append(h)  # Linear
+    return linear_forward(h, p["W"])
+
+
+def _layer_backward(i, layer, g, p, ctx, saved, grads):
+    """One layer backward: ``g`` at its input; its parameters' gradient parts into ``grads``."""
+    xp = array_namespace(g)
+    if isinstance(layer, Conv2d):
+        h, pad, W = saved.pop(), layer.padding, p["W"]
+        win = Padded(h, (pad, pad, pad, pad), 0)
+        grads["W"] = conv2d_grad_w(win, g, W.shape[2:], (1, 1), (1, 1), 1)
+        if layer.bias:
+            grads["b"] = conv2d_grad_b(g).reshape(-1)
+        crop = ((pad, pad + h.shape[2]), (pad, pad + h.shape[3]))
+        return conv2d_grad_x(g, W, (1, 1), (1, 1), 1, crop=crop)
+    if isinstance(layer, ReLU):
+        y = saved.pop()
+        return xp.where(y > 0, g, g.dtype.type(0))
+    if isinstance(layer, MaxPool2d):
+        h, k = saved.pop(), layer.kernel_size
+        s = layer.stride or k
+        gx = max_pool2d_backward(h, g, (k, k), (s, s))
+        if gx.shape != h.shape:  # the rows and columns no window reached (floor)
+            full = xp.zeros(h.shape, dtype=g.dtype)
+            full[:, :, : gx.shape[2], : gx.shape[3]] = gx
+            gx = full
+        return gx
+    if isinstance(layer, Dropout):
+        if not ctx.dropout:
+            return g
+        key = dropout_key(ctx.seed, ctx.step, i)
+        return dropout_block(g, layer.ratio, key, ctx.full_shape(g), ctx.location(g))
+    if isinstance(layer, Flatten):
+        return g.reshape(saved.pop())
+    h = saved.pop()  # Linear
+    grads["W"] = linear_grad_w(g, h)
+    return linear_grad_x(g, p["W"])
+
+
+def _named(seg, flat):
+    """Per-layer parameter dicts from the flat list a task receives."""
+    out, it = [], iter(flat)
+    for _, node in seg:
+        out.append({k: next(it) for k in node.layer.params()})
+    return out
+
+
+def stage_forward(seg, h, stats_parts, flat_params, ctx):
+    """A stage forward on one chunk: ``(output, partial statistics of the output, saved)``."""
+    saved = []
+    for (i, node), p in zip(seg, _named(seg, flat_params)):
+        h = _layer_forward(i, node.layer, h, p, ctx, saved, stats_parts)
+    return h, bn_partial_stats(h), saved
+
+
+def last_stage(seg, h, stats_parts, flat_params, t, ctx):
+    """The last stage on one chunk: forward, the loss, and back to its BatchNorm.
+
+    Returns ``(loss sum, correct count, g at the BatchNorm's output, its partial sums, saved,
+    gradient parts of the stage's later layers)``."""
+    saved, params = [], _named(seg, flat_params)
+    z = h
+    for (i, node), p in zip(seg, params):
+        z = _layer_forward(i, node.layer, z, p, ctx, saved, stats_parts)
+    xp = array_namespace(z)
+    rows = onehot(t, z.shape[1], z.dtype)
+    loss = cross_entropy_sum(z, rows)
+    correct = (z.argmax(axis=1) == t).astype(xp.float64).sum(keepdims=True)
+    g = (xp.exp(log_softmax(z)) - rows) * z.dtype.type(1.0 / ctx.n_total)
+    grads = [{} for _ in seg]
+    for k in range(len(seg) - 1, 0, -1):
+        i, node = seg[k]
+        g = _layer_backward(i, node.layer, g, params[k], ctx, saved, grads[k])
+    bn = seg[0][1].layer
+    h_bn, y_bn, stats = saved.pop()
+    sums = bn_backward_partial(h_bn, y_bn, g, stats, bn.eps, bn.relu)
+    return loss, correct, g, sums, (h_bn, y_bn, stats), grads
+
+
+def stage_backward(seg_bn, bn_state, g, sums_parts, gamma, seg_prev, saved_prev, flat_prev, ctx):
+    """Backward through a BatchNorm (``g`` at its output, every chunk's partial sums) and the
+    stage before it, on one chunk.
+
+    Returns ``(g at that stage's BatchNorm output, its partial sums, its saved state,
+    gradient parts)``; for the first stage (no BatchNorm) the first three are None."""
+    bn = seg_bn[0][1].layer
+    h, y, stats = bn_state
+    sums = _sum_parts(sums_parts)
+    count = ctx.n_total * int(np.prod(h.shape[2:]))
+    g = bn_backward(h, y, g, stats, sums, gamma, count, bn.eps, bn.relu, True)
+    params, saved = _named(seg_prev, flat_prev), list(saved_prev)
+    grads = [{} for _ in seg_prev]
+    first = 1 if isinstance(seg_prev[0][1].layer, BatchNorm) else 0
+    for k in range(len(seg_prev) - 1, first - 1, -1):
+        i, node = seg_prev[k]
+        g = _layer_backward(i, node.layer, g, params[k], ctx, saved, grads[k])
+    if not first:
+        return None, None, None, grads
+    prev_bn = seg_prev[0][1].layer
+    h0, y0, stats0 = saved.pop()
+    return g, bn_backward_partial(h0, y0, g, stats0, prev_bn.eps, prev_bn.relu), (h0, y0, stats0), grads
+
+
+def _sum_parts(parts):
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
+    """Momentum SGD's new velocity from the gradient's per-chunk parts, summed in chunk order
+    (``row`` of the sum: a BatchNorm's gradient sums hold beta's in row 0, gamma's in row 1)."""
+    g = _sum_parts(parts)
+    g = (g if row is None else g[row]).astype(p.dtype, copy=False)
+    return (momentum * v - lr * (g + weight_decay * p)).astype(p.dtype, copy=False)
+
+
+def _add(p, v):
+    return p + v
+
+
+def running(parts, old, decay, which):
+    """Chainer's running mean or variance from every chunk's partial statistics."""
+    stats = combine_stats(list(parts))
+    xp = array_namespace(stats)
+    if which == "mean":
+        return (decay * old + (1 - decay) * stats[1]).astype(old.dtype)
+    unbiased = stats[2] / xp.maximum(stats[0] - 1.0, 1.0)
+    return (decay * old + (1 - decay) * unbiased).astype(old.dtype)
+
+
+def _pick(x, *path):
+    for i in path:
+        x = x[i]
+    return x
+
+
+def _mean_of(parts, n, dtype):
+    xp = array_namespace(parts[0])
+    return xp.asarray(_sum_parts(parts)[0] / n, dtype=dtype)
+
+
+# -- the graph ----------------------------------------------------------------------------------
+def fused_training_step(model, optimizer, params, state, velocities, x, t, step, dropout=True):
+    """``(params, velocities, state, loss, accuracy)`` as :func:`dask_pconv.step.training_step`
+    returns them, as coarse stages (see the module docstring); :func:`fusable` must have said
+    yes."""
+    return _StepGraph(model, optimizer, params, state, velocities, x, t, step, dropout).outputs()
+
+
+def _first_key(a):
+    return next(iter(flatten(a.__dask_keys__())))
+
+
+class _StepGraph:
+    """The tasks of one fused step, built stage by stage into ``self.dsk``."""
+
+    def __init__(self, model, optimizer, params, state, velocities, x, t, step, dropout):
+        self.model, self.opt = model, optimizer
+        self.segs = _segments(model.program.nodes)
+        self.P, self.n = x.numblocks[0], x.shape[0]
+        self.x, self.t = x, t.rechunk((x.chunks[0],)) if t.chunks[0] != x.chunks[0] else t
+        self.inputs = {}
+        for group, arrays in (("param", params), ("state", state), ("velocity", velocities)):
+            for k, v in arrays.items():
+                if not isinstance(v, da.Array):
+                    v = to_dask_array(v, v.shape)
+                self.inputs[group, k] = v if v.npartitions == 1 else v.rechunk(v.shape)
+        self.tok = tokenize(model.program, self.inputs, x, self.t, step, dropout, model.seed, vars(optimizer))
+        offsets = np.cumsum((0,) + x.chunks[0][:-1])
+        self.ctxs = [_Ctx(model.seed, step, dropout, self.n, int(o)) for o in offsets]
+        self.dsk, self.outs = {}, {}
+
+    def key(self, group, name):
+        return _first_key(self.inputs[group, name])
+
+    def flat(self, seg):
+        return [self.key("param", f"{node.name}.{k}") for _, node in seg for k in node.layer.params()]
+
+    def task(self, kind, *index, value):
+        k = (f"fused-{kind}-{self.tok}", *index)
+        self.dsk[k] = value
+        return k
+
+    def forward(self):
+        """Stage tasks up to the last; returns per stage and chunk the stage's key and the keys
+        of its output's partial statistics."""
+        fwd, stats = [], []
+        for s, seg in enumerate(self.segs[:-1]):
+            row_f, row_s = [], []
+            for c in range(self.P):
+                if s == 0:
+                    h, parts = (self.x.name, c, 0, 0, 0), []
+                else:
+                    h, parts = (operator.getitem, fwd[s - 1][c], 0), list(stats[s - 1])
+                k = self.task("fwd", s, c, value=(stage_forward, seg, h, parts, self.flat(seg), self.ctxs[c]))
+                row_f.append(k)
+                row_s.append(self.task("stats", s, c, value=(operator.getitem, k, 1)))
+            fwd.append(row_f)
+            stats.append(row_s)
+        return fwd, stats
+
+    def outputs(self):
+        fwd, stats = self.forward()
+        last, seg = len(self.segs) - 1, self.segs[-1]
+        tails = [
+            self.task(
+                "last",
+                c,
+                value=(
+                    last_stage,
+                    seg,
+                    (operator.getitem, fwd[last - 1][c], 0),
+                    list(stats[last - 1]),
+                    self.flat(seg),
+                    (self.t.name, c),
+                    self.ctxs[c],
+                ),
+            )
+            for c in range(self.P)
+        ]
+        grad_parts = {}
+        self.pick_grads(grad_parts, seg, tails, 5, skip_first=True)
+        sums = {last: [self.task("sums", last, c, value=(_pick, tails[c], 3)) for c in range(self.P)]}
+        g_src = [(_pick, k, 2) for k in tails]
+        bn_src = [(_pick, k, 4) for k in tails]
+        for b in range(last, 0, -1):
+            seg_bn, seg_prev = self.segs[b], self.segs[b - 1]
+            gamma = self.key("param", f"{seg_bn[0][1].name}.gamma")
+            outs = [
+                self.task(
+                    "bwd",
+                    b,
+                    c,
+                    value=(
+                        stage_backward,
+                        seg_bn,
+                        bn_src[c],
+                        g_src[c],
+                        list(sums[b]),
+                        gamma,
+                        seg_prev,
+                        (operator.getitem, fwd[b - 1][c], 2),
+                        self.flat(seg_prev),
+                        self.ctxs[c],
+                    ),
+                )
+                for c in range(self.P)
+            ]
+            self.pick_grads(grad_parts, seg_prev, outs, 3, skip_first=b - 1 > 0)
+            if b - 1 > 0:
+                sums[b - 1] = [self.task("sums", b - 1, c, value=(_pick, k, 1)) for c, k in enumerate(outs)]
+                g_src = [(_pick, k, 0) for k in outs]
+                bn_src = [(_pick, k, 2) for k in outs]
+        loss = self.output(
+            "loss", "", (), self.x.dtype, (_mean_of, [(_pick, k, 0) for k in tails], self.n, self.x.dtype)
+        )
+        acc = self.output(
+            "accuracy", "", (), np.float64, (_mean_of, [(_pick, k, 1) for k in tails], self.n, np.float64)
+        )
+        new_p, new_v, new_s = self.updates(grad_parts, sums, stats)
+        names = [(g, k) for g, d in (("p", new_p), ("v", new_v), ("s", new_s)) for k in d]
+        arrays = self.arrays([{"p": new_p, "v": new_v, "s": new_s}[g][k] for g, k in names] + [loss, acc])
+        out = {"p": {}, "v": {}, "s": {}}
+        for (g, k), a in zip(names, arrays):
+            out[g][k] = a
+        return out["p"], out["v"], out["s"], arrays[-2], arrays[-1]
+
+    def pick_grads(self, grad_parts, seg, outs, index, skip_first):
+        """``getitem`` tasks for the gradient parts of ``seg``'s convolutions and linears."""
+        for k_node, (_, node) in enumerate(seg):
+            if isinstance(node.layer, BatchNorm) or (skip_first and k_node == 0):
+                continue
+            for pn in node.layer.params():
+                grad_parts[f"{node.name}.{pn}"] = [
+                    self.task("grad", node.name, pn, c, value=(_pick, k, index, k_node, pn))
+                    for c, k in enumerate(outs)
+                ]
+
+    def updates(self, grad_parts, sums, stats):
+        """Momentum SGD per parameter (the velocity task sums the parts) and the running
+        statistics per BatchNorm."""
+        o = self.opt
+        new_p, new_v, new_s = {}, {}, {}
+        bn_of = {}  # BatchNorm node name -> stage index
+        for b, seg in enumerate(self.segs):
+            if isinstance(seg[0][1].layer, BatchNorm):
+                bn_of[seg[0][1].name] = b
+        for name in self.model.program.param_specs():
+            node, local = name.rsplit(".", 1)
+            if node in bn_of:
+                parts, row = list(sums[bn_of[node]]), {"beta": 0, "gamma": 1}[local]
+            else:
+                parts, row = grad_parts[name], None
+            p, v = self.key("param", name), self.key("velocity", name)
+            like = self.inputs["param", name]
+            value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
+            new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
+            new_p[name] = self.output(
+                "param", name, like.shape, like.dtype, (_add, p, new_v[name]), after=[new_v[name]]
+            )
+        for node, b in bn_of.items():
+            layer = self.segs[b][0][1].layer
+            for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
+                name = f"{node}.{local}"
+                old = self.key("state", name)
+                like = self.inputs["state", name]
+                value = (running, list(stats[b - 1]), old, layer.decay, which)
+                new_s[name] = self.output("running", name, like.shape, like.dtype, value)
+        return new_p, new_v, new_s
+
+    def output(self, kind, name, like_shape, dtype, value, after=()):
+        """An output array's one task, in a layer of its own (the array's name; ``after``: the
+        keys of other outputs it reads); returns its key."""
+        out = f"fused-{kind}-{name}-{self.tok}"
+        key = (out,) + (0,) * len(like_shape)
+        meta = meta_from_array(self.x._meta, ndim=len(like_shape), dtype=dtype)
+        self.outs[out] = ({key: value}, tuple((n,) for n in like_shape), meta, {k[0] for k in after})
+        return key
+
+    def arrays(self, keys):
+        """The Dask arrays of output keys, over one graph: the stage tasks in one layer, each
+        output in its own, every layer depending on the stage layer and the inputs."""
+        main = f"fused-stages-{self.tok}"
+        deps = [self.x, self.t, *self.inputs.values()]
+        graph = HighLevelGraph.from_collections(main, self.dsk, dependencies=deps)
+        layers, dependencies = dict(graph.layers), dict(graph.dependencies)
+        for out, (d, _, _, after) in self.outs.items():
+            layers[out] = MaterializedLayer(d)
+            dependencies[out] = {main} | set(graph.dependencies[main]) | after
+        hlg = HighLevelGraph(layers, dependencies)
+        return [da.Array(hlg, k[0], self.outs[k[0]][1], meta=self.outs[k[0]][2]) for k in keys]

@@ -1,0 +1,155 @@
+"""The fused training step (dask_pconv/fused.py): the same step as the fine-grained graph to
+rounding, gradients equal to PyTorch's, which steps it takes, and its graph's shape."""
+
+import dask
+import numpy as np
+import optional
+import pytest
+
+import dask_pconv as dp
+from dask_pconv.data import chunk_batch
+from dask_pconv.fused import fusable
+from dask_pconv.graphstats import graph_stats
+from dask_pconv.models import (
+    INPUT,
+    VGG16,
+    Add,
+    BatchNorm,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Model,
+    Node,
+    Program,
+    ReLU,
+    sequential,
+)
+from dask_pconv.optim import MomentumSGD
+from dask_pconv.step import training_step
+
+from strategies import assert_close
+
+RNG = np.random.default_rng(11)
+
+
+def _odd_program():
+    """Bias, a ReLU of its own, a pool that floors (7 -> 3), a 2-D BatchNorm."""
+    return sequential(
+        ("conv", Conv2d(3, 5, 3, padding=1, bias=True)),
+        ("relu", ReLU()),
+        ("bn", BatchNorm(5)),
+        ("drop", Dropout(0.3)),
+        ("pool", MaxPool2d(2)),
+        ("conv2", Conv2d(5, 4, 3, padding=0)),
+        ("bn2", BatchNorm(4, relu=True)),
+        ("flatten", Flatten()),
+        ("fc1", Linear(4, 6)),
+        ("bn3", BatchNorm(6, relu=True)),
+        ("fc2", Linear(6, 3, channel_split=False)),
+    )
+
+
+def _step(model, x, t, chunks, fused, dropout, opt=None):
+    opt = opt or MomentumSGD(0.05, 0.9, 5e-4)
+    xd, td = chunk_batch(x, t, {"batch": chunks} if chunks > 1 else {})
+    params = model.dask_params(like=xd)
+    vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in model.params.items()}  # not zeros: used
+    with dask.config.set({"pconv.fused": fused}):
+        assert (fusable(model, opt, params, xd) is None) == fused
+        out = training_step(model, opt, params, dict(model.state), vel, xd, td, step=3, dropout=dropout)
+    return dask.compute(out)[0]
+
+
+CASES = {
+    "vgg16": (lambda: VGG16(n_classes=4, width=1 / 16, seed=2, dtype=np.float64), (9, 3, 32, 32), 4),
+    "bias, floor pooling, 2-D BatchNorm": (
+        lambda: Model(_odd_program(), seed=1, dtype=np.float64),
+        (9, 3, 7, 7),
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_step_is_the_fine_grained_step(case, chunks, dropout):
+    """Loss, accuracy, parameters, velocities and running statistics after a step, float64,
+    with uneven chunks (9 images in 2), dropout masks included."""
+    make, shape, k = CASES[case]
+    x, t = RNG.standard_normal(shape), RNG.integers(0, k, shape[0])
+    want = _step(make(), x, t, chunks, fused=False, dropout=dropout)
+    got = _step(make(), x, t, chunks, fused=True, dropout=dropout)
+    assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
+    for g, w in zip(got[:3], want[:3]):
+        assert g.keys() == w.keys()
+        for name in g:
+            assert g[name].dtype == w[name].dtype and g[name].shape == w[name].shape
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
+
+
+def test_fused_gradients_match_pytorch():
+    """With lr 1, no momentum and no decay, a step's velocities are minus the gradients."""
+    optional.need_torch()
+    from torch_vgg import torch_loss_and_grads
+
+    m = VGG16(n_classes=4, width=1 / 8, seed=3, dtype=np.float64)
+    x, t = RNG.standard_normal((6, 3, 32, 32)), RNG.integers(0, 4, 6)
+    lt, gt = torch_loss_and_grads(m, x, t)
+    xd, td = chunk_batch(x, t, {"batch": 3})
+    params, opt = m.dask_params(like=xd), MomentumSGD(1.0, 0.0, 0.0)
+    assert fusable(m, opt, params, xd) is None
+    out = training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, step=0, dropout=False)
+    loss, vel = dask.compute(out.loss, out.velocities)
+    assert abs(loss - lt) <= 1e-10 * abs(lt)
+    for name, g in gt.items():
+        assert_close(-vel[name], g, np.float64)
+
+
+def test_which_steps_are_fused():
+    m, opt = VGG16(n_classes=4, width=1 / 16), MomentumSGD()
+    x = RNG.random((4, 3, 32, 32))
+    batch = dp.split(x, batch=2)
+    assert fusable(m, opt, m.dask_params(), batch) is None
+    assert "more than the batch axis" in fusable(m, opt, m.dask_params(), dp.split(x, spatial=(2, 2)))
+    assert "more than the batch axis" in fusable(m, opt, m.dask_params(), dp.split(x, channel=3))
+    assert "parameters are split" in fusable(m, opt, m.dask_params(channel_split=2), batch)
+    assert "not MomentumSGD" in fusable(m, object(), m.dask_params(), batch)
+    with dask.config.set({"pconv.fused": False}):
+        assert fusable(m, opt, m.dask_params(), batch) == "pconv.fused is off"
+    residual = Model(
+        Program(
+            (
+                Node("a", Conv2d(3, 3, 3, padding=1), (INPUT,)),
+                Node("sum", Add(), ("a", INPUT)),
+                Node("bn", BatchNorm(3), ("sum",)),
+                Node("flatten", Flatten(), ("bn",)),
+                Node("fc", Linear(3 * 32 * 32, 2), ("flatten",)),
+            )
+        )
+    )
+    assert "not a chain" in fusable(residual, opt, residual.dask_params(), batch)
+    strided = Model(
+        sequential(
+            ("c", Conv2d(3, 2, 3, stride=2)), ("bn", BatchNorm(2)), ("f", Flatten()), ("l", Linear(450, 2))
+        )
+    )
+    assert "stride 2" in fusable(strided, opt, strided.dask_params(), batch)
+
+
+def test_a_fused_step_graph_is_a_few_tasks_per_chunk_and_batch_norm():
+    """Per BatchNorm: a stage and the pick of its statistics forward, the same backward; so the
+    critical path is about four tasks per BatchNorm, and it does not grow with the chunks."""
+    m = VGG16(n_classes=4, width=1 / 16)
+    x, t = RNG.random((6, 3, 32, 32)), RNG.integers(0, 4, 6)
+    paths = []
+    for chunks in (2, 3):
+        xd, td = chunk_batch(x, t, {"batch": chunks})
+        opt = MomentumSGD()
+        params = m.dask_params(like=xd)
+        stats = graph_stats(training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, 0))
+        paths.append(stats.critical_path)
+    n_bn = 14
+    assert paths[0] == paths[1] <= 4 * n_bn + 6
