@@ -273,8 +273,10 @@ def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
     return (momentum * v - lr * (g + weight_decay * p)).astype(p.dtype, copy=False)
 
 
-def _add(p, v):
-    return p + v
+def sgd_param(v, p, parts, momentum, lr, weight_decay, row=None):
+    """The parameter after the step: ``p`` plus :func:`sgd_velocity` (computed again here, so
+    the new parameter waits for no other task than the gradient's parts)."""
+    return p + sgd_velocity(v, p, parts, momentum, lr, weight_decay, row)
 
 
 def running(parts, old, decay, which):
@@ -452,11 +454,9 @@ class _StepGraph:
                 parts, row = grad_parts[name], None
             p, v = self.key("param", name), self.key("velocity", name)
             like = self.inputs["param", name]
-            value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
-            new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
-            new_p[name] = self.output(
-                "param", name, like.shape, like.dtype, (_add, p, new_v[name]), after=[new_v[name]]
-            )
+            args = (v, p, parts, o.momentum, o.lr, o.weight_decay, row)
+            new_v[name] = self.output("velocity", name, like.shape, like.dtype, (sgd_velocity, *args))
+            new_p[name] = self.output("param", name, like.shape, like.dtype, (sgd_param, *args))
         for node, b in bn_of.items():
             layer = self.segs[b][0][1].layer
             for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
