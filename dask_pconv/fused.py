@@ -267,16 +267,21 @@ def _sum_parts(parts):
 
 def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
     """Momentum SGD's new velocity from the gradient's per-chunk parts, summed in chunk order
-    (``row`` of the sum: a BatchNorm's gradient sums hold beta's in row 0, gamma's in row 1)."""
+    (``row`` of the sum: a BatchNorm's gradient sums hold beta's in row 0, gamma's in row 1).
+
+    ``v' = momentum * v - lr * (g + weight_decay * p)``, in that order of operations, as
+    :class:`~dask_pconv.optim.MomentumSGD` computes it."""
     g = _sum_parts(parts)
     g = (g if row is None else g[row]).astype(p.dtype, copy=False)
-    return (momentum * v - lr * (g + weight_decay * p)).astype(p.dtype, copy=False)
+    g += weight_decay * p
+    g *= lr
+    out = momentum * v
+    out -= g
+    return out.astype(p.dtype, copy=False)
 
 
-def sgd_param(v, p, parts, momentum, lr, weight_decay, row=None):
-    """The parameter after the step: ``p`` plus :func:`sgd_velocity` (computed again here, so
-    the new parameter waits for no other task than the gradient's parts)."""
-    return p + sgd_velocity(v, p, parts, momentum, lr, weight_decay, row)
+def _add(p, v):
+    return p + v
 
 
 def running(parts, old, decay, which):
@@ -454,9 +459,11 @@ class _StepGraph:
                 parts, row = grad_parts[name], None
             p, v = self.key("param", name), self.key("velocity", name)
             like = self.inputs["param", name]
-            args = (v, p, parts, o.momentum, o.lr, o.weight_decay, row)
-            new_v[name] = self.output("velocity", name, like.shape, like.dtype, (sgd_velocity, *args))
-            new_p[name] = self.output("param", name, like.shape, like.dtype, (sgd_param, *args))
+            value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
+            new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
+            # a task of its own: computing the velocity again here costs more than the hop
+            value = (_add, p, new_v[name])
+            new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
         for node, b in bn_of.items():
             layer = self.segs[b][0][1].layer
             for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
