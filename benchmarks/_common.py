@@ -9,6 +9,8 @@ import platform
 import time
 from datetime import datetime, timezone
 
+import dask
+
 
 def best_of(fn, repeat=5, warmup=1):
     """Minimum wall time of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
@@ -138,3 +140,55 @@ def write_json(path, name, rows, **extra):
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {path}")
+
+
+#: the per-block convolution kernels, by function name (dask_pconv/kernels/conv.py)
+CONV_KERNELS = ("conv2d_forward", "conv2d_grad_x", "conv2d_grad_w", "conv2d_grad_b")
+
+
+#: the task functions of a fused step (dask_pconv/fused.py)
+FUSED_TASKS = ("stage_forward", "last_stage", "stage_backward", "sgd_velocity", "_add", "running", "_mean_of")
+
+
+def kernel_share(compute):
+    """Share of the fused step tasks' time in ``compute()`` (run here, on the synchronous
+    scheduler, one BLAS thread as on a worker) spent outside the convolution kernels, from
+    :mod:`cProfile`: a fused stage runs several kernels in one task, so only a profile tells
+    them apart.  Returns ``(share, seconds per kernel)``; None for a step that is not fused."""
+    import cProfile
+    import pstats
+
+    from threadpoolctl import threadpool_limits
+
+    prof = cProfile.Profile()
+    with threadpool_limits(1), dask.config.set(scheduler="sync"):
+        torch = _torch_threads(1)
+        prof.enable()
+        compute()
+        prof.disable()
+        _torch_threads(torch)
+    stats = pstats.Stats(prof).stats
+    # the tasks' own time: the fused step's task functions, not the scheduler's bookkeeping
+    total = sum(
+        ct
+        for (path, _, fn), (_, _, _, ct, _) in stats.items()
+        if path.endswith("dask_pconv/fused.py") and fn in FUSED_TASKS
+    )
+    per = {}
+    for (path, _, fn), (_, _, _, ct, _) in stats.items():
+        if fn in CONV_KERNELS and path.endswith("kernels/conv.py"):
+            per[fn] = per.get(fn, 0.0) + ct
+    return (1 - sum(per.values()) / total if total else None), per
+
+
+def _torch_threads(n):
+    """Set PyTorch's thread count (if it is installed); returns the previous one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if n is None:
+        return None
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return old

@@ -30,7 +30,7 @@ from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
 
-from _common import non_conv_share, step_graphs, table, write_json
+from _common import kernel_share, non_conv_share, step_graphs, table, write_json
 
 CASES = [
     ("batch 64, 32x32, batch:2", 64, 32, {"batch": 2}),
@@ -123,6 +123,20 @@ def torch_step_time(model, x, t, steps, device="cpu"):
     return float(np.median(times))
 
 
+def _profiled_share(width, size, x, t, split):
+    """The non-convolution share of one step of the same network computed here, profiled
+    (``_common.kernel_share``): for fused steps, whose tasks hold several kernels each."""
+    from dask_pconv.data import chunk_batch
+    from dask_pconv.step import training_step
+
+    m, opt = VGG16(width=width, image_size=size), MomentumSGD(0.05, 0.9, 5e-4)
+    xd, td = chunk_batch(x, t, split)
+    params = m.dask_params(like=xd)
+    outs = training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, 0)
+    share, _ = kernel_share(lambda: dask.compute(outs))
+    return share
+
+
 def _is_fused(outputs):
     """Whether a step's graph is the fused stages (dask_pconv.fused) or the fine-grained one."""
     loss = outputs[3] if isinstance(outputs, tuple) else outputs.loss
@@ -190,6 +204,7 @@ def run(steps=3, width=1.0, cases=CASES, floor_cases=FLOOR_CASES, floor_width=FL
                 "client submit s": float(np.median(submits)),
                 "fused": _is_fused(built.latest),
                 "non-conv share": share,
+                "non-conv share, profiled": _profiled_share(w, size, x, t, split),
                 "overhead s": float(np.median(overheads)),
             }
             built.latest = None  # it holds its step's inputs on the workers
