@@ -49,6 +49,7 @@ from .kernels import (
     bn_backward_partial,
     bn_forward,
     bn_partial_stats,
+    bn_running,
     combine_stats,
     conv2d_forward,
     conv2d_grad_b,
@@ -66,6 +67,7 @@ from .kernels import (
 )
 from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .ops.nn import dropout_key
+from .optim import velocity
 
 __all__ = ["fusable", "fused_training_step"]
 
@@ -266,32 +268,21 @@ def _sum_parts(parts):
 
 
 def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
-    """Momentum SGD's new velocity from the gradient's per-chunk parts, summed in chunk order
-    (``row`` of the sum: a BatchNorm's gradient sums hold beta's in row 0, gamma's in row 1).
-
-    ``v' = momentum * v - lr * (g + weight_decay * p)``, in that order of operations, as
-    :class:`~dask_pconv.optim.MomentumSGD` computes it."""
+    """Momentum SGD's new velocity (:func:`dask_pconv.optim.velocity`) from the gradient's
+    per-chunk parts, summed in chunk order (``row`` of the sum: a BatchNorm's gradient sums
+    hold beta's in row 0, gamma's in row 1)."""
     g = _sum_parts(parts)
-    g = (g if row is None else g[row]).astype(p.dtype, copy=False)
-    g += weight_decay * p
-    g *= lr
-    out = momentum * v
-    out -= g
-    return out.astype(p.dtype, copy=False)
+    return velocity(v, g if row is None else g[row], p, momentum, lr, weight_decay)
 
 
 def _add(p, v):
     return p + v
 
 
-def running(parts, old, decay, which):
-    """Chainer's running mean or variance from every chunk's partial statistics."""
-    stats = combine_stats(list(parts))
-    xp = array_namespace(stats)
-    if which == "mean":
-        return (decay * old + (1 - decay) * stats[1]).astype(old.dtype)
-    unbiased = stats[2] / xp.maximum(stats[0] - 1.0, 1.0)
-    return (decay * old + (1 - decay) * unbiased).astype(old.dtype)
+def running(parts, old_mean, old_var, decay, which):
+    """A running mean or variance (:func:`~dask_pconv.kernels.bn_running`) from every chunk's
+    partial statistics, merged in chunk order."""
+    return bn_running(combine_stats(list(parts)), old_mean, old_var, decay, which)
 
 
 def _pick(x, *path):
@@ -468,9 +459,9 @@ class _StepGraph:
             layer = self.segs[b][0][1].layer
             for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
                 name = f"{node}.{local}"
-                old = self.key("state", name)
+                old = (self.key("state", f"{node}.avg_mean"), self.key("state", f"{node}.avg_var"))
                 like = self.inputs["state", name]
-                value = (running, list(stats[b - 1]), old, layer.decay, which)
+                value = (running, list(stats[b - 1]), *old, layer.decay, which)
                 new_s[name] = self.output("running", name, like.shape, like.dtype, value)
         return new_p, new_v, new_s
 

@@ -8,7 +8,7 @@ from dask.base import tokenize
 
 from .backend import on_device_of, to_dask_array
 
-__all__ = ["MomentumSGD"]
+__all__ = ["MomentumSGD", "velocity"]
 
 
 class MomentumSGD:
@@ -65,7 +65,7 @@ class MomentumSGD:
             tok = tokenize(p, g, v, self.lr, self.momentum, self.weight_decay)
             # one task per chunk for each of v and p, named for the dashboard and profiles
             new_v[k] = da.map_blocks(
-                _velocity,
+                velocity,
                 v,
                 g,
                 p,
@@ -80,8 +80,11 @@ class MomentumSGD:
         return new_p, new_v
 
 
-def _velocity(v, g, p, momentum, lr, weight_decay):
+def velocity(v, g, p, momentum, lr, weight_decay):
+    """One block's new velocity: ``momentum * v - lr * (g + weight_decay * p)``, in ``p``'s
+    dtype (``g`` is cast to it first)."""
     dt = p.dtype
+    g = g.astype(dt, copy=False)
     return (momentum * v - lr * (g + weight_decay * p)).astype(dt, copy=False)
 
 

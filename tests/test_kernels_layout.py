@@ -73,6 +73,7 @@ def _cases():
         "conv2d_grad_b": (kernels.conv2d_grad_b, (gy,), {}),
         "bn_partial_stats": (kernels.bn_partial_stats, (x,), {}),
         "combine_stats": (kernels.combine_stats, ([stats, stats * 2, stats + 1],), {}),
+        "bn_running": (kernels.bn_running, (stats, gamma, np.abs(beta), 0.9, "var"), {}),
         "bn_forward": (kernels.bn_forward, (x, stats, gamma, beta, 2e-5, True), {}),
         "bn_backward_partial": (kernels.bn_backward_partial, (x, y, g6, stats, 2e-5, True), {}),
         "bn_backward": (

@@ -16,7 +16,7 @@ from .dropout import dropout_block
 from .labels import onehot
 from .linear import linear_forward, linear_grad_w, linear_grad_x
 from .loss import cross_entropy_sum, log_softmax
-from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats
+from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, bn_running, combine_stats
 from .pool import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "bn_backward_partial",
     "bn_forward",
     "bn_partial_stats",
+    "bn_running",
     "combine_stats",
     "dropout_block",
     "conv2d_forward",

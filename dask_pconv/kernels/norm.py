@@ -157,3 +157,15 @@ def bn_backward(x, y, g, stats, sums, gamma, count, eps, relu, train):
     t -= gg
     t *= _bcast((-scale).astype(x.dtype), x)
     return t
+
+
+@layout_invariant
+def bn_running(stats, old_mean, old_var, decay, which):
+    """Chainer's running mean (``which="mean"``) or variance (``"var"``) after a step:
+    ``decay * old + (1 - decay) * batch``, the batch variance unbiased (``m / (m - 1)``), from
+    the merged ``(3, C)`` statistics; in ``old``'s dtype."""
+    count, mean = stats[0], stats[1]
+    if which == "mean":
+        return (decay * old_mean + (1 - decay) * mean).astype(old_mean.dtype)
+    unbiased = stats[2] / array_namespace(stats).maximum(count - 1.0, 1.0)
+    return (decay * old_var + (1 - decay) * unbiased).astype(old_var.dtype)

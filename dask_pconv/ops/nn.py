@@ -15,12 +15,13 @@ from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from ..backend import array_namespace, on_device_of, to_dask_array
+from ..backend import on_device_of, to_dask_array
 from ..kernels import (
     bn_backward,
     bn_backward_partial,
     bn_forward,
     bn_partial_stats,
+    bn_running,
     combine_stats,
     cross_entropy_sum,
     dropout_block,
@@ -234,14 +235,6 @@ def _row(a, i, dtype):
     )
 
 
-def _running(stats, old_mean, old_var, decay, which):
-    count, mean = stats[0], stats[1]
-    if which == "mean":
-        return (decay * old_mean + (1 - decay) * mean).astype(old_mean.dtype)
-    unbiased = stats[2] / array_namespace(stats).maximum(count - 1.0, 1.0)  # Chainer's m/(m-1)
-    return (decay * old_var + (1 - decay) * unbiased).astype(old_var.dtype)
-
-
 def batch_norm_running_update(stats, mean, var, decay=0.9):
     """Chainer's running statistics after a training step: ``decay * old + (1 - decay) *
     batch``, with the unbiased batch variance.  ``stats`` is :func:`batch_norm_stats`'s
@@ -252,7 +245,7 @@ def batch_norm_running_update(stats, mean, var, decay=0.9):
     for which in ("mean", "var"):
         out.append(
             da.blockwise(
-                _running,
+                bn_running,
                 "c",
                 stats,
                 "zc",
