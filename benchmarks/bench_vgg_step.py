@@ -22,8 +22,9 @@ from collections import defaultdict
 
 import dask
 import numpy as np
-from distributed import Client, LocalCluster, get_task_stream, wait
+from distributed import get_task_stream, wait
 
+from dask_pconv.cluster import connect
 from dask_pconv.data import Dataset
 from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import VGG16
@@ -147,10 +148,8 @@ def run(steps=3, width=1.0, cases=CASES, floor_cases=FLOOR_CASES, floor_width=FL
     rows = []
     rng = np.random.default_rng(0)
     runs = [(c, width) for c in cases] + [(c, floor_width) for c in floor_cases]
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
-        Client(cluster),
-    ):
+    # the library's own cluster (dask_pconv.cluster.connect): its workers' malloc settings
+    with connect(n_workers=2, threads_per_worker=1, dashboard_address=None):
         for (label, n, size, split), w in runs:
             x = rng.random((n, 3, size, size), dtype=np.float32)
             t = rng.integers(0, 10, n)

@@ -5,11 +5,13 @@ the package needs of a cluster (the active client, scattering arrays to it) is i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import dask
 from distributed import Client, LocalCluster
 
-__all__ = ["connect"]
+__all__ = ["WORKER_MALLOC", "connect", "worker_malloc"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +162,31 @@ def _new_cluster_kwargs(n_workers, threads_per_worker, memory_limit, dashboard_a
     return kwargs
 
 
+#: glibc malloc settings for the worker processes of the clusters started here.  distributed
+#: sets ``MALLOC_TRIM_THRESHOLD_=65536`` before it spawns a worker, so that freed memory goes
+#: back to the OS (https://distributed.dask.org/en/stable/worker-memory.html#automatically-trim-memory);
+#: setting any threshold also fixes glibc's mmap threshold at 128 KiB (mallopt(3): the dynamic
+#: adjustment is off), so every large temporary array a kernel makes is a fresh mmap whose pages
+#: fault in one by one.  A VGG16 training step (width 1, batch 64, one thread) computed in 0.96 s
+#: in a plain process and in 1.64 s with that setting; with both thresholds at 64 MiB, 0.98 s,
+#: and at most 64 MiB of freed memory stays with a worker.
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)}
+
+
+@contextlib.contextmanager
+def worker_malloc():
+    """Within it, a nanny starts its worker with :data:`WORKER_MALLOC` in the environment (the
+    variables must be set before the process starts, so they go through distributed's
+    ``distributed.nanny.pre-spawn-environ``)."""
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {**environ, **WORKER_MALLOC}}):
+        yield
+
+
 def _local_cluster(**kwargs):
-    """A ``distributed.LocalCluster`` of worker processes on 127.0.0.1."""
-    return LocalCluster(host="127.0.0.1", processes=True, **kwargs)
+    """A ``distributed.LocalCluster`` of worker processes on 127.0.0.1 (:func:`worker_malloc`)."""
+    with worker_malloc():
+        return LocalCluster(host="127.0.0.1", processes=True, **kwargs)
 
 
 def _local_cuda_cluster(**kwargs):
@@ -180,4 +204,5 @@ def _local_cuda_cluster(**kwargs):
     for name in ("n_workers", "threads_per_worker"):
         if kwargs[name] is None:
             del kwargs[name]
-    return LocalCUDACluster(host="127.0.0.1", **kwargs)
+    with worker_malloc():
+        return LocalCUDACluster(host="127.0.0.1", **kwargs)

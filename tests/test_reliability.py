@@ -367,3 +367,21 @@ def test_cli_workers_lost_too_often_is_one_line_and_exit_1(tmp_path, monkeypatch
     err = capsys.readouterr().err
     want = "dask-pconv train: error: workers were lost 4 times in epoch 1, more than max_restarts=3 allows"
     assert err.strip() == want
+
+
+def _malloc_environ():
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+@pytest.mark.cluster
+def test_workers_of_a_cluster_started_here_keep_glibcs_mmap_threshold_off_small_arrays():
+    """distributed's MALLOC_TRIM_THRESHOLD_ alone would pin glibc's mmap threshold at 128 KiB
+    (every large temporary a fresh mmap: a VGG16 step 1.7x slower); the workers get both
+    thresholds at 64 MiB, and the one BLAS thread the bitwise results rely on."""
+    from dask_pconv.cluster import WORKER_MALLOC
+
+    before = dask.config.get("distributed.nanny.pre-spawn-environ")
+    with connect(n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        (env,) = client.run(_malloc_environ).values()
+    assert env == {**WORKER_MALLOC, "OMP_NUM_THREADS": "1"}
+    assert dask.config.get("distributed.nanny.pre-spawn-environ") == before  # set only while starting
