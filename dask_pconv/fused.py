@@ -21,13 +21,17 @@ another worker receives that result whole.)
 Which steps take this path (:func:`fusable`): a :class:`~dask_pconv.models.program.Program`
 that is a chain of ``Conv2d`` (stride 1), ``BatchNorm`` (at least one), ``ReLU``,
 ``MaxPool2d``, ``Dropout``, ``Flatten`` and ``Linear`` layers ending in a ``Linear``; a batch
-split only (channels and image whole in each chunk, parameters unsplit); momentum SGD.  Every
-other step runs the fine-grained graph, with the same result to rounding.  The config key
-``pconv.fused`` (default True) turns the path off.
+split into chunks, spatial tiles or both (channels whole in each block, parameters unsplit);
+momentum SGD.  On tiles, the convolutions before the ``Flatten`` must be "same" ones (kernel
+``2p+1``, padding ``p``), the pools there must not cross a tile and a halo must not be wider
+than a neighbouring tile (:mod:`dask_pconv._fused_tiles` describes the tiled stages: the same
+two tasks per BatchNorm forward and backward).  Every other step runs the fine-grained graph,
+with the same result to rounding.  The config key ``pconv.fused`` (default True) turns the
+path off.
 
 Results: the same mathematics as the fine-grained step, so equal to rounding; bitwise the same
 for the same split on any number of workers (every kernel is layout invariant and every sum
-over chunks runs in chunk order in one task).
+over chunks and tiles runs in a fixed order in one task).
 """
 
 from __future__ import annotations

@@ -239,3 +239,21 @@ def test_a_fused_step_graph_is_a_few_tasks_per_chunk_and_batch_norm():
         params = m.dask_params(like=xd)
         stats = graph_stats(training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, 0))
         assert stats.critical_path == paths[0]
+
+
+def test_a_tiled_step_is_the_same_bits_whatever_the_order_of_its_tasks():
+    """Every sum over tiles and chunks runs in a fixed order inside one task, so the threaded
+    scheduler (tasks in any order) gives the synchronous one's bits."""
+    m = Model(_tiled_program(), seed=4, dtype=np.float64)
+    x, t = RNG.standard_normal((5, 3, 24, 8)), RNG.integers(0, 3, 5)
+    xd, td = _split(x, t, (2, (8, 4, 12), (4, 4)))
+    opt = MomentumSGD(0.05, 0.9, 5e-4)
+    params = m.dask_params(like=xd)
+    assert fusable(m, opt, params, xd) is None
+    out = training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, step=1)
+    a = dask.compute(out, scheduler="sync")[0]
+    b = dask.compute(out, scheduler="threads")[0]
+    assert a.loss == b.loss
+    for ga, gb in zip(a[:3], b[:3]):
+        for name in ga:
+            np.testing.assert_array_equal(ga[name], gb[name], err_msg=name)
