@@ -109,8 +109,10 @@ class _Unfit(Exception):
 
 
 def _axis_plan(seg, own_out, length_in):
-    """Per output tile of one axis, ``[(in interval, out interval) per layer]``; checks the
-    layers fit (``same`` convolutions, pools that do not cross tiles)."""
+    """The lengths of one axis at each layer's input (and the stage's output), and per output
+    tile ``[(input interval, output interval) per layer]``: each layer's output interval grown
+    back by what it reads (``p`` on each side for a "same" convolution, clipped at the edge;
+    ``k`` times for a ``k`` pool, which must have stride ``k``)."""
     lengths = [length_in]
     for _, node in seg:
         layer = node.layer
