@@ -21,13 +21,17 @@ another worker receives that result whole.)
 Which steps take this path (:func:`fusable`): a :class:`~dask_pconv.models.program.Program`
 that is a chain of ``Conv2d`` (stride 1), ``BatchNorm`` (at least one), ``ReLU``,
 ``MaxPool2d``, ``Dropout``, ``Flatten`` and ``Linear`` layers ending in a ``Linear``; a batch
-split only (channels and image whole in each chunk, parameters unsplit); momentum SGD.  Every
-other step runs the fine-grained graph, with the same result to rounding.  The config key
-``pconv.fused`` (default True) turns the path off.
+split into chunks, spatial tiles or both (channels whole in each block, parameters unsplit);
+momentum SGD.  On tiles, the convolutions before the ``Flatten`` must be "same" ones (kernel
+``2p+1``, padding ``p``), the pools there must not cross a tile and a halo must not be wider
+than a neighbouring tile (:mod:`dask_pconv._fused_tiles` describes the tiled stages: the same
+two tasks per BatchNorm forward and backward).  Every other step runs the fine-grained graph,
+with the same result to rounding.  The config key ``pconv.fused`` (default True) turns the
+path off.
 
 Results: the same mathematics as the fine-grained step, so equal to rounding; bitwise the same
 for the same split on any number of workers (every kernel is layout invariant and every sum
-over chunks runs in chunk order in one task).
+over chunks and tiles runs in a fixed order in one task).
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ from dask.base import tokenize
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from ._fused_tiles import concat_tiles, plan_tiles, tile_backward, tile_forward
+from ._fused_tiles import named as _named
+from ._fused_tiles import segments as _segments
+from ._fused_tiles import sum_parts as _sum_parts
 from .backend import array_namespace, to_dask_array
 from .kernels import (
     Padded,
@@ -96,25 +104,18 @@ def fusable(model, optimizer, params, x):
         previous = node.name
     if not isinstance(nodes[-1].layer, Linear) or not any(isinstance(n.layer, BatchNorm) for n in nodes):
         return "the program does not end in a Linear layer or has no BatchNorm"
-    if x.ndim != 4 or x.numblocks[1:] != (1, 1, 1):
-        return "the batch is split along more than the batch axis"
+    if x.ndim != 4 or x.numblocks[1] != 1:
+        return "the batch is split along its channels (only batch chunks and spatial tiles fuse)"
     if any(p.npartitions != 1 for p in params.values()):
         return "the parameters are split"
+    if x.numblocks[2:] != (1, 1):
+        plan = plan_tiles(_segments(nodes), x.chunks[2:])
+        if isinstance(plan, str):
+            return f"the spatial tiles do not fit the fused stages: {plan}"
     return None
 
 
 # -- the stages, one chunk at a time ------------------------------------------------------------
-def _segments(nodes):
-    """``[(index, node), ...]`` per stage: the first holds the layers before the first
-    BatchNorm, each later one starts at a BatchNorm."""
-    segs = [[]]
-    for i, node in enumerate(nodes):
-        if isinstance(node.layer, BatchNorm):
-            segs.append([])
-        segs[-1].append((i, node))
-    return [tuple(s) for s in segs]
-
-
 class _Ctx:
     """What every stage task of a step shares: the dropout keys, where the chunk lies."""
 
@@ -196,14 +197,6 @@ def _layer_backward(i, layer, g, p, ctx, saved, grads):
     return linear_grad_x(g, p["W"])
 
 
-def _named(seg, flat):
-    """Per-layer parameter dicts from the flat list a task receives."""
-    out, it = [], iter(flat)
-    for _, node in seg:
-        out.append({k: next(it) for k in node.layer.params()})
-    return out
-
-
 def stage_forward(seg, h, stats_parts, flat_params, ctx):
     """A stage forward on one chunk: ``(output, partial statistics of the output, saved)``."""
     saved = []
@@ -260,13 +253,6 @@ def stage_backward(seg_bn, bn_state, g, sums_parts, gamma, seg_prev, saved_prev,
     return g, bn_backward_partial(h0, y0, g, stats0, prev_bn.eps, prev_bn.relu), (h0, y0, stats0), grads
 
 
-def _sum_parts(parts):
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out += p
-    return out
-
-
 def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
     """Momentum SGD's new velocity (:func:`dask_pconv.optim.velocity`) from the gradient's
     per-chunk parts, summed in chunk order (``row`` of the sum: a BatchNorm's gradient sums
@@ -301,7 +287,8 @@ def fused_training_step(model, optimizer, params, state, velocities, x, t, step,
     """``(params, velocities, state, loss, accuracy)`` as :func:`dask_pconv.step.training_step`
     returns them, as coarse stages (see the module docstring); :func:`fusable` must have said
     yes."""
-    return _StepGraph(model, optimizer, params, state, velocities, x, t, step, dropout).outputs()
+    graph = _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
+    return graph(model, optimizer, params, state, velocities, x, t, step, dropout).outputs()
 
 
 def _first_key(a):
@@ -338,35 +325,41 @@ class _StepGraph:
         self.dsk[k] = value
         return k
 
+    def stage_input(self, fwd, s, c):
+        """The input of stage ``s`` on chunk ``c``: the batch's block or the output of the
+        stage before."""
+        return (self.x.name, c, 0, 0, 0) if s == 0 else (operator.getitem, fwd[s - 1][c], 0)
+
     def forward(self):
         """Stage tasks up to the last; returns per stage and chunk the stage's key and the keys
         of its output's partial statistics."""
         fwd, stats = [], []
         for s, seg in enumerate(self.segs[:-1]):
-            row_f, row_s = [], []
-            for c in range(self.P):
-                if s == 0:
-                    h, parts = (self.x.name, c, 0, 0, 0), []
-                else:
-                    h, parts = (operator.getitem, fwd[s - 1][c], 0), list(stats[s - 1])
-                k = self.task("fwd", s, c, value=(stage_forward, seg, h, parts, self.flat(seg), self.ctxs[c]))
-                row_f.append(k)
-                row_s.append(self.task("stats", s, c, value=(operator.getitem, k, 1)))
-            fwd.append(row_f)
-            stats.append(row_s)
+            fwd.append([])
+            stats.append([])
+            self.chunk_forward(s, seg, fwd, stats)
         return fwd, stats
 
-    def outputs(self):
-        fwd, stats = self.forward()
+    def chunk_forward(self, s, seg, fwd, stats):
+        """Stage ``s``'s tasks, one per chunk, appended to ``fwd[s]`` and ``stats[s]``."""
+        parts = list(stats[s - 1]) if s else []
+        for c in range(self.P):
+            h = self.stage_input(fwd, s, c)
+            k = self.task("fwd", s, c, value=(stage_forward, seg, h, parts, self.flat(seg), self.ctxs[c]))
+            fwd[s].append(k)
+            stats[s].append(self.task("stats", s, c, value=(operator.getitem, k, 1)))
+
+    def tails(self, fwd, stats):
+        """The last stage's tasks, one per chunk (forward, loss, back to its BatchNorm)."""
         last, seg = len(self.segs) - 1, self.segs[-1]
-        tails = [
+        return [
             self.task(
                 "last",
                 c,
                 value=(
                     last_stage,
                     seg,
-                    (operator.getitem, fwd[last - 1][c], 0),
+                    self.stage_input(fwd, last, c),
                     list(stats[last - 1]),
                     self.flat(seg),
                     (self.t.name, c),
@@ -375,12 +368,36 @@ class _StepGraph:
             )
             for c in range(self.P)
         ]
+
+    def outputs(self):
+        fwd, stats = self.forward()
+        tails = self.tails(fwd, stats)
+        grad_parts, sums = self.backward(fwd, tails)[:2]
+        loss = self.output(
+            "loss", "", (), self.x.dtype, (_mean_of, [(_pick, k, 0) for k in tails], self.n, self.x.dtype)
+        )
+        acc = self.output(
+            "accuracy", "", (), np.float64, (_mean_of, [(_pick, k, 1) for k in tails], self.n, np.float64)
+        )
+        new_p, new_v, new_s = self.updates(grad_parts, sums, stats)
+        names = [(g, k) for g, d in (("p", new_p), ("v", new_v), ("s", new_s)) for k in d]
+        arrays = self.arrays([{"p": new_p, "v": new_v, "s": new_s}[g][k] for g, k in names] + [loss, acc])
+        out = {"p": {}, "v": {}, "s": {}}
+        for (g, k), a in zip(names, arrays):
+            out[g][k] = a
+        return out["p"], out["v"], out["s"], arrays[-2], arrays[-1]
+
+    def backward(self, fwd, tails, until=0):
+        """Backward stage tasks from the last BatchNorm down to BatchNorm ``until + 1``;
+        returns the weight gradients' parts, the BatchNorm gradient sums' parts per stage and
+        where the gradient and the saved state at BatchNorm ``until + 1``'s output are."""
+        last, seg = len(self.segs) - 1, self.segs[-1]
         grad_parts = {}
         self.pick_grads(grad_parts, seg, tails, 5, skip_first=True)
         sums = {last: [self.task("sums", last, c, value=(_pick, tails[c], 3)) for c in range(self.P)]}
         g_src = [(_pick, k, 2) for k in tails]
         bn_src = [(_pick, k, 4) for k in tails]
-        for b in range(last, 0, -1):
+        for b in range(last, until, -1):
             seg_bn, seg_prev = self.segs[b], self.segs[b - 1]
             gamma = self.key("param", f"{seg_bn[0][1].name}.gamma")
             outs = [
@@ -408,19 +425,7 @@ class _StepGraph:
                 sums[b - 1] = [self.task("sums", b - 1, c, value=(_pick, k, 1)) for c, k in enumerate(outs)]
                 g_src = [(_pick, k, 0) for k in outs]
                 bn_src = [(_pick, k, 2) for k in outs]
-        loss = self.output(
-            "loss", "", (), self.x.dtype, (_mean_of, [(_pick, k, 0) for k in tails], self.n, self.x.dtype)
-        )
-        acc = self.output(
-            "accuracy", "", (), np.float64, (_mean_of, [(_pick, k, 1) for k in tails], self.n, np.float64)
-        )
-        new_p, new_v, new_s = self.updates(grad_parts, sums, stats)
-        names = [(g, k) for g, d in (("p", new_p), ("v", new_v), ("s", new_s)) for k in d]
-        arrays = self.arrays([{"p": new_p, "v": new_v, "s": new_s}[g][k] for g, k in names] + [loss, acc])
-        out = {"p": {}, "v": {}, "s": {}}
-        for (g, k), a in zip(names, arrays):
-            out[g][k] = a
-        return out["p"], out["v"], out["s"], arrays[-2], arrays[-1]
+        return grad_parts, sums, g_src, bn_src
 
     def pick_grads(self, grad_parts, seg, outs, index, skip_first):
         """``getitem`` tasks for the gradient parts of ``seg``'s convolutions and linears."""
@@ -486,3 +491,119 @@ class _StepGraph:
             dependencies[out] = {main} | set(graph.dependencies[main]) | after
         hlg = HighLevelGraph(layers, dependencies)
         return [da.Array(hlg, k[0], self.outs[k[0]][1], meta=self.outs[k[0]][2]) for k in keys]
+
+
+class _TiledStepGraph(_StepGraph):
+    """The tasks of a fused step on spatial tiles (:mod:`dask_pconv._fused_tiles`): one task
+    per tile and chunk in the stages before the one holding ``Flatten``, which gathers each
+    chunk's tiles; from there on as :class:`_StepGraph`."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.plan = plan_tiles(self.segs, self.x.chunks[2:])
+        self.tiles = self.plan.tiles()
+        self.tctx = {
+            (s, c, ij): self.plan.ctx(s, ctx.offset, ij, ctx)
+            for s in range(self.plan.gather)
+            for c, ctx in enumerate(self.ctxs)
+            for ij in self.tiles
+        }
+        self.borders = {}  # (stage, chunk, tile) -> the key of the strips the neighbours read
+
+    def unit(self, c, ij):
+        """A tile's position in the stages' lists: chunk by chunk, tiles row by row."""
+        return (c * self.plan.grid[0] + ij[0]) * self.plan.grid[1] + ij[1]
+
+    def stage_input(self, fwd, s, c):
+        if s != self.plan.gather:
+            return super().stage_input(fwd, s, c)
+        gi, gj = self.plan.grid
+        rows = [
+            [
+                (self.x.name, c, 0, i, j)
+                if s == 0
+                else (operator.getitem, fwd[s - 1][self.unit(c, (i, j))], 0)
+                for j in range(gj)
+            ]
+            for i in range(gi)
+        ]
+        return (concat_tiles, rows)
+
+    def forward(self):
+        fwd, stats = [], []
+        for s, seg in enumerate(self.segs[:-1]):
+            fwd.append([])
+            stats.append([])
+            if s >= self.plan.gather:
+                self.chunk_forward(s, seg, fwd, stats)
+                continue
+            parts = list(stats[s - 1]) if s else []
+            for c in range(self.P):
+                for ij in self.tiles:
+                    u = self.unit(c, ij)
+                    blocks = [self.piece(fwd, s, c, ij, v) for v, _, _ in self.plan.forward_pieces(s, ij)]
+                    ctx = self.tctx[s, c, ij]
+                    k = self.task("fwd", s, u, value=(tile_forward, seg, blocks, parts, self.flat(seg), ctx))
+                    fwd[s].append(k)
+                    stats[s].append(self.task("stats", s, u, value=(operator.getitem, k, 1)))
+                    if s + 1 < self.plan.gather:
+                        self.borders[s, c, ij] = self.task("borders", s, u, value=(operator.getitem, k, 3))
+        return fwd, stats
+
+    def piece(self, fwd, s, c, ij, v):
+        """Tile ``v``'s part of tile ``ij``'s window at stage ``s``: a block of the batch, the
+        tile's own block of the stage before, or a neighbour's strip."""
+        if s == 0:
+            return (self.x.name, c, 0, *v)
+        if v == ij:
+            return (operator.getitem, fwd[s - 1][self.unit(c, v)], 0)
+        return (operator.getitem, self.borders[s - 1, c, v], v_flat(ij, self.plan.grid))
+
+    def backward(self, fwd, tails):
+        g = self.plan.gather
+        grad_parts, sums, g_src, bn_src = super().backward(fwd, tails, until=g)
+        outs, strips = None, {}
+        for b in range(g, 0, -1):
+            seg_bn, seg_prev = self.segs[b], self.segs[b - 1]
+            gamma = self.key("param", f"{seg_bn[0][1].name}.gamma")
+            new = []
+            for c in range(self.P):
+                for ij in self.tiles:
+                    u = self.unit(c, ij)
+                    if b == g:
+                        bn_state, blocks = bn_src[c], [g_src[c]]
+                    else:
+                        bn_state = (_pick, outs[u], 2)
+                        blocks = [
+                            (_pick, outs[u], 0)
+                            if v == ij
+                            else (operator.getitem, strips[b, c, v], v_flat(ij, self.plan.grid))
+                            for v, _, _ in self.plan.backward_pieces(b, ij)
+                        ]
+                    value = (
+                        tile_backward,
+                        seg_bn,
+                        bn_state,
+                        self.plan.bn_ctx(b, ij, self.n),
+                        blocks,
+                        list(sums[b]),
+                        gamma,
+                        seg_prev,
+                        (operator.getitem, fwd[b - 1][u], 2),
+                        self.flat(seg_prev),
+                        self.tctx[b - 1, c, ij],
+                    )
+                    k = self.task("bwd", b, u, value=value)
+                    new.append(k)
+                    if b - 1 > 0:
+                        strips[b - 1, c, ij] = self.task("strips", b - 1, u, value=(_pick, k, 4))
+            outs = new
+            self.pick_grads(grad_parts, seg_prev, outs, 3, skip_first=b - 1 > 0)
+            if b - 1 > 0:
+                sums[b - 1] = [self.task("sums", b - 1, u, value=(_pick, k, 1)) for u, k in enumerate(outs)]
+        return grad_parts, sums, None, None
+
+
+def v_flat(ij, grid):
+    """A tile's index in its chunk, row by row (the keys of the strips a tile hands out)."""
+    return ij[0] * grid[1] + ij[1]

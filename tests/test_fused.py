@@ -51,9 +51,41 @@ def _odd_program():
     )
 
 
+def _tiled_program():
+    """Tiles fit: "same" convolutions, two in one stage (a halo of two convolutions), bias, a
+    ReLU of its own, dropout before and after pooling, a pool in the stage that gathers the
+    tiles, a 2-D BatchNorm."""
+    return sequential(
+        ("conv", Conv2d(3, 5, 3, padding=1, bias=True)),
+        ("relu", ReLU()),
+        ("bn", BatchNorm(5)),
+        ("drop", Dropout(0.3)),
+        ("pool", MaxPool2d(2)),
+        ("conv2", Conv2d(5, 4, 3, padding=1)),
+        ("relu2", ReLU()),
+        ("conv3", Conv2d(4, 4, 3, padding=1, bias=True)),
+        ("bn2", BatchNorm(4, relu=True)),
+        ("drop2", Dropout(0.2)),
+        ("pool2", MaxPool2d(2)),
+        ("flatten", Flatten()),
+        ("fc1", Linear(4 * 6 * 2, 6)),
+        ("bn3", BatchNorm(6, relu=True)),
+        ("fc2", Linear(6, 3, channel_split=False)),
+    )
+
+
+def _split(x, t, chunks):
+    """The batch in ``chunks`` pieces (an int) or as ``(batch, row chunks, column chunks)``."""
+    if isinstance(chunks, int):
+        return chunk_batch(x, t, {"batch": chunks} if chunks > 1 else {})
+    batch, rows, cols = chunks
+    xd, td = chunk_batch(x, t, {"batch": batch} if batch > 1 else {})
+    return xd.rechunk((xd.chunks[0], x.shape[1], rows, cols)), td
+
+
 def _step(model, x, t, chunks, fused, dropout, opt=None):
     opt = opt or MomentumSGD(0.05, 0.9, 5e-4)
-    xd, td = chunk_batch(x, t, {"batch": chunks} if chunks > 1 else {})
+    xd, td = _split(x, t, chunks)
     params = model.dask_params(like=xd)
     vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in model.params.items()}  # not zeros: used
     with dask.config.set({"pconv.fused": fused}):
@@ -72,13 +104,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
-@pytest.mark.parametrize("chunks", [1, 2, 3])
-@pytest.mark.parametrize("case", list(CASES))
-def test_fused_step_is_the_fine_grained_step(case, chunks, dropout):
-    """Loss, accuracy, parameters, velocities and running statistics after a step, float64,
-    with uneven chunks (9 images in 2), dropout masks included."""
-    make, shape, k = CASES[case]
+def _compare(make, shape, k, chunks, dropout):
     x, t = RNG.standard_normal(shape), RNG.integers(0, k, shape[0])
     want = _step(make(), x, t, chunks, fused=False, dropout=dropout)
     got = _step(make(), x, t, chunks, fused=True, dropout=dropout)
@@ -88,6 +114,49 @@ def test_fused_step_is_the_fine_grained_step(case, chunks, dropout):
         for name in g:
             assert g[name].dtype == w[name].dtype and g[name].shape == w[name].shape
             np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_step_is_the_fine_grained_step(case, chunks, dropout):
+    """Loss, accuracy, parameters, velocities and running statistics after a step, float64,
+    with uneven chunks (9 images in 2), dropout masks included."""
+    _compare(*CASES[case], chunks, dropout)
+
+
+TILED = {
+    "vgg16, 2x2 tiles": (CASES["vgg16"][0], (3, 3, 32, 32), 4, (1, (16, 16), (16, 16))),
+    "vgg16, 2 chunks of 2x2 tiles": (CASES["vgg16"][0], (5, 3, 32, 32), 4, (2, (16, 16), (16, 16))),
+    "small, 2x2 tiles": (
+        lambda: Model(_tiled_program(), seed=4, dtype=np.float64),
+        (5, 3, 24, 8),
+        3,
+        (1, (12, 12), (4, 4)),
+    ),
+    # uneven tiles, aligned with the pool; a halo of 2 pooled rows takes all of the middle tile
+    "small, 3x1 uneven tiles": (
+        lambda: Model(_tiled_program(), seed=4, dtype=np.float64),
+        (5, 3, 24, 8),
+        3,
+        (1, (8, 4, 12), (8,)),
+    ),
+    "small, 3 chunks of 2x2 tiles": (
+        lambda: Model(_tiled_program(), seed=4, dtype=np.float64),
+        (7, 3, 24, 8),
+        3,
+        (3, (12, 12), (4, 4)),
+    ),
+}
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
+@pytest.mark.parametrize("case", list(TILED))
+def test_fused_step_on_tiles_is_the_fine_grained_step(case, dropout):
+    """The same on spatial tiles (and batch chunks of tiles): halos exchanged between tiles'
+    stages forward and backward, dropout masks of each tile's window at its global place."""
+    make, shape, k, split = TILED[case]
+    _compare(make, shape, k, split, dropout)
 
 
 def test_fused_gradients_match_pytorch():
@@ -113,8 +182,19 @@ def test_which_steps_are_fused():
     x = RNG.random((4, 3, 32, 32))
     batch = dp.split(x, batch=2)
     assert fusable(m, opt, m.dask_params(), batch) is None
-    assert "more than the batch axis" in fusable(m, opt, m.dask_params(), dp.split(x, spatial=(2, 2)))
-    assert "more than the batch axis" in fusable(m, opt, m.dask_params(), dp.split(x, channel=3))
+    assert fusable(m, opt, m.dask_params(), dp.split(x, spatial=(2, 2))) is None
+    assert fusable(m, opt, m.dask_params(), dp.split(x, batch=2, spatial=(2, 1))) is None
+    assert "split along its channels" in fusable(m, opt, m.dask_params(), dp.split(x, channel=3))
+    # tiles of 10 and 22 rows: pool2 (4 rows per output row at the input) would cross a tile
+    misaligned = dp.split(x).rechunk((4, 3, (10, 22), 32))
+    assert "not aligned with the pooling" in fusable(m, opt, m.dask_params(), misaligned)
+    odd = Model(_odd_program())  # conv2 has no padding: its output tiles are not the input's
+    assert "not a 'same' convolution" in fusable(
+        odd, opt, odd.dask_params(), dp.split(RNG.random((4, 3, 8, 8)), spatial=2)
+    )
+    small = Model(_tiled_program())  # a halo of 4 input rows, wider than a tile of 2
+    narrow = dp.split(RNG.random((4, 3, 24, 8))).rechunk((4, 3, (10, 2, 12), 8))
+    assert "wider than a neighbouring tile" in fusable(small, opt, small.dask_params(), narrow)
     assert "parameters are split" in fusable(m, opt, m.dask_params(channel_split=2), batch)
     assert "not MomentumSGD" in fusable(m, object(), m.dask_params(), batch)
     with dask.config.set({"pconv.fused": False}):
@@ -153,3 +233,27 @@ def test_a_fused_step_graph_is_a_few_tasks_per_chunk_and_batch_norm():
         paths.append(stats.critical_path)
     n_bn = 14
     assert paths[0] == paths[1] <= 4 * n_bn + 6
+    # tiles: the halo strips travel beside the statistics, so the same path as chunks
+    for split in ({"spatial": (2, 2)}, {"batch": 2, "spatial": (2, 2)}):
+        xd, td = chunk_batch(x, t, split)
+        params = m.dask_params(like=xd)
+        stats = graph_stats(training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, 0))
+        assert stats.critical_path == paths[0]
+
+
+def test_a_tiled_step_is_the_same_bits_whatever_the_order_of_its_tasks():
+    """Every sum over tiles and chunks runs in a fixed order inside one task, so the threaded
+    scheduler (tasks in any order) gives the synchronous one's bits."""
+    m = Model(_tiled_program(), seed=4, dtype=np.float64)
+    x, t = RNG.standard_normal((5, 3, 24, 8)), RNG.integers(0, 3, 5)
+    xd, td = _split(x, t, (2, (8, 4, 12), (4, 4)))
+    opt = MomentumSGD(0.05, 0.9, 5e-4)
+    params = m.dask_params(like=xd)
+    assert fusable(m, opt, params, xd) is None
+    out = training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, step=1)
+    a = dask.compute(out, scheduler="sync")[0]
+    b = dask.compute(out, scheduler="threads")[0]
+    assert a.loss == b.loss
+    for ga, gb in zip(a[:3], b[:3]):
+        for name in ga:
+            np.testing.assert_array_equal(ga[name], gb[name], err_msg=name)

@@ -93,7 +93,8 @@ VGG_STEP_CEILINGS = {
     # fused stages (dask_pconv.fused) for a batch split or none: 521 and 155 for batch:2
     # before them; 118 of these tasks are the inputs' from-array tasks (persisted on a cluster)
     "batch:2": (358, 61),
-    "spatial:2x2": (945, 185),  # the fine-grained graph: tiles do not fuse yet
+    # fused stages on tiles (halo strips between tiles' stages): 945 and 185 before them
+    "spatial:2x2": (575, 61),
     "unsplit": (284, 61),
 }
 SPLITS = {"batch:2": {"batch": 2}, "spatial:2x2": {"spatial": (2, 2)}, "unsplit": {}}
