@@ -370,7 +370,8 @@ def test_cli_workers_lost_too_often_is_one_line_and_exit_1(tmp_path, monkeypatch
 
 
 def _malloc_environ():
-    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS")}
+    names = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS")
+    return {k: os.environ.get(k) for k in names}
 
 
 @pytest.mark.cluster
