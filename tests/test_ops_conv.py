@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import dask_pconv as dp
 
 from reference import conv2d_ref, conv2d_vjp_ref
-from strategies import assert_blocks_have_dtype, assert_close, conv_cases
+from strategies import assert_blocks_have_dtype, assert_close, conv_cases, tolerance
 
 
 def _inputs(case):
@@ -68,7 +68,11 @@ def _check_conv2d_vjp(case):
     gx, gw, gb = dask.compute(g_x, g_w, g_b)
     assert_close(gx, ex, case["dtype"])
     assert_close(gw, ew, case["dtype"])
-    assert_close(gb, eb, case["dtype"])
+    # g_b sums gy over (N, H, W): where that sum cancels, rounding is relative to the terms, not
+    # to the result (a float32 case of hypothesis: 2e-4 of a near-zero max); scale by the norm of
+    # each channel's terms, which is the typical size of such a sum
+    scale = max(np.abs(eb).max(), np.sqrt((gy.astype(np.float64) ** 2).sum(axis=(0, 2, 3))).max())
+    assert np.abs(gb.astype(np.float64) - eb).max() <= tolerance(case["dtype"]) * scale
 
 
 @given(conv_cases(max_hw=8), st.integers(0, 2**16))
