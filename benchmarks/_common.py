@@ -146,8 +146,14 @@ def write_json(path, name, rows, **extra):
 CONV_KERNELS = ("conv2d_forward", "conv2d_grad_x", "conv2d_grad_w", "conv2d_grad_b")
 
 
-#: the task functions of a fused step (dask_pconv/fused.py)
-FUSED_TASKS = ("stage_forward", "last_stage", "stage_backward", "sgd_velocity", "_add", "running", "_mean_of")
+#: the task functions of a fused step, by module
+FUSED_TASKS = {
+    "dask_pconv/fused.py": (
+        *("stage_forward", "last_stage", "stage_backward"),
+        *("sgd_velocity", "_add", "running", "_mean_of"),
+    ),
+    "dask_pconv/_fused_tiles.py": ("tile_forward", "tile_backward", "concat_tiles"),
+}
 
 
 def kernel_share(compute):
@@ -172,7 +178,7 @@ def kernel_share(compute):
     total = sum(
         ct
         for (path, _, fn), (_, _, _, ct, _) in stats.items()
-        if path.endswith("dask_pconv/fused.py") and fn in FUSED_TASKS
+        if any(path.endswith(module) and fn in names for module, names in FUSED_TASKS.items())
     )
     per = {}
     for (path, _, fn), (_, _, _, ct, _) in stats.items():

@@ -50,9 +50,10 @@ def training_step(model, optimizer, params, state, velocities, x, t, step, dropo
 
     Notes
     -----
-    A chain of the layers VGG16 is made of, split along the batch only, with momentum SGD,
-    runs as coarse stages (:mod:`dask_pconv.fused`: one task per chunk between two BatchNorm
-    synchronisations); any other step as the fine-grained graph of the tape.  Both give the
+    A chain of the layers VGG16 is made of, split into batch chunks, spatial tiles or both,
+    with momentum SGD, runs as coarse stages (:mod:`dask_pconv.fused`: one task per block
+    between two BatchNorm synchronisations; :func:`~dask_pconv.fused.fusable` says why a step
+    does not); any other step as the fine-grained graph of the tape.  Both give the
     same result to rounding; ``dask.config.set({"pconv.fused": False})`` forces the second.
 
     Returns
