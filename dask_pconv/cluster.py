@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import dask
 from distributed import Client, LocalCluster
@@ -179,6 +180,13 @@ def worker_malloc():
     variables must be set before the process starts, so they go through distributed's
     ``distributed.nanny.pre-spawn-environ``)."""
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    # A variable in this process's environment overrides the config (distributed's nanny.py,
+    # _get_env_variables), and every nanny copies its settings into this process's environment
+    # before it spawns: an earlier cluster's MALLOC_TRIM_THRESHOLD_=65536 would win.  A value
+    # that is distributed's own goes; one set to anything else (by the user) stays.
+    for name in WORKER_MALLOC:
+        if name in environ and os.environ.get(name) == str(environ[name]):
+            del os.environ[name]
     with dask.config.set({"distributed.nanny.pre-spawn-environ": {**environ, **WORKER_MALLOC}}):
         yield
 

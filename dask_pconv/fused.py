@@ -75,7 +75,7 @@ from .kernels import (
 )
 from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .ops.nn import dropout_key
-from .optim import velocity
+from .optim import MomentumSGD, velocity
 
 __all__ = ["fusable", "fused_training_step"]
 
@@ -84,8 +84,6 @@ _LAYERS = (Conv2d, BatchNorm, ReLU, MaxPool2d, Dropout, Flatten, Linear)
 
 def fusable(model, optimizer, params, x):
     """Why the step of ``model`` on ``x`` cannot run as coarse stages, or None if it can."""
-    from .optim import MomentumSGD
-
     if not dask.config.get("pconv.fused", True):
         return "pconv.fused is off"
     if not isinstance(optimizer, MomentumSGD):

@@ -375,13 +375,16 @@ def _malloc_environ():
 
 
 @pytest.mark.cluster
-def test_workers_of_a_cluster_started_here_keep_glibcs_mmap_threshold_off_small_arrays():
+def test_workers_of_a_cluster_started_here_keep_glibcs_mmap_threshold_off_small_arrays(monkeypatch):
     """distributed's MALLOC_TRIM_THRESHOLD_ alone would pin glibc's mmap threshold at 128 KiB
     (every large temporary a fresh mmap: a VGG16 step 1.7x slower); the workers get both
     thresholds at 64 MiB, and the one BLAS thread the bitwise results rely on."""
     from dask_pconv.cluster import WORKER_MALLOC
 
     before = dask.config.get("distributed.nanny.pre-spawn-environ")
+    # as an earlier cluster of distributed's own leaves this process's environment
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(before["MALLOC_TRIM_THRESHOLD_"]))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     with connect(n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
         (env,) = client.run(_malloc_environ).values()
     assert env == {**WORKER_MALLOC, "OMP_NUM_THREADS": "1"}
