@@ -77,6 +77,31 @@ def sum_parts(parts):
     return out
 
 
+def conv_bias(y, layer, p):
+    """A convolution's output plus its bias, if the layer has one."""
+    return y + p["b"].reshape(1, -1, 1, 1) if layer.bias else y
+
+
+def batch_norm_forward(layer, h, p, saved, stats_parts):
+    """A BatchNorm (and its ReLU) on one block with every block's partial statistics, merged
+    in their order; saves what its backward reads."""
+    stats = combine_stats(list(stats_parts))
+    y = bn_forward(h, stats, p["gamma"], p["beta"], layer.eps, layer.relu)
+    saved.append((h, y, stats))
+    return y
+
+
+def relu_forward(h, saved):
+    y = array_namespace(h).maximum(h, h.dtype.type(0))
+    saved.append(y)
+    return y
+
+
+def relu_backward(g, saved):
+    y = saved.pop()
+    return array_namespace(g).where(y > 0, g, g.dtype.type(0))
+
+
 # -- the geometry (no arrays) ---------------------------------------------------------------
 def _intervals(chunks):
     out, start = [], 0
@@ -329,25 +354,18 @@ def _tile_forward(i, layer, h, p, ctx, k, saved, stats_parts):
         pads = (iy[0] - (oy[0] - q), oy[1] + q - iy[1], ix[0] - (ox[0] - q), ox[1] + q - ix[1])
         win = Padded(h, pads, 0)
         saved.append(win)
-        y = conv2d_forward(win, p["W"], (1, 1), (1, 1), 1)
-        return y + p["b"].reshape(1, -1, 1, 1) if layer.bias else y
+        return conv_bias(conv2d_forward(win, p["W"], (1, 1), (1, 1), 1), layer, p)
     if isinstance(layer, BatchNorm):
-        stats = combine_stats(list(stats_parts))
-        y = bn_forward(h, stats, p["gamma"], p["beta"], layer.eps, layer.relu)
-        saved.append((h, y, stats))
-        return y
+        return batch_norm_forward(layer, h, p, saved, stats_parts)
     if isinstance(layer, MaxPool2d):
         saved.append(h)
         return max_pool2d_forward(h, (layer.kernel_size,) * 2, (layer.kernel_size,) * 2)
     if isinstance(layer, Dropout):
         return ctx.dropout(i, layer, h, k) if ctx.dropout_on else h
-    y = array_namespace(h).maximum(h, h.dtype.type(0))  # ReLU
-    saved.append(y)
-    return y
+    return relu_forward(h, saved)  # ReLU
 
 
 def _tile_backward(i, layer, g, p, ctx, k, saved, grads):
-    xp = array_namespace(g)
     if isinstance(layer, Conv2d):
         win, W = saved.pop(), p["W"]
         grads["W"] = conv2d_grad_w(win, g, W.shape[2:], (1, 1), (1, 1), 1)
@@ -361,8 +379,7 @@ def _tile_backward(i, layer, g, p, ctx, k, saved, grads):
         return max_pool2d_backward(h, g, (kk, kk), (kk, kk))
     if isinstance(layer, Dropout):
         return ctx.dropout(i, layer, g, k) if ctx.dropout_on else g
-    y = saved.pop()  # ReLU
-    return xp.where(y > 0, g, g.dtype.type(0))
+    return relu_backward(g, saved)  # ReLU
 
 
 def tile_forward(seg, blocks, stats_parts, flat_params, ctx):

@@ -46,7 +46,16 @@ from dask.base import tokenize
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from ._fused_tiles import concat_tiles, plan_tiles, tile_backward, tile_forward
+from ._fused_tiles import (
+    batch_norm_forward,
+    concat_tiles,
+    conv_bias,
+    plan_tiles,
+    relu_backward,
+    relu_forward,
+    tile_backward,
+    tile_forward,
+)
 from ._fused_tiles import named as _named
 from ._fused_tiles import segments as _segments
 from ._fused_tiles import sum_parts as _sum_parts
@@ -55,7 +64,6 @@ from .kernels import (
     Padded,
     bn_backward,
     bn_backward_partial,
-    bn_forward,
     bn_partial_stats,
     bn_running,
     combine_stats,
@@ -134,16 +142,11 @@ def _layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
         pad = layer.padding
         saved.append(h)
         y = conv2d_forward(Padded(h, (pad, pad, pad, pad), 0), p["W"], (1, 1), (1, 1), 1)
-        return y + p["b"].reshape(1, -1, 1, 1) if layer.bias else y
+        return conv_bias(y, layer, p)
     if isinstance(layer, BatchNorm):
-        stats = combine_stats(list(stats_parts))
-        y = bn_forward(h, stats, p["gamma"], p["beta"], layer.eps, layer.relu)
-        saved.append((h, y, stats))
-        return y
+        return batch_norm_forward(layer, h, p, saved, stats_parts)
     if isinstance(layer, ReLU):
-        y = array_namespace(h).maximum(h, h.dtype.type(0))
-        saved.append(y)
-        return y
+        return relu_forward(h, saved)
     if isinstance(layer, MaxPool2d):
         k, s = layer.kernel_size, layer.stride or layer.kernel_size
         saved.append(h)
@@ -172,8 +175,7 @@ def _layer_backward(i, layer, g, p, ctx, saved, grads):
         crop = ((pad, pad + h.shape[2]), (pad, pad + h.shape[3]))
         return conv2d_grad_x(g, W, (1, 1), (1, 1), 1, crop=crop)
     if isinstance(layer, ReLU):
-        y = saved.pop()
-        return xp.where(y > 0, g, g.dtype.type(0))
+        return relu_backward(g, saved)
     if isinstance(layer, MaxPool2d):
         h, k = saved.pop(), layer.kernel_size
         s = layer.stride or k
