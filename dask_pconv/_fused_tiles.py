@@ -40,7 +40,8 @@ from .kernels import (
     conv2d_grad_b,
     conv2d_grad_w,
     conv2d_grad_x,
-    dropout_block,
+    dropout_keep,
+    dropout_scale,
     max_pool2d_backward,
     max_pool2d_forward,
 )
@@ -323,12 +324,12 @@ class TileCtx:
         self.fwd_pieces, self.window_hw = fwd, window_hw
         self.borders_out, self.borders_back = borders_out, borders_back
 
-    def dropout(self, i, layer, h, k):
-        """Layer ``i``'s dropout of ``h``, the block of region ``k`` (forward and backward)."""
+    def dropout_keep(self, i, layer, h, k):
+        """Layer ``i``'s dropout mask of ``h``, the block of region ``k``."""
         region, size = self.regions[k][0], self.sizes[k]
         location = ((self.n0, self.n0 + h.shape[0]), (0, h.shape[1]), *region)
         key = dropout_key(self.seed, self.step, i)
-        return dropout_block(h, layer.ratio, key, (self.n_total, h.shape[1], *size), location)
+        return dropout_keep(h, layer.ratio, key, (self.n_total, h.shape[1], *size), location)
 
 
 # -- the per-tile math ------------------------------------------------------------------------
@@ -361,7 +362,11 @@ def _tile_forward(i, layer, h, p, ctx, k, saved, stats_parts):
         saved.append(h)
         return max_pool2d_forward(h, (layer.kernel_size,) * 2, (layer.kernel_size,) * 2)
     if isinstance(layer, Dropout):
-        return ctx.dropout(i, layer, h, k) if ctx.dropout_on else h
+        if not ctx.dropout_on:
+            return h
+        keep = ctx.dropout_keep(i, layer, h, k)
+        saved.append(keep)  # the backward applies the same mask, not hashed again
+        return dropout_scale(h, keep, layer.ratio)
     return relu_forward(h, saved)  # ReLU
 
 
@@ -378,7 +383,7 @@ def _tile_backward(i, layer, g, p, ctx, k, saved, grads):
         h, kk = saved.pop(), layer.kernel_size
         return max_pool2d_backward(h, g, (kk, kk), (kk, kk))
     if isinstance(layer, Dropout):
-        return ctx.dropout(i, layer, g, k) if ctx.dropout_on else g
+        return dropout_scale(g, saved.pop(), layer.ratio) if ctx.dropout_on else g
     return relu_backward(g, saved)  # ReLU
 
 

@@ -72,7 +72,8 @@ from .kernels import (
     conv2d_grad_w,
     conv2d_grad_x,
     cross_entropy_sum,
-    dropout_block,
+    dropout_keep,
+    dropout_scale,
     linear_forward,
     linear_grad_w,
     linear_grad_x,
@@ -155,7 +156,9 @@ def _layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
         if not ctx.dropout:
             return h
         key = dropout_key(ctx.seed, ctx.step, i)
-        return dropout_block(h, layer.ratio, key, ctx.full_shape(h), ctx.location(h))
+        keep = dropout_keep(h, layer.ratio, key, ctx.full_shape(h), ctx.location(h))
+        saved.append(keep)  # the backward applies the same mask, not hashed again
+        return dropout_scale(h, keep, layer.ratio)
     if isinstance(layer, Flatten):
         saved.append(h.shape)
         return h.reshape(h.shape[0], -1)
@@ -186,10 +189,7 @@ def _layer_backward(i, layer, g, p, ctx, saved, grads):
             gx = full
         return gx
     if isinstance(layer, Dropout):
-        if not ctx.dropout:
-            return g
-        key = dropout_key(ctx.seed, ctx.step, i)
-        return dropout_block(g, layer.ratio, key, ctx.full_shape(g), ctx.location(g))
+        return dropout_scale(g, saved.pop(), layer.ratio) if ctx.dropout else g
     if isinstance(layer, Flatten):
         return g.reshape(saved.pop())
     h = saved.pop()  # Linear

@@ -82,6 +82,8 @@ def _cases():
             {},
         ),
         "dropout_block": (kernels.dropout_block, (x, 0.4, 12345, x.shape, loc), {}),
+        "dropout_keep": (kernels.dropout_keep, (x, 0.4, 12345, x.shape, loc), {}),
+        "dropout_scale": (kernels.dropout_scale, (x, x > 0.1, 0.4), {}),
         "max_pool2d_forward": (kernels.max_pool2d_forward, (x, (2, 2), (2, 2), (1, 2)), {}),
         "max_pool2d_argmax": (kernels.max_pool2d_argmax, (x, (2, 2), (2, 2), (1, 1), (0, 0), 18), {}),
         "max_pool2d_backward": (kernels.max_pool2d_backward, (x, g6[:, :, :10, :9], (2, 2), (2, 2)), {}),

@@ -12,7 +12,7 @@ from ..backend import array_namespace as get_namespace  # the name kernels users
 from ._namespace import canonical, layout_invariant
 from ._window import Padded, cropped, materialize
 from .conv import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x
-from .dropout import dropout_block
+from .dropout import dropout_block, dropout_keep, dropout_scale
 from .labels import onehot
 from .linear import linear_forward, linear_grad_w, linear_grad_x
 from .loss import cross_entropy_sum, log_softmax
@@ -32,6 +32,8 @@ __all__ = [
     "bn_running",
     "combine_stats",
     "dropout_block",
+    "dropout_keep",
+    "dropout_scale",
     "conv2d_forward",
     "conv2d_grad_b",
     "conv2d_grad_w",

@@ -86,6 +86,24 @@ def _uniform32(xp, key, shape, location, wide=None):
 
 
 @layout_invariant
+def dropout_keep(x, ratio, key, shape, location):
+    """The keep-mask :func:`dropout_block` applies to ``x``'s block: a boolean array of its
+    shape (``x`` gives the array library; its values are not read)."""
+    xp = array_namespace(x)
+    u = _uniform32(xp, int(key), shape, location)
+    return u >= np.uint32(min(round(ratio * 2**32), _MASK32))
+
+
+@layout_invariant
+def dropout_scale(x, keep, ratio):
+    """``x / (1 - ratio)`` where ``keep``, else 0: dropout with its mask given (a backward pass
+    applies the forward's mask to the gradient)."""
+    scale = x.dtype.type(1.0 / (1.0 - ratio))
+    # where_zero: exactly where(keep, x * scale, 0), without NumPy's where's branches
+    return where_zero(keep, x * scale)
+
+
+@layout_invariant
 def dropout_block(x, ratio, key, shape, location):
     """``x`` times the scaled keep-mask of its elements: ``x / (1 - ratio)`` where kept, else 0.
 
@@ -94,9 +112,4 @@ def dropout_block(x, ratio, key, shape, location):
     index there (the module's docstring defines it), so the mask does not depend on the
     chunking and a recomputed task gives the same mask.
     """
-    xp = array_namespace(x)
-    u = _uniform32(xp, int(key), shape, location)
-    threshold = min(round(ratio * 2**32), _MASK32)
-    scale = x.dtype.type(1.0 / (1.0 - ratio))
-    # where_zero: exactly where(keep, x * scale, 0), without NumPy's where's branches
-    return where_zero(u >= np.uint32(threshold), x * scale)
+    return dropout_scale(x, dropout_keep(x, ratio, key, shape, location), ratio)
