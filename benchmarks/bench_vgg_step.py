@@ -6,9 +6,12 @@ step and the ratio; the step's graph: tasks per step (the Trainer's count) and i
 path (the longest chain of dependent tasks, :func:`dask_pconv.graphstats.graph_stats`); the
 client's time per step: building the graph (``client build s``, the ``training_step`` call in
 ``Trainer.submit_step``) and all of ``submit_step`` (``client submit s``: the build plus the
-graph's optimisation and hand-off to the scheduler); from the task stream, the share of the
-workers' compute spent outside convolutions (``non-conv share``) and the scheduler overhead
-(wall time minus the busiest worker's compute time).
+graph's optimisation and hand-off to the scheduler); the share of compute spent outside the
+convolution kernels, from the task stream of one fine-grained step (``non-conv share``: one
+kernel per task) and from a profile of the step as it runs (``non-conv share, profiled``: for a
+fused step, whose tasks run several kernels each; cProfile's cost per call falls mostly on the
+many small non-convolution calls, so it errs high); and the scheduler overhead (wall time minus
+the busiest worker's compute time).
 
 The floor cases (width 1/16, batch 4, 32x32) have negligible compute: their step time is what
 the graph's shape costs, about critical path x one dependent hop through the scheduler.
@@ -54,6 +57,7 @@ COLUMNS = [
     "client build s",
     "client submit s",
     "non-conv share",
+    "non-conv share, profiled",
     "overhead s",
 ]
 
