@@ -17,6 +17,7 @@ from distributed import Client, LocalCluster, wait
 
 import dask_pconv as dp
 from dask_pconv import kernels
+from dask_pconv.cluster import worker_malloc
 
 from _common import best_of, table, write_json
 
@@ -35,6 +36,7 @@ def run(repeat=3, cases=CASES):
     rows = []
     rng = np.random.default_rng(0)
     with (
+        worker_malloc(),  # the workers' malloc settings of the clusters the library starts
         LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
