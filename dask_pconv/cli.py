@@ -265,8 +265,8 @@ def train_command(args, stream=None):
         log = _train_epochs(args, trainer, stream)
         if trainer.tasks_per_step is not None:  # None when no step ran
             print(
-                f"tasks per step: {trainer.tasks_per_step}; {time.perf_counter() - t0:.1f} s; "
-                f"log, plots and checkpoints in {args.out}/",
+                f"tasks per step: {trainer.tasks_per_step}; step graph: {trainer.step_graph}; "
+                f"{time.perf_counter() - t0:.1f} s; log, plots and checkpoints in {args.out}/",
                 file=stream,
             )
     return log

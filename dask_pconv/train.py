@@ -18,6 +18,7 @@ import dask
 from .batching import check_split, chunk_batch
 from .checkpoint import Snapshot, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
+from .fused import fusable
 from .loop import WorkerLossError, run_epochs
 from .optim import MomentumSGD
 from .placement import StepInputs
@@ -109,6 +110,9 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.log = []
         self.tasks_per_step = None
+        #: which graph a step is (:func:`dask_pconv.fused.fusable`): ``"fused stages"`` or
+        #: ``"fine-grained: <why not fused>"``; None before the first step
+        self.step_graph = None
         self.elapsed = 0.0
 
     @property
@@ -187,6 +191,9 @@ class Trainer:
         xd, td = chunk_batch(x, t, self.split, to_device=self.to_device)
         params, vel, state = self._inputs.get(xd, self.opt.init_state)
         outs = training_step(self.model, self.opt, params, state, vel, xd, td, self.step, self.dropout)
+        if self.step_graph is None:
+            reason = fusable(self.model, self.opt, params, xd)
+            self.step_graph = "fused stages" if reason is None else f"fine-grained: {reason}"
         if self.tasks_per_step is None:
             self.tasks_per_step = _count_tasks(outs)
         new_p, new_v, new_state, loss, acc = dask.persist(*outs)

@@ -124,6 +124,7 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "validation/main/accuracy" in out and "tasks per step" in out
+    assert "step graph: fused stages;" in out  # the CLI's default split, batch:2, fuses
     files = ("report.html", "report-summary.json", "report-summary.png")
     written = ", ".join(str(tmp_path / f) for f in files)
     assert f"performance report and per-operator summary: {written}\n" in out
@@ -361,6 +362,7 @@ def test_trainer_checks_its_split_and_reads_the_old_channel_key(small_data):
     # the trained parameters come chunked for the split: 3 pieces of output channels, the logits whole
     assert len(m.params["block1_1.conv.W"].chunks[0]) == 3 and len(m.params["fc1.W"].chunks[0]) == 3
     assert len(m.params["fc2.W"].chunks[0]) == 1 and len(tr.velocities["block1_1.conv.W"].chunks[0]) == 3
+    assert tr.step_graph == "fine-grained: the parameters are split"  # model parallelism does not fuse
 
 
 def test_every_step_counts_as_many_tasks_a_resumed_first_step_too(small_data, tmp_path):
