@@ -42,8 +42,8 @@ from .kernels import (
     conv2d_grad_x,
     dropout_keep,
     dropout_scale,
-    max_pool2d_backward,
-    max_pool2d_forward,
+    max_pool2d_forward_taps,
+    max_pool2d_scatter,
 )
 from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d
 from .ops.nn import dropout_key
@@ -359,8 +359,9 @@ def _tile_forward(i, layer, h, p, ctx, k, saved, stats_parts):
     if isinstance(layer, BatchNorm):
         return batch_norm_forward(layer, h, p, saved, stats_parts)
     if isinstance(layer, MaxPool2d):
-        saved.append(h)
-        return max_pool2d_forward(h, (layer.kernel_size,) * 2, (layer.kernel_size,) * 2)
+        best, taps = max_pool2d_forward_taps(h, (layer.kernel_size,) * 2, (layer.kernel_size,) * 2)
+        saved.append(taps)  # the backward routes by these taps, not searching h again
+        return best
     if isinstance(layer, Dropout):
         if not ctx.dropout_on:
             return h
@@ -380,8 +381,8 @@ def _tile_backward(i, layer, g, p, ctx, k, saved, grads):
         H, Wd = win.block.shape[2:]
         return conv2d_grad_x(g, W, (1, 1), (1, 1), 1, crop=((t, t + H), (left, left + Wd)))
     if isinstance(layer, MaxPool2d):
-        h, kk = saved.pop(), layer.kernel_size
-        return max_pool2d_backward(h, g, (kk, kk), (kk, kk))
+        taps, kk = saved.pop(), layer.kernel_size
+        return max_pool2d_scatter(g, taps, (kk, kk), (kk, kk))
     if isinstance(layer, Dropout):
         return dropout_scale(g, saved.pop(), layer.ratio) if ctx.dropout_on else g
     return relu_backward(g, saved)  # ReLU

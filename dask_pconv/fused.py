@@ -78,8 +78,8 @@ from .kernels import (
     linear_grad_w,
     linear_grad_x,
     log_softmax,
-    max_pool2d_backward,
-    max_pool2d_forward,
+    max_pool2d_forward_taps,
+    max_pool2d_scatter,
     onehot,
 )
 from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
@@ -150,8 +150,9 @@ def _layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
         return relu_forward(h, saved)
     if isinstance(layer, MaxPool2d):
         k, s = layer.kernel_size, layer.stride or layer.kernel_size
-        saved.append(h)
-        return max_pool2d_forward(h, (k, k), (s, s))
+        best, taps = max_pool2d_forward_taps(h, (k, k), (s, s))
+        saved.append((h.shape, taps))  # the backward routes by these taps, not searching h again
+        return best
     if isinstance(layer, Dropout):
         if not ctx.dropout:
             return h
@@ -180,11 +181,11 @@ def _layer_backward(i, layer, g, p, ctx, saved, grads):
     if isinstance(layer, ReLU):
         return relu_backward(g, saved)
     if isinstance(layer, MaxPool2d):
-        h, k = saved.pop(), layer.kernel_size
+        (shape, taps), k = saved.pop(), layer.kernel_size
         s = layer.stride or k
-        gx = max_pool2d_backward(h, g, (k, k), (s, s))
-        if gx.shape != h.shape:  # the rows and columns no window reached (floor)
-            full = xp.zeros(h.shape, dtype=g.dtype)
+        gx = max_pool2d_scatter(g, taps, (k, k), (s, s))
+        if gx.shape != shape:  # the rows and columns no window reached (floor)
+            full = xp.zeros(shape, dtype=g.dtype)
             full[:, :, : gx.shape[2], : gx.shape[3]] = gx
             gx = full
         return gx

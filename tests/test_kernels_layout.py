@@ -87,6 +87,12 @@ def _cases():
         "max_pool2d_forward": (kernels.max_pool2d_forward, (x, (2, 2), (2, 2), (1, 2)), {}),
         "max_pool2d_argmax": (kernels.max_pool2d_argmax, (x, (2, 2), (2, 2), (1, 1), (0, 0), 18), {}),
         "max_pool2d_backward": (kernels.max_pool2d_backward, (x, g6[:, :, :10, :9], (2, 2), (2, 2)), {}),
+        "max_pool2d_forward_taps": (kernels.max_pool2d_forward_taps, (x, (2, 2), (2, 2)), {}),
+        "max_pool2d_scatter": (
+            kernels.max_pool2d_scatter,
+            (g6[:, :, :10, :9], (x[:, :, :10, :9] > 0).astype(np.int32) * 3, (2, 2), (2, 2)),
+            {},
+        ),
         "onehot": (kernels.onehot, (np.arange(12) % 5, 5, np.float32), {}),
         "log_softmax": (kernels.log_softmax, (g2 * 30,), {}),
         "cross_entropy_sum": (

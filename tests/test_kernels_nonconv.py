@@ -119,8 +119,10 @@ def test_pool_backward_argmax_is_the_forward_argmax(kernel, stride, dilation, or
     x[rng.random(x.shape) < 0.1] = -np.inf
     x[:, :, : max(0, -origin[0])] = -np.inf  # the padding rows and columns
     x[:, :, :, : max(0, -origin[1])] = -np.inf
-    _, want = pool._argmax_taps(x, kernel, stride, dilation, origin)
-    np.testing.assert_array_equal(pool._argmax_index(x, kernel, stride, dilation, origin), want)
+    want_best, want = pool._argmax_taps(x, kernel, stride, dilation, origin)
+    best, taps = pool._argmax_index(x, kernel, stride, dilation, origin)
+    np.testing.assert_array_equal(taps, want)
+    np.testing.assert_array_equal(best, want_best)  # NaN where NaN, the same maxima
 
 
 def _shifted(shape, dtype, shift=300.0):
@@ -153,3 +155,17 @@ def test_batch_norm_kernels_on_data_far_from_zero(dtype, shape):
     gamma = np.linspace(0.5, 1.5, x.shape[1]).astype(dtype)
     y = kernels.bn_forward(x, stats, gamma, np.zeros_like(gamma), 2e-5, False)
     np.testing.assert_allclose(y, xhat * gamma.reshape(b), atol=1e2 * tol)
+
+
+@pytest.mark.parametrize("k, s", [((2, 2), (2, 2)), ((3, 3), (2, 2)), ((2, 3), (1, 2))])
+def test_pool_taps_kept_from_the_forward_route_the_gradient_as_the_backward_does(k, s):
+    """What a fused stage keeps (values and taps) gives the forward's values and the backward's
+    gradient, bit for bit."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    x[0, 0, :2, :2] = 1.5  # ties: the first tap wins, in both
+    best, taps = kernels.max_pool2d_forward_taps(x, k, s)
+    np.testing.assert_array_equal(best, kernels.max_pool2d_forward(x, k, s))
+    gy = rng.standard_normal(best.shape).astype(np.float32)
+    want = kernels.max_pool2d_backward(x, gy, k, s)
+    np.testing.assert_array_equal(kernels.max_pool2d_scatter(gy, taps, k, s), want)

@@ -17,7 +17,13 @@ from .labels import onehot
 from .linear import linear_forward, linear_grad_w, linear_grad_x
 from .loss import cross_entropy_sum, log_softmax
 from .norm import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, bn_running, combine_stats
-from .pool import max_pool2d_argmax, max_pool2d_backward, max_pool2d_forward
+from .pool import (
+    max_pool2d_argmax,
+    max_pool2d_backward,
+    max_pool2d_forward,
+    max_pool2d_forward_taps,
+    max_pool2d_scatter,
+)
 
 __all__ = [
     "Padded",
@@ -47,5 +53,7 @@ __all__ = [
     "max_pool2d_argmax",
     "max_pool2d_backward",
     "max_pool2d_forward",
+    "max_pool2d_forward_taps",
+    "max_pool2d_scatter",
     "onehot",
 ]

@@ -87,11 +87,12 @@ def max_pool2d_argmax(x, kernel_size, stride, dilation, origin, width):
 
 
 def _argmax_index(x, kernel_size, stride, dilation, origin):
-    """Tap index of each window's argmax, as :func:`_argmax_taps` gives it, without a ``where``
-    per tap (NumPy's branches on every element, slow on the random comparisons of pooling,
-    see ``_select``): ``maximum`` keeps the maximum so far (it propagates NaN, so it takes the
-    same decisions as ``where(better, v, best)``), and since the taps are visited in increasing
-    order, a tap that wins is the largest index so far: ``idx = maximum(idx, better * t)``."""
+    """Max and tap index of each window's argmax, as :func:`_argmax_taps` gives them, without a
+    ``where`` per tap (NumPy's branches on every element, slow on the random comparisons of
+    pooling, see ``_select``): ``maximum`` keeps the maximum so far (it propagates NaN, so it
+    takes the same decisions as ``where(better, v, best)``), and since the taps are visited in
+    increasing order, a tap that wins is the largest index so far: ``idx = maximum(idx, better
+    * t)``."""
     xp = array_namespace(x)
     kw = kernel_size[1]
     N, C, Hw, Ww = x.shape
@@ -106,19 +107,33 @@ def _argmax_index(x, kernel_size, stride, dilation, origin):
         won = better.astype(idx.dtype)
         won *= i * kw + j  # a Python int: no host-to-device copy
         idx = xp.maximum(idx, won)
-    return idx
+    return best, idx
+
+
+@layout_invariant
+def max_pool2d_forward_taps(x, kernel_size, stride, dilation=(1, 1)):
+    """``(values, taps)``: the max of each window and the tap index ``i*kw + j`` it came from
+    (int32), as :func:`max_pool2d_backward` finds them; a backward that keeps ``taps`` routes
+    the gradient with :func:`max_pool2d_scatter` without searching ``x`` again."""
+    return _argmax_index(materialize(x), kernel_size, stride, dilation, (0, 0))
+
+
+@layout_invariant
+def max_pool2d_scatter(gy, taps, kernel_size, stride, dilation=(1, 1)):
+    """Route ``gy`` to each window's tap ``taps`` (from :func:`max_pool2d_forward_taps`):
+    a block of the window's shape, ``geometry.block_window_hw`` of ``gy``'s."""
+    xp = array_namespace(gy)
+    kw = kernel_size[1]
+    N, C, oH, oW = gy.shape
+    Hw, Ww = geo.block_window_hw((oH, oW), kernel_size, stride, dilation)
+    gx = xp.zeros((N, C, Hw, Ww), dtype=gy.dtype)
+    for i, j, (sl_y, sl_x) in geo.taps(kernel_size, (oH, oW), stride, dilation):
+        gx[:, :, sl_y, sl_x] += where_zero(taps == i * kw + j, gy)
+    return gx
 
 
 @layout_invariant
 def max_pool2d_backward(x, gy, kernel_size, stride, dilation=(1, 1), origin=(0, 0)):
     """Route ``gy`` to the argmax of each window; returns a block of ``x``'s shape."""
-    x = materialize(x)
-    xp = array_namespace(x, gy)
-    kw = kernel_size[1]
-    idx = _argmax_index(x, kernel_size, stride, dilation, origin)
-    N, C, oH, oW = gy.shape
-    Hw, Ww = geo.block_window_hw((oH, oW), kernel_size, stride, dilation)
-    gx = xp.zeros((N, C, Hw, Ww), dtype=gy.dtype)
-    for i, j, (sl_y, sl_x) in geo.taps(kernel_size, (oH, oW), stride, dilation):
-        gx[:, :, sl_y, sl_x] += where_zero(idx == i * kw + j, gy)
-    return gx
+    _, taps = _argmax_index(materialize(x), kernel_size, stride, dilation, origin)
+    return max_pool2d_scatter(gy, taps, kernel_size, stride, dilation)
