@@ -150,8 +150,9 @@ CONV_KERNELS = ("conv2d_forward", "conv2d_grad_x", "conv2d_grad_w", "conv2d_grad
 FUSED_TASKS = {
     "dask_pconv/fused.py": (
         *("stage_forward", "last_stage", "stage_backward"),
-        *("sgd_velocity", "_add", "running", "_mean_of"),
+        *("sgd_velocity", "running", "_mean_of"),
     ),
+    "dask_pconv/optim.py": ("apply_velocity",),
     "dask_pconv/_fused_tiles.py": ("tile_forward", "tile_backward", "concat_tiles"),
 }
 

@@ -84,7 +84,7 @@ from .kernels import (
 )
 from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .ops.nn import dropout_key
-from .optim import MomentumSGD, velocity
+from .optim import MomentumSGD, apply_velocity, velocity
 
 __all__ = ["fusable", "fused_training_step"]
 
@@ -260,10 +260,6 @@ def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
     hold beta's in row 0, gamma's in row 1)."""
     g = _sum_parts(parts)
     return velocity(v, g if row is None else g[row], p, momentum, lr, weight_decay)
-
-
-def _add(p, v):
-    return p + v
 
 
 def running(parts, old_mean, old_var, decay, which):
@@ -459,7 +455,7 @@ class _StepGraph:
             value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
             new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
             # a task of its own: computing the velocity again here costs more than the hop
-            value = (_add, p, new_v[name])
+            value = (apply_velocity, p, new_v[name])
             new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
         for node, b in bn_of.items():
             layer = self.segs[b][0][1].layer

@@ -8,7 +8,7 @@ from dask.base import tokenize
 
 from .backend import on_device_of, to_dask_array
 
-__all__ = ["MomentumSGD", "velocity"]
+__all__ = ["MomentumSGD", "apply_velocity", "velocity"]
 
 
 class MomentumSGD:
@@ -76,7 +76,9 @@ class MomentumSGD:
                 meta=p._meta,
                 name=f"sgd-velocity-{tok}",
             )
-            new_p[k] = da.map_blocks(_add, p, new_v[k], dtype=p.dtype, meta=p._meta, name=f"sgd-update-{tok}")
+            new_p[k] = da.map_blocks(
+                apply_velocity, p, new_v[k], dtype=p.dtype, meta=p._meta, name=f"sgd-update-{tok}"
+            )
         return new_p, new_v
 
 
@@ -88,5 +90,6 @@ def velocity(v, g, p, momentum, lr, weight_decay):
     return (momentum * v - lr * (g + weight_decay * p)).astype(dt, copy=False)
 
 
-def _add(p, v):
+def apply_velocity(p, v):
+    """One block's parameter after the step: ``p + v``, ``v`` its new :func:`velocity`."""
     return p + v
