@@ -151,6 +151,43 @@ def test_a_program_trains_like_pytorch_in_every_split(split, residual):
             assert_close(grads[k], gt[k], np.float64)
 
 
+def segmentation_program():
+    """A fully convolutional network: per-pixel logits (N, 5, H, W)."""
+    return sequential(
+        ("conv", Conv2d(3, 4, 3, padding=1)),
+        ("bn", BatchNorm(4, relu=True)),
+        ("head", Conv2d(4, 5, 1, bias=True)),
+    )
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_per_pixel_logits_train_with_per_pixel_labels_in_every_split(split):
+    """(N, H, W) labels for (N, K, H, W) logits: the loss is the mean over every pixel, as in
+    ``F.cross_entropy``, and the gradients equal the unsplit run's (and PyTorch's)."""
+    t = np.random.default_rng(9).integers(0, 5, (6, 8, 8))
+    model = Model(segmentation_program(), seed=1, dtype=np.float64)
+    ref = dask.compute(*model.forward_backward(X, t, dropout=False))
+    spec, cs = SPLITS[split]
+    loss, grads = dask.compute(
+        *model.forward_backward(dp.split(X, **spec), t, dropout=False, channel_split=cs)
+    )
+    assert abs(loss - ref[0]) <= 1e-12 * abs(ref[0])
+    for k in grads:
+        assert_close(grads[k], ref[1][k], np.float64)
+    if optional.HAVE_TORCH:
+        import torch
+        import torch.nn.functional as F
+
+        p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+        h = F.conv2d(torch.tensor(X), p["conv.W"], padding=1)
+        h = F.relu(F.batch_norm(h, None, None, p["bn.gamma"], p["bn.beta"], True, eps=2e-5))
+        lt = F.cross_entropy(F.conv2d(h, p["head.W"], p["head.b"]), torch.tensor(t))
+        lt.backward()
+        assert abs(loss - lt.item()) <= 1e-10 * abs(lt.item())
+        for k in grads:
+            assert_close(grads[k], p[k].grad.numpy(), np.float64)
+
+
 def test_training_mode_updates_every_running_statistic_and_evaluation_none():
     model = Model(residual_program(), dtype=np.float64)
     z, state = model.forward(X)

@@ -4,6 +4,7 @@ in tests/test_autodiff.py)."""
 
 import dask.array as da
 import numpy as np
+import optional
 import pytest
 
 from dask_pconv import autodiff as ad
@@ -106,6 +107,60 @@ def test_softmax_cross_entropy_and_its_vjp_match_numpy(chunks):
     onehot = np.eye(5)[t]
     got = nn.softmax_cross_entropy_vjp(zd, td, da.asarray(2.0)).compute()
     assert_close(got, (np.exp(logp) - onehot) * 2.0 / 6, np.float64)
+
+
+PIXEL_CHUNKS = [(3, 4, 5, 6), (1, 4, 5, 6), (3, (1, 3), (2, 3), (4, 2)), (2, 2, 1, 5)]
+
+
+@pytest.mark.parametrize("chunks", PIXEL_CHUNKS, ids=str)
+def test_per_pixel_softmax_cross_entropy_its_vjp_and_accuracy_match_numpy(chunks):
+    """(N, K, H, W) logits of a segmentation network with (N, H, W) labels: the mean over
+    every pixel, in any chunking of the batch, class and spatial axes."""
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((3, 4, 5, 6)) * 4
+    t = rng.integers(0, 4, (3, 5, 6))
+    logp = z - z.max(axis=1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    onehot = np.moveaxis(np.eye(4)[t], -1, 1)
+    zd, td = d(z, chunks), d(t, (chunks[0],) + chunks[2:])
+    assert_close(nn.softmax_cross_entropy(zd, td).compute(), -(logp * onehot).sum() / t.size, np.float64)
+    got = nn.softmax_cross_entropy_vjp(zd, td, da.asarray(3.0)).compute()
+    assert_close(got, (np.exp(logp) - onehot) * 3.0 / t.size, np.float64)
+    assert nn.accuracy(zd, d(t)).compute() == np.mean(z.argmax(axis=1) == t)
+
+
+def test_per_pixel_loss_reproduces_its_bits_for_a_split():
+    """The same chunking gives the same bits on every run (the partial sums add in one order)."""
+    rng = np.random.default_rng(6)
+    z, t = rng.standard_normal((4, 3, 8, 8)).astype("f4"), rng.integers(0, 3, (4, 8, 8))
+    runs = {
+        nn.softmax_cross_entropy(d(z, (2, 3, 4, 4)), d(t, (2, 4, 4))).compute().tobytes() for _ in range(5)
+    }
+    assert len(runs) == 1
+
+
+def test_cross_entropy_rejects_labels_that_do_not_fit_the_logits():
+    z = d(np.zeros((2, 3, 4, 4)))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 4, 4\)"):
+        nn.softmax_cross_entropy(z, d(np.zeros(2, int)))
+    with pytest.raises(TypeError, match="labels must be integers"):
+        nn.softmax_cross_entropy(z, d(np.zeros((2, 4, 4))))
+    with pytest.raises(ValueError, match=r"logits must be \(N, K\) or per-pixel"):
+        nn.softmax_cross_entropy(d(np.zeros((2, 3, 4))), d(np.zeros((2, 4), int)))
+
+
+def test_per_pixel_loss_and_gradient_match_torch():
+    torch = optional.need_torch()
+
+    rng = np.random.default_rng(7)
+    z, t = rng.standard_normal((2, 5, 6, 7)), rng.integers(0, 5, (2, 6, 7))
+    zt = torch.tensor(z, requires_grad=True)
+    want = torch.nn.functional.cross_entropy(zt, torch.tensor(t))
+    want.backward()
+    zd, td = d(z, (1, 5, 3, (3, 4))), d(t, (1, 3, (3, 4)))
+    assert_close(nn.softmax_cross_entropy(zd, td).compute(), want.item(), np.float64)
+    g = nn.softmax_cross_entropy_vjp(zd, td, da.asarray(1.0)).compute()
+    assert_close(g, zt.grad.numpy(), np.float64)
 
 
 def test_relu_and_its_vjp_match_numpy():

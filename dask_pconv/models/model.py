@@ -151,9 +151,11 @@ class Model:
         x = self._input(x)
         p = self._tensors(self.dask_params(x, channel_split) if params is None else params)
         z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p, state=state)
-        t = to_dask_array(t, (z.value.chunks[0],))
-        if t.chunks[0] != z.value.chunks[0]:
-            t = t.rechunk((z.value.chunks[0],))
+        zc = z.value.chunks
+        labels = (zc[0],) + zc[2:]  # (N,) rows, or (N, H, W) pixels of a segmentation output
+        t = to_dask_array(t, labels if np.ndim(t) == len(labels) else -1)
+        if t.ndim == len(labels) and t.chunks != labels:
+            t = t.rechunk(labels)
         loss = ad.softmax_cross_entropy(z, t)
         grads = ad.grad(loss, p)
         aux = {"accuracy": ad.accuracy(z, t), "state": state, "logits": z.value}

@@ -352,12 +352,27 @@ def dropout(x, ratio, seed, step, layer):
     )
 
 
-def _onehot(t, z):
-    """``(N, K)`` one-hot rows of the labels ``t``, chunked like ``z``, in ``z``'s library."""
+def _labels(t, z):
+    """The labels as a Dask array chunked like ``z`` without its class axis (axis 1): ``(N,)``
+    for ``(N, K)`` logits, ``(N, H, W)`` for per-pixel ``(N, K, H, W)`` logits."""
+    want = (z.shape[0],) + tuple(z.shape[2:])
     t = on_device_of(to_dask_array(t, -1), z)
+    if tuple(t.shape) != want:
+        raise ValueError(f"labels must have shape {want} for logits of shape {z.shape}, got {t.shape}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got dtype {t.dtype}")
+    chunks = (z.chunks[0],) + z.chunks[2:]
+    return t if t.chunks == chunks else t.rechunk(chunks)
+
+
+def _onehot(t, z):
+    """One-hot labels along axis 1, shaped and chunked like ``z`` (``(N, K)`` rows or
+    ``(N, K, H, W)`` pixels), in ``z``'s library."""
+    t = _labels(t, z)
     K = z.shape[1]
-    meta = meta_from_array(z._meta, ndim=2, dtype=z.dtype)
-    rows = t.map_blocks(onehot, K, z.dtype, new_axis=1, chunks=(t.chunks[0], (K,)), dtype=z.dtype, meta=meta)
+    meta = meta_from_array(z._meta, ndim=z.ndim, dtype=z.dtype)
+    chunks = (t.chunks[0], (K,)) + t.chunks[1:]
+    rows = t.map_blocks(onehot, K, z.dtype, new_axis=1, chunks=chunks, dtype=z.dtype, meta=meta)
     return rows.rechunk(z.chunks)
 
 
@@ -370,32 +385,49 @@ def _log_softmax(z):
     return z.map_blocks(log_softmax, dtype=z.dtype, meta=z._meta, name=f"log-softmax-{tokenize(z)}")
 
 
-def softmax_cross_entropy(z, t):
-    """Mean over the batch of ``-log softmax(z)[t]``; ``z`` (N, K) logits, ``t`` (N,) labels.
+def _check_logits(z):
+    if z.ndim not in (2, 4):
+        raise ValueError(f"logits must be (N, K) or per-pixel (N, K, H, W), got shape {z.shape}")
 
-    One task per chunk of rows sums its rows' losses (a kernel: the same bits for any layout
-    of the block), then a tree sums those partial sums."""
+
+def softmax_cross_entropy(z, t):
+    """Mean of ``-log softmax(z)[t]`` over the batch (and the pixels).
+
+    ``z`` are (N, K) logits with (N,) labels ``t``, or per-pixel (N, K, H, W) logits (a
+    segmentation network's output, classes on axis 1) with (N, H, W) labels: then the mean is
+    over all ``N * H * W`` pixels, as ``torch.nn.functional.cross_entropy`` takes it.  Any
+    chunking of the batch and spatial axes; the class axis is made whole.
+
+    One task per block sums its rows' (pixels') losses (a kernel: the same bits for any layout
+    of the block), then a tree sums those partial sums, in an order fixed by the chunking."""
     _plain(z=z, t=t)
+    _check_logits(z)
     z = _whole_rows(z)
-    meta = meta_from_array(z._meta, ndim=1, dtype=z.dtype)
+    meta = meta_from_array(z._meta, ndim=z.ndim - 1, dtype=z.dtype)
     parts = da.map_blocks(
-        cross_entropy_sum,
+        _block_loss,
         z,
         _onehot(t, z),
         drop_axis=1,
-        chunks=((1,) * z.numblocks[0],),
+        chunks=tuple((1,) * n for i, n in enumerate(z.numblocks) if i != 1),
         dtype=z.dtype,
         meta=meta,
         name=f"cross-entropy-sum-{tokenize(z, t)}",
     )
-    return parts.sum() / z.shape[0]
+    return parts.sum() / (z.size // z.shape[1])
+
+
+def _block_loss(z, rows):
+    """The block's summed loss, shaped like one element of the partial-sum array."""
+    return cross_entropy_sum(z, rows).reshape((1,) * (z.ndim - 1))
 
 
 def softmax_cross_entropy_vjp(z, t, g):
     """Gradient of :func:`softmax_cross_entropy` with respect to ``z``, chunked like ``z``."""
     _plain(z=z, t=t, g=g)
+    _check_logits(z)
     whole = _whole_rows(z)
-    g_z = (da.exp(_log_softmax(whole)) - _onehot(t, whole)) * (g / z.shape[0])
+    g_z = (da.exp(_log_softmax(whole)) - _onehot(t, whole)) * (g / (z.size // z.shape[1]))
     return g_z if g_z.chunks == z.chunks else g_z.rechunk(z.chunks)
 
 
@@ -404,16 +436,18 @@ def _argmax_rows(block):
 
 
 def accuracy(z, t):
-    """Fraction of rows whose arg-max equals the label (a lazy scalar).
+    """Fraction of rows (of pixels, for (N, K, H, W) logits and (N, H, W) labels) whose
+    arg-max over the classes equals the label (a lazy scalar).
 
     The arg-max is taken block by block over whole rows (the class axis is one chunk, rechunked
     if it was split): Dask's general arg-reduction across chunks goes through a structured
     dtype that CuPy supports only partly (https://github.com/dask/dask/issues/7997)."""
     _plain(z=z, t=t)
+    _check_logits(z)
     if z.numblocks[1] > 1:
         z = z.rechunk({1: -1})
-    meta = meta_from_array(z._meta, ndim=1, dtype=np.intp)
+    meta = meta_from_array(z._meta, ndim=z.ndim - 1, dtype=np.intp)
     pred = z.map_blocks(
         _argmax_rows, drop_axis=1, dtype=np.intp, meta=meta, name=f"accuracy-argmax-{tokenize(z)}"
     )
-    return (pred == on_device_of(to_dask_array(t, -1), z)).mean()
+    return (pred == _labels(t, z)).mean()
