@@ -6,7 +6,7 @@ unsplit convolution.
 """
 
 from .ops import conv2d, conv2d_vjp, max_pool2d, max_pool2d_vjp, split
-from .store import conv2d_to_zarr, features_to_zarr, open_image, to_zarr
+from .store import conv2d_to_zarr, features_to_zarr, open_image, predict_to_zarr, to_zarr
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "max_pool2d",
     "max_pool2d_vjp",
     "open_image",
+    "predict_to_zarr",
     "split",
     "to_zarr",
     "__version__",

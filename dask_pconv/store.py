@@ -26,7 +26,7 @@ from ._client import active_client, scatter_arrays
 from .backend import is_numpy
 from .ops import conv2d
 
-__all__ = ["conv2d_to_zarr", "features_to_zarr", "open_image", "to_zarr"]
+__all__ = ["conv2d_to_zarr", "features_to_zarr", "open_image", "predict_to_zarr", "to_zarr"]
 
 _EXTRA_HINT = "pip install 'dask-pconv[zarr]'"
 
@@ -284,13 +284,67 @@ def features_to_zarr(
     """
     _check_not_in_place(src, component, dst, dst_component)
     x = open_image(src, component, tile)
-    client = active_client()
-    if client is not None and isinstance(getattr(model, "params", None), dict):
-        # the weights go to the workers once instead of inside the graph; the model is unchanged
-        model = copy.copy(model)
-        model.params = scatter_arrays(model.params, client)
-        model.state = scatter_arrays(getattr(model, "state", {}), client)
+    model = _weights_on_workers(model)
     return to_zarr(model.features(x, blocks), dst, dst_component, overwrite=overwrite, **zarr_kwargs)
+
+
+def predict_to_zarr(
+    model, src, dst, tile=None, component=None, dst_component=None, overwrite=False, **zarr_kwargs
+):
+    """Run a fully convolutional model over an image in a zarr store into another, tile by tile.
+
+    ``to_zarr(model.predict(open_image(src, component, tile)), dst, ...)``: every layer in
+    evaluation mode (BatchNorm's running statistics, no dropout), each on the tiles of its
+    input with the halos its window needs from the neighbouring tiles, so the result equals
+    the module run on the whole image, and memory stays bounded by a few tiles per worker
+    (the halos grow with the receptive field, layer by layer).  With a ``distributed`` client
+    active, the model's NumPy weights are scattered to the workers once instead of travelling
+    inside the graph; ``model`` itself is not changed.
+
+    Parameters
+    ----------
+    model : dask_pconv.models.Model
+        E.g. from :func:`dask_pconv.from_torch`: any model whose output is an image
+        ``(N, C_out, H_out, W_out)`` (a segmentation network); its ``input_shape``, if set,
+        must allow the image's size.
+    src, dst, component, dst_component, overwrite, **zarr_kwargs
+        As in :func:`conv2d_to_zarr`.
+    tile : int or (int, int), optional
+        Input tile size; ``None`` keeps the store's chunks.  A network that pools or strides by
+        ``f`` overall keeps every layer's tiles aligned with tiles that are multiples of ``f``.
+
+    Returns
+    -------
+    zarr.Array
+        The prediction, chunked like the output's tiles.
+
+    Raises
+    ------
+    ValueError
+        If the model's output is not 4-D (a classifier's logits are not an image: use
+        ``dp.to_zarr(model.predict(x), ...)``), or ``dst`` is the input array.
+    """
+    _check_not_in_place(src, component, dst, dst_component)
+    x = open_image(src, component, tile)
+    y = _weights_on_workers(model).predict(x)
+    if y.ndim != 4:
+        raise ValueError(
+            f"predict_to_zarr writes an image, but the model's output has shape {y.shape}; "
+            "for a classifier's logits use dp.to_zarr(model.predict(x), dst)"
+        )
+    return to_zarr(y, dst, dst_component, overwrite=overwrite, **zarr_kwargs)
+
+
+def _weights_on_workers(model):
+    """``model``, or with a ``distributed`` client active, a shallow copy of it whose NumPy
+    parameters and state are scattered to the workers once (instead of inside the graph)."""
+    client = active_client()
+    if client is None or not isinstance(getattr(model, "params", None), dict):
+        return model
+    model = copy.copy(model)
+    model.params = scatter_arrays(model.params, client)
+    model.state = scatter_arrays(getattr(model, "state", {}), client)
+    return model
 
 
 def _check_not_in_place(src, component, dst, dst_component):

@@ -155,6 +155,45 @@ def test_features_to_zarr_equals_features(tmp_path):
     np.testing.assert_allclose(z[...], expected, rtol=1e-5, atol=1e-5)
 
 
+def _segmenter(in_channels=1, width=8, seed=0):
+    """A small fully convolutional model (per-pixel logits at half resolution), with running
+    statistics that are not the initial ones."""
+    from dask_pconv.models import BatchNorm, Conv2d, MaxPool2d, Model, sequential
+
+    program = sequential(
+        ("c1", Conv2d(in_channels, width, 3, padding=1)),
+        ("bn1", BatchNorm(width, relu=True)),
+        ("pool", MaxPool2d(2)),
+        ("c2", Conv2d(width, width, 3, padding=2, bias=True)),
+        ("bn2", BatchNorm(width, relu=True)),
+        ("head", Conv2d(width, 3, 1, bias=True)),
+    )
+    m = Model(program, seed=seed)
+    rng = np.random.default_rng(seed)
+    m.state = {k: (rng.random(v.shape) + 0.5).astype(v.dtype) for k, v in m.state.items()}
+    return m
+
+
+def test_predict_to_zarr_equals_predict_on_the_whole_image(tmp_path):
+    m = _segmenter(in_channels=2, seed=3)
+    x = np.random.default_rng(2).standard_normal((2, 2, 40, 56)).astype("f4")
+    zarr.create_array(str(tmp_path / "x.zarr"), data=x, chunks=(1, 2, 20, 20))
+    z = dp.predict_to_zarr(m, tmp_path / "x.zarr", tmp_path / "y.zarr", tile=(12, 16))
+    with dask.config.set(scheduler="synchronous"):
+        expected = m.predict(da.from_array(x)).compute()
+    assert z.shape == expected.shape == (2, 3, 22, 30)  # (40, 56) / 2 by the pool, + 2 * 2 - 2
+    assert z.chunks[:2] == (1, 3)
+    assert_close(z[...], expected, np.float32)
+
+
+def test_predict_to_zarr_refuses_a_model_whose_output_is_not_an_image(tmp_path):
+    dp.to_zarr(da.zeros((1, 3, 32, 32), chunks=(1, 3, 16, 16), dtype="f4"), tmp_path / "x.zarr")
+    with pytest.raises(ValueError, match="for a classifier's logits use dp.to_zarr"):
+        dp.predict_to_zarr(VGG16(width=0.125), tmp_path / "x.zarr", tmp_path / "y.zarr")
+    with pytest.raises(ValueError, match="would erase the input"):
+        dp.predict_to_zarr(_segmenter(3), tmp_path / "x.zarr", tmp_path / "x.zarr", overwrite=True)
+
+
 # -- on a cluster: images several times the workers' memory ---------------------------------
 
 # Dask's memory management would hide a graph that does not stream: spilling moves held blocks
@@ -279,6 +318,29 @@ def test_to_zarr_copies_device_blocks_to_the_host(tmp_path):
 
 
 @pytest.mark.cluster
+@pytest.mark.cluster
+def test_predict_to_zarr_within_memory(client, tmp_path):
+    """Every layer's output is 8 channels x 8 MiB (the first) or 16 MiB: all of them together
+    ~190 MiB, about half the workers' 2 x 192 MiB (most of which the libraries take); run
+    tile by tile, a worker holds a few tiles."""
+    m = _segmenter(in_channels=1, seed=4)
+    H, W = 2048, 1024
+    with dask.config.set(scheduler="synchronous"):
+        dp.to_zarr(_image((H, W), (128, W)), tmp_path / "x.zarr")
+    with peak_memory(client) as mem:
+        z = dp.predict_to_zarr(m, tmp_path / "x.zarr", tmp_path / "y.zarr", tile=(256, 512))
+    _check_memory(mem)
+    assert z.shape == (1, 3, H // 2 + 2, W // 2 + 2)
+    x = zarr.open_array(str(tmp_path / "x.zarr"), mode="r")
+    with dask.config.set(scheduler="synchronous"):
+        corner = m.predict(x[:, :, :64, :64]).compute()
+        inner = m.predict(x[:, :, 1000:1100, 500:600]).compute()
+    # an output pixel reads 8 input pixels each side: the corner's reach the image edge, the
+    # inner ones stay inside the crop
+    assert_close(z[:, :, :24, :24], corner[:, :, :24, :24], np.float32)
+    assert_close(z[:, :, 508:544, 258:294], inner[:, :, 8:44, 8:44], np.float32)
+
+
 def test_features_to_zarr_sends_the_weights_once_not_in_the_graph(tmp_path):
     """On a distributed cluster the model's NumPy weights are scattered to the workers instead
     of travelling in the graph (width 1/2: 15 MB, over distributed's large-graph warning, an
