@@ -241,8 +241,8 @@ def chunk_batch(x, t, split=None, to_device=None):
     ----------
     x : float array, shape (N, C, H, W)
         Images of one batch.
-    t : int array, shape (N,)
-        Their labels.
+    t : int array, shape (N,) or (N, H, W)
+        Their labels: one per image, or one per pixel (a segmentation network's targets).
     split : dict or str, optional
         As returned by :func:`parse_split` (a string is parsed first).  ``batch`` and
         ``spatial`` chunk ``x`` as :func:`dask_pconv.split` does.  ``out_channel`` (or its
@@ -256,23 +256,25 @@ def chunk_batch(x, t, split=None, to_device=None):
     -------
     xd : dask.array.Array, shape (N, C, H, W)
         ``x`` chunked ``(batch, 1, nh, nw)`` ways, the larger pieces first.
-    td : dask.array.Array, shape (N,)
-        ``t`` chunked along N exactly like ``xd``'s axis 0.
+    td : dask.array.Array, shape (N,) or (N, H, W)
+        ``t`` chunked along N exactly like ``xd``'s axis 0 (and per-pixel labels along H, W
+        like ``xd``'s tiles).
     """
     split = _normalize_split(split)
     x = np.asarray(x)
     t = np.asarray(t)
     if x.ndim != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {x.shape}")
-    if t.shape != x.shape[:1]:
-        raise ValueError(f"t must have shape ({len(x)},) to match x {x.shape}, got {t.shape}")
+    if t.shape not in (x.shape[:1], x.shape[:1] + x.shape[2:]):
+        n, _, h, w = x.shape
+        raise ValueError(f"t must have shape ({n},) or ({n}, {h}, {w}) to match x {x.shape}, got {t.shape}")
     # dask_pconv.split fixes the chunk sizes; building the array with those chunks directly
     # (rather than rechunking one block) gives one graph piece per chunk, so on a cluster each
     # worker receives only its own part of the batch.
     single = da.from_array(x, chunks=x.shape, name=False)
     chunks = _split(single, batch=split.get("batch"), spatial=split.get("spatial")).chunks
     xd = da.from_array(x, chunks=chunks)
-    td = da.from_array(t, chunks=(chunks[0],))
+    td = da.from_array(t, chunks=(chunks[0],) + (chunks[2:] if t.ndim == 3 else ()))
     if to_device is None:
         return xd, td
     # a new name per call: with a name hashed from the batch, a batch seen again (the same

@@ -68,10 +68,11 @@ class Dataset:
     x : float array, shape (N, C, H, W)
         Images, stored as float32.  The loaders of this module give ``(N, 3, 32, 32)`` with
         values in ``[0, 1]``.
-    t : array of ints, shape (N,)
-        Class labels in ``[0, n_classes)``, stored as int64.
+    t : array of ints, shape (N,) or (N, H, W)
+        Class labels in ``[0, n_classes)``, stored as int64: one per image, or one per pixel
+        (the targets of a segmentation network, whose output is ``(N, n_classes, H, W)``).
     n_classes : int
-        Number of classes (the width of the model's last layer).
+        Number of classes (the width of the model's last layer, or its output channels).
     name : str
         A label for logs, e.g. ``"digits/train"``.
 
@@ -97,8 +98,11 @@ class Dataset:
         if not np.issubdtype(x.dtype, np.floating):
             # integer pixels would need a scale (255? 16?) that only the loader knows
             raise TypeError(f"Dataset x must have a floating dtype, got {x.dtype}")
-        if t.ndim != 1 or len(t) != len(x):
-            raise ValueError(f"Dataset t must have shape ({len(x)},) to match x {x.shape}, got {t.shape}")
+        if t.shape not in (x.shape[:1], x.shape[:1] + x.shape[2:]):
+            n, _, h, w = x.shape
+            raise ValueError(
+                f"Dataset t must have shape ({n},) or ({n}, {h}, {w}) to match x {x.shape}, got {t.shape}"
+            )
         if len(t) and not np.issubdtype(t.dtype, np.integer):
             raise TypeError(f"Dataset t must hold integer labels, got dtype {t.dtype}")
         if len(t) and (t.min() < 0 or t.max() >= n_classes):

@@ -345,6 +345,16 @@ def test_chunk_batch_chunks():
     assert xd.chunks == data.chunk_batch(x, t, "batch:4,spatial:2x3")[0].chunks
 
 
+def test_chunk_batch_tiles_per_pixel_labels_like_the_images():
+    x = np.random.default_rng(1).random((6, 2, 12, 10), dtype=np.float32)
+    t = np.random.default_rng(1).integers(0, 3, (6, 12, 10))
+    xd, td = data.chunk_batch(x, t, "batch:2,spatial:3x2")
+    assert td.chunks == (xd.chunks[0],) + xd.chunks[2:]
+    np.testing.assert_array_equal(td.compute(), t)
+    with pytest.raises(ValueError, match=r"t must have shape \(6,\) or \(6, 12, 10\)"):
+        data.chunk_batch(x, t[:, :5], {})
+
+
 def test_to_dask_is_the_first_name_of_chunk_batch():
     from dask_pconv import batching
 

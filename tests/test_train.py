@@ -382,3 +382,32 @@ def test_every_step_counts_as_many_tasks_a_resumed_first_step_too(small_data, tm
     tr.tasks_per_step = None  # a step whose inputs are the previous step's results
     tr.train_step(x, t)
     assert counts == [tr.tasks_per_step] * 3
+
+
+def test_a_segmentation_model_trains_on_per_pixel_labels_and_evaluates():
+    """A fully convolutional model with (N, H, W) labels: steps on spatial tiles lower the
+    per-pixel loss, and evaluation averages it over the validation images."""
+    from dask_pconv.data import Dataset
+    from dask_pconv.models import BatchNorm, Conv2d, Model, sequential
+
+    rng = np.random.default_rng(3)
+    x = rng.random((24, 1, 12, 12), dtype=np.float32)
+    t = (x[:, 0] > 0.5).astype(np.int64)  # a threshold a 1x1 conv can learn
+    program = sequential(
+        ("conv", Conv2d(1, 4, 3, padding=1)), ("bn", BatchNorm(4, relu=True)), ("head", Conv2d(4, 2, 1))
+    )
+    train, val = Dataset(x[:16], t[:16], 2, "train"), Dataset(x[16:], t[16:], 2, "val")
+    with dask.config.set(scheduler="synchronous"):
+        tr = Trainer(
+            Model(program, seed=0),
+            train,
+            val,
+            batch_size=8,
+            split="batch:2,spatial:2x2",
+            progress=False,
+            optimizer=MomentumSGD(lr=0.5),
+        )
+        losses = [tr.train_step(train.x[:8], train.t[:8])[0] for _ in range(10)]
+        assert losses[-1] < 0.7 * losses[0], losses
+        loss, acc = tr.evaluate(val)
+    assert np.isfinite(loss) and 0 <= acc <= 1
