@@ -39,56 +39,26 @@ from __future__ import annotations
 import operator
 
 import dask
-import dask.array as da
 import numpy as np
-from dask.array.utils import meta_from_array
-from dask.base import tokenize
-from dask.core import flatten
-from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from ._fused_common import BLOCK_LAYERS, StageGraph, layer_backward, layer_forward, loss_block
+from ._fused_common import pick as _pick
 from ._fused_tiles import (
-    batch_norm_forward,
     concat_tiles,
-    conv_bias,
     plan_tiles,
-    relu_backward,
-    relu_forward,
     tile_backward,
     tile_forward,
 )
 from ._fused_tiles import named as _named
 from ._fused_tiles import segments as _segments
 from ._fused_tiles import sum_parts as _sum_parts
-from .backend import array_namespace, to_dask_array
-from .kernels import (
-    Padded,
-    bn_backward,
-    bn_backward_partial,
-    bn_partial_stats,
-    bn_running,
-    combine_stats,
-    conv2d_forward,
-    conv2d_grad_b,
-    conv2d_grad_w,
-    conv2d_grad_x,
-    cross_entropy_sum,
-    dropout_keep,
-    dropout_scale,
-    linear_forward,
-    linear_grad_w,
-    linear_grad_x,
-    log_softmax,
-    max_pool2d_forward_taps,
-    max_pool2d_scatter,
-    onehot,
-)
-from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
-from .ops.nn import dropout_key
-from .optim import MomentumSGD, apply_velocity, velocity
+from .kernels import bn_backward, bn_backward_partial, bn_partial_stats
+from .models.layers import BatchNorm, Conv2d, Linear
+from .optim import MomentumSGD
 
 __all__ = ["fusable", "fused_training_step"]
 
-_LAYERS = (Conv2d, BatchNorm, ReLU, MaxPool2d, Dropout, Flatten, Linear)
+_LAYERS = BLOCK_LAYERS
 
 
 def fusable(model, optimizer, params, x):
@@ -123,86 +93,11 @@ def fusable(model, optimizer, params, x):
 
 
 # -- the stages, one chunk at a time ------------------------------------------------------------
-class _Ctx:
-    """What every stage task of a step shares: the dropout keys, where the chunk lies."""
-
-    def __init__(self, seed, step, dropout, n_total, offset):
-        self.seed, self.step, self.dropout, self.n_total, self.offset = seed, step, dropout, n_total, offset
-
-    def location(self, h):
-        n0 = self.offset
-        return ((n0, n0 + h.shape[0]),) + tuple((0, s) for s in h.shape[1:])
-
-    def full_shape(self, h):
-        return (self.n_total, *h.shape[1:])
-
-
-def _layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
-    """One layer of a stage forward; appends what its backward reads to ``saved``."""
-    if isinstance(layer, Conv2d):
-        pad = layer.padding
-        saved.append(h)
-        y = conv2d_forward(Padded(h, (pad, pad, pad, pad), 0), p["W"], (1, 1), (1, 1), 1)
-        return conv_bias(y, layer, p)
-    if isinstance(layer, BatchNorm):
-        return batch_norm_forward(layer, h, p, saved, stats_parts)
-    if isinstance(layer, ReLU):
-        return relu_forward(h, saved)
-    if isinstance(layer, MaxPool2d):
-        k, s = layer.kernel_size, layer.stride or layer.kernel_size
-        best, taps = max_pool2d_forward_taps(h, (k, k), (s, s))
-        saved.append((h.shape, taps))  # the backward routes by these taps, not searching h again
-        return best
-    if isinstance(layer, Dropout):
-        if not ctx.dropout:
-            return h
-        key = dropout_key(ctx.seed, ctx.step, i)
-        keep = dropout_keep(h, layer.ratio, key, ctx.full_shape(h), ctx.location(h))
-        saved.append(keep)  # the backward applies the same mask, not hashed again
-        return dropout_scale(h, keep, layer.ratio)
-    if isinstance(layer, Flatten):
-        saved.append(h.shape)
-        return h.reshape(h.shape[0], -1)
-    saved.append(h)  # Linear
-    return linear_forward(h, p["W"])
-
-
-def _layer_backward(i, layer, g, p, ctx, saved, grads):
-    """One layer backward: ``g`` at its input; its parameters' gradient parts into ``grads``."""
-    xp = array_namespace(g)
-    if isinstance(layer, Conv2d):
-        h, pad, W = saved.pop(), layer.padding, p["W"]
-        win = Padded(h, (pad, pad, pad, pad), 0)
-        grads["W"] = conv2d_grad_w(win, g, W.shape[2:], (1, 1), (1, 1), 1)
-        if layer.bias:
-            grads["b"] = conv2d_grad_b(g).reshape(-1)
-        crop = ((pad, pad + h.shape[2]), (pad, pad + h.shape[3]))
-        return conv2d_grad_x(g, W, (1, 1), (1, 1), 1, crop=crop)
-    if isinstance(layer, ReLU):
-        return relu_backward(g, saved)
-    if isinstance(layer, MaxPool2d):
-        (shape, taps), k = saved.pop(), layer.kernel_size
-        s = layer.stride or k
-        gx = max_pool2d_scatter(g, taps, (k, k), (s, s))
-        if gx.shape != shape:  # the rows and columns no window reached (floor)
-            full = xp.zeros(shape, dtype=g.dtype)
-            full[:, :, : gx.shape[2], : gx.shape[3]] = gx
-            gx = full
-        return gx
-    if isinstance(layer, Dropout):
-        return dropout_scale(g, saved.pop(), layer.ratio) if ctx.dropout else g
-    if isinstance(layer, Flatten):
-        return g.reshape(saved.pop())
-    h = saved.pop()  # Linear
-    grads["W"] = linear_grad_w(g, h)
-    return linear_grad_x(g, p["W"])
-
-
 def stage_forward(seg, h, stats_parts, flat_params, ctx):
     """A stage forward on one chunk: ``(output, partial statistics of the output, saved)``."""
     saved = []
     for (i, node), p in zip(seg, _named(seg, flat_params)):
-        h = _layer_forward(i, node.layer, h, p, ctx, saved, stats_parts)
+        h = layer_forward(i, node.layer, h, p, ctx, saved, stats_parts)
     return h, bn_partial_stats(h), saved
 
 
@@ -214,16 +109,12 @@ def last_stage(seg, h, stats_parts, flat_params, t, ctx):
     saved, params = [], _named(seg, flat_params)
     z = h
     for (i, node), p in zip(seg, params):
-        z = _layer_forward(i, node.layer, z, p, ctx, saved, stats_parts)
-    xp = array_namespace(z)
-    rows = onehot(t, z.shape[1], z.dtype)
-    loss = cross_entropy_sum(z, rows)
-    correct = (z.argmax(axis=1) == t).astype(xp.float64).sum(keepdims=True)
-    g = (xp.exp(log_softmax(z)) - rows) * z.dtype.type(1.0 / ctx.n_total)
+        z = layer_forward(i, node.layer, z, p, ctx, saved, stats_parts)
+    loss, correct, g = loss_block(z, t, ctx)
     grads = [{} for _ in seg]
     for k in range(len(seg) - 1, 0, -1):
         i, node = seg[k]
-        g = _layer_backward(i, node.layer, g, params[k], ctx, saved, grads[k])
+        g = layer_backward(i, node.layer, g, params[k], ctx, saved, grads[k])
     bn = seg[0][1].layer
     h_bn, y_bn, stats = saved.pop()
     sums = bn_backward_partial(h_bn, y_bn, g, stats, bn.eps, bn.relu)
@@ -246,37 +137,12 @@ def stage_backward(seg_bn, bn_state, g, sums_parts, gamma, seg_prev, saved_prev,
     first = 1 if isinstance(seg_prev[0][1].layer, BatchNorm) else 0
     for k in range(len(seg_prev) - 1, first - 1, -1):
         i, node = seg_prev[k]
-        g = _layer_backward(i, node.layer, g, params[k], ctx, saved, grads[k])
+        g = layer_backward(i, node.layer, g, params[k], ctx, saved, grads[k])
     if not first:
         return None, None, None, grads
     prev_bn = seg_prev[0][1].layer
     h0, y0, stats0 = saved.pop()
     return g, bn_backward_partial(h0, y0, g, stats0, prev_bn.eps, prev_bn.relu), (h0, y0, stats0), grads
-
-
-def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
-    """Momentum SGD's new velocity (:func:`dask_pconv.optim.velocity`) from the gradient's
-    per-chunk parts, summed in chunk order (``row`` of the sum: a BatchNorm's gradient sums
-    hold beta's in row 0, gamma's in row 1)."""
-    g = _sum_parts(parts)
-    return velocity(v, g if row is None else g[row], p, momentum, lr, weight_decay)
-
-
-def running(parts, old_mean, old_var, decay, which):
-    """A running mean or variance (:func:`~dask_pconv.kernels.bn_running`) from every chunk's
-    partial statistics, merged in chunk order."""
-    return bn_running(combine_stats(list(parts)), old_mean, old_var, decay, which)
-
-
-def _pick(x, *path):
-    for i in path:
-        x = x[i]
-    return x
-
-
-def _mean_of(parts, n, dtype):
-    xp = array_namespace(parts[0])
-    return xp.asarray(_sum_parts(parts)[0] / n, dtype=dtype)
 
 
 # -- the graph ----------------------------------------------------------------------------------
@@ -288,39 +154,15 @@ def fused_training_step(model, optimizer, params, state, velocities, x, t, step,
     return graph(model, optimizer, params, state, velocities, x, t, step, dropout).outputs()
 
 
-def _first_key(a):
-    return next(iter(flatten(a.__dask_keys__())))
+class _StepGraph(StageGraph):
+    """The tasks of one fused step of a chain, built stage by stage into ``self.dsk``."""
 
-
-class _StepGraph:
-    """The tasks of one fused step, built stage by stage into ``self.dsk``."""
-
-    def __init__(self, model, optimizer, params, state, velocities, x, t, step, dropout):
-        self.model, self.opt = model, optimizer
-        self.segs = _segments(model.program.nodes)
-        self.P, self.n = x.numblocks[0], x.shape[0]
-        self.x, self.t = x, t.rechunk((x.chunks[0],)) if t.chunks[0] != x.chunks[0] else t
-        self.inputs = {}
-        for group, arrays in (("param", params), ("state", state), ("velocity", velocities)):
-            for k, v in arrays.items():
-                if not isinstance(v, da.Array):
-                    v = to_dask_array(v, v.shape)
-                self.inputs[group, k] = v if v.npartitions == 1 else v.rechunk(v.shape)
-        self.tok = tokenize(model.program, self.inputs, x, self.t, step, dropout, model.seed, vars(optimizer))
-        offsets = np.cumsum((0,) + x.chunks[0][:-1])
-        self.ctxs = [_Ctx(model.seed, step, dropout, self.n, int(o)) for o in offsets]
-        self.dsk, self.outs = {}, {}
-
-    def key(self, group, name):
-        return _first_key(self.inputs[group, name])
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.segs = _segments(self.model.program.nodes)
 
     def flat(self, seg):
         return [self.key("param", f"{node.name}.{k}") for _, node in seg for k in node.layer.params()]
-
-    def task(self, kind, *index, value):
-        k = (f"fused-{kind}-{self.tok}", *index)
-        self.dsk[k] = value
-        return k
 
     def stage_input(self, fwd, s, c):
         """The input of stage ``s`` on chunk ``c``: the batch's block or the output of the
@@ -359,7 +201,7 @@ class _StepGraph:
                     self.stage_input(fwd, last, c),
                     list(stats[last - 1]),
                     self.flat(seg),
-                    (self.t.name, c),
+                    self.label_block(c),
                     self.ctxs[c],
                 ),
             )
@@ -370,19 +212,12 @@ class _StepGraph:
         fwd, stats = self.forward()
         tails = self.tails(fwd, stats)
         grad_parts, sums = self.backward(fwd, tails)[:2]
-        loss = self.output(
-            "loss", "", (), self.x.dtype, (_mean_of, [(_pick, k, 0) for k in tails], self.n, self.x.dtype)
-        )
-        acc = self.output(
-            "accuracy", "", (), np.float64, (_mean_of, [(_pick, k, 1) for k in tails], self.n, np.float64)
-        )
-        new_p, new_v, new_s = self.updates(grad_parts, sums, stats)
-        names = [(g, k) for g, d in (("p", new_p), ("v", new_v), ("s", new_s)) for k in d]
-        arrays = self.arrays([{"p": new_p, "v": new_v, "s": new_s}[g][k] for g, k in names] + [loss, acc])
-        out = {"p": {}, "v": {}, "s": {}}
-        for (g, k), a in zip(names, arrays):
-            out[g][k] = a
-        return out["p"], out["v"], out["s"], arrays[-2], arrays[-1]
+        bn_sums, bn_stats = {}, {}
+        for b, seg in enumerate(self.segs):
+            if isinstance(seg[0][1].layer, BatchNorm):
+                bn_sums[seg[0][1].name], bn_stats[seg[0][1].name] = sums[b], stats[b - 1]
+        loss_parts, correct_parts = [(_pick, k, 0) for k in tails], [(_pick, k, 1) for k in tails]
+        return self.results(grad_parts, bn_sums, bn_stats, loss_parts, correct_parts)
 
     def backward(self, fwd, tails, until=0):
         """Backward stage tasks from the last BatchNorm down to BatchNorm ``until + 1``;
@@ -434,60 +269,6 @@ class _StepGraph:
                     self.task("grad", node.name, pn, c, value=(_pick, k, index, k_node, pn))
                     for c, k in enumerate(outs)
                 ]
-
-    def updates(self, grad_parts, sums, stats):
-        """Momentum SGD per parameter (the velocity task sums the parts) and the running
-        statistics per BatchNorm."""
-        o = self.opt
-        new_p, new_v, new_s = {}, {}, {}
-        bn_of = {}  # BatchNorm node name -> stage index
-        for b, seg in enumerate(self.segs):
-            if isinstance(seg[0][1].layer, BatchNorm):
-                bn_of[seg[0][1].name] = b
-        for name in self.model.program.param_specs():
-            node, local = name.rsplit(".", 1)
-            if node in bn_of:
-                parts, row = list(sums[bn_of[node]]), {"beta": 0, "gamma": 1}[local]
-            else:
-                parts, row = grad_parts[name], None
-            p, v = self.key("param", name), self.key("velocity", name)
-            like = self.inputs["param", name]
-            value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
-            new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
-            # a task of its own: computing the velocity again here costs more than the hop
-            value = (apply_velocity, p, new_v[name])
-            new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
-        for node, b in bn_of.items():
-            layer = self.segs[b][0][1].layer
-            for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
-                name = f"{node}.{local}"
-                old = (self.key("state", f"{node}.avg_mean"), self.key("state", f"{node}.avg_var"))
-                like = self.inputs["state", name]
-                value = (running, list(stats[b - 1]), *old, layer.decay, which)
-                new_s[name] = self.output("running", name, like.shape, like.dtype, value)
-        return new_p, new_v, new_s
-
-    def output(self, kind, name, like_shape, dtype, value, after=()):
-        """An output array's one task, in a layer of its own (the array's name; ``after``: the
-        keys of other outputs it reads); returns its key."""
-        out = f"fused-{kind}-{name}-{self.tok}"
-        key = (out,) + (0,) * len(like_shape)
-        meta = meta_from_array(self.x._meta, ndim=len(like_shape), dtype=dtype)
-        self.outs[out] = ({key: value}, tuple((n,) for n in like_shape), meta, {k[0] for k in after})
-        return key
-
-    def arrays(self, keys):
-        """The Dask arrays of output keys, over one graph: the stage tasks in one layer, each
-        output in its own, every layer depending on the stage layer and the inputs."""
-        main = f"fused-stages-{self.tok}"
-        deps = [self.x, self.t, *self.inputs.values()]
-        graph = HighLevelGraph.from_collections(main, self.dsk, dependencies=deps)
-        layers, dependencies = dict(graph.layers), dict(graph.dependencies)
-        for out, (d, _, _, after) in self.outs.items():
-            layers[out] = MaterializedLayer(d)
-            dependencies[out] = {main} | set(graph.dependencies[main]) | after
-        hlg = HighLevelGraph(layers, dependencies)
-        return [da.Array(hlg, k[0], self.outs[k[0]][1], meta=self.outs[k[0]][2]) for k in keys]
 
 
 class _TiledStepGraph(_StepGraph):
