@@ -43,6 +43,7 @@ import numpy as np
 
 from ._fused_common import BLOCK_LAYERS, StageGraph, layer_backward, layer_forward, loss_block
 from ._fused_common import pick as _pick
+from ._fused_dag import DagStepGraph, dag_unfit
 from ._fused_tiles import (
     concat_tiles,
     plan_tiles,
@@ -67,9 +68,24 @@ def fusable(model, optimizer, params, x):
         return "pconv.fused is off"
     if not isinstance(optimizer, MomentumSGD):
         return f"the optimizer is a {type(optimizer).__name__}, not MomentumSGD"
-    nodes = getattr(getattr(model, "program", None), "nodes", None)
-    if not nodes:
+    program = getattr(model, "program", None)
+    if not getattr(program, "nodes", None):
         return "the model has no program"
+    if x.ndim != 4 or x.numblocks[1] != 1:
+        return "the batch is split along its channels (only batch chunks and spatial tiles fuse)"
+    if any(p.npartitions != 1 for p in params.values()):
+        return "the parameters are split"
+    chain = _chain_unfit(program.nodes, x)
+    if chain is None:
+        return None
+    if x.numblocks[2:] != (1, 1):
+        return chain  # tiles fuse in chains only
+    dag = dag_unfit(program)
+    return None if dag is None else f"{dag} (and as a chain: {chain})"
+
+
+def _chain_unfit(nodes, x):
+    """Why the chain's stages (this module's) cannot run the program, or None."""
     previous = "input"
     for node in nodes:
         if node.inputs != (previous,):
@@ -81,10 +97,6 @@ def fusable(model, optimizer, params, x):
         previous = node.name
     if not isinstance(nodes[-1].layer, Linear) or not any(isinstance(n.layer, BatchNorm) for n in nodes):
         return "the program does not end in a Linear layer or has no BatchNorm"
-    if x.ndim != 4 or x.numblocks[1] != 1:
-        return "the batch is split along its channels (only batch chunks and spatial tiles fuse)"
-    if any(p.npartitions != 1 for p in params.values()):
-        return "the parameters are split"
     if x.numblocks[2:] != (1, 1):
         plan = plan_tiles(_segments(nodes), x.chunks[2:])
         if isinstance(plan, str):
@@ -150,7 +162,10 @@ def fused_training_step(model, optimizer, params, state, velocities, x, t, step,
     """``(params, velocities, state, loss, accuracy)`` as :func:`dask_pconv.step.training_step`
     returns them, as coarse stages (see the module docstring); :func:`fusable` must have said
     yes."""
-    graph = _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
+    if _chain_unfit(model.program.nodes, x) is not None:
+        graph = DagStepGraph
+    else:
+        graph = _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
     return graph(model, optimizer, params, state, velocities, x, t, step, dropout).outputs()
 
 

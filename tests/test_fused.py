@@ -210,13 +210,17 @@ def test_which_steps_are_fused():
             )
         )
     )
-    assert "not a chain" in fusable(residual, opt, residual.dask_params(), batch)
+    # branches and strides fuse on batch chunks (dask_pconv._fused_dag), not on tiles
+    assert fusable(residual, opt, residual.dask_params(), batch) is None
+    tiles = dp.split(x, spatial=(2, 2))
+    assert "not a chain" in fusable(residual, opt, residual.dask_params(), tiles)
     strided = Model(
         sequential(
             ("c", Conv2d(3, 2, 3, stride=2)), ("bn", BatchNorm(2)), ("f", Flatten()), ("l", Linear(450, 2))
         )
     )
-    assert "stride 2" in fusable(strided, opt, strided.dask_params(), batch)
+    assert fusable(strided, opt, strided.dask_params(), batch) is None
+    assert "stride 2" in fusable(strided, opt, strided.dask_params(), tiles)
 
 
 def test_a_fused_step_graph_is_a_few_tasks_per_chunk_and_batch_norm():

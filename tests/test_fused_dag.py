@@ -1,0 +1,177 @@
+"""The fused step of programs with branches (dask_pconv/_fused_dag.py): the fine-grained step
+to rounding in every batch split, PyTorch's gradients, the chain's stages bit for bit, and the
+shape of its graph."""
+
+import dask
+import numpy as np
+import optional
+import pytest
+
+from dask_pconv._fused_dag import DagPlan, DagStepGraph
+from dask_pconv.data import chunk_batch
+from dask_pconv.fused import fusable
+from dask_pconv.graphstats import graph_stats
+from dask_pconv.models import (
+    INPUT,
+    VGG16,
+    Add,
+    BatchNorm,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Model,
+    Node,
+    Program,
+    ReLU,
+)
+from dask_pconv.optim import MomentumSGD
+from dask_pconv.step import training_step
+
+RNG = np.random.default_rng(21)
+
+
+def residual_net():
+    """A stem, a residual block with an identity shortcut, a downsampling block whose
+    projection shortcut has a BatchNorm in parallel with the main path's second one, a
+    BatchNorm on the program's input and a skip from the input itself."""
+    return Program(
+        (
+            Node("in_bn", BatchNorm(3), (INPUT,)),
+            Node("stem", Conv2d(3, 4, 3, padding=1), ("in_bn",)),
+            Node("stem_bn", BatchNorm(4, relu=True), ("stem",)),
+            Node("a1", Conv2d(4, 4, 3, padding=1), ("stem_bn",)),
+            Node("a1_bn", BatchNorm(4), ("a1",)),
+            Node("a1_relu", ReLU(), ("a1_bn",)),
+            Node("a2", Conv2d(4, 4, 3, padding=1), ("a1_relu",)),
+            Node("a2_bn", BatchNorm(4), ("a2",)),
+            Node("a_sum", Add(), ("a2_bn", "stem_bn")),
+            Node("a_relu", ReLU(), ("a_sum",)),
+            Node("drop", Dropout(0.3), ("a_relu",)),
+            Node("b1", Conv2d(4, 6, 3, stride=2, padding=1), ("drop",)),
+            Node("b1_bn", BatchNorm(6, relu=True), ("b1",)),
+            Node("b2", Conv2d(6, 6, 3, padding=1), ("b1_bn",)),
+            Node("b2_bn", BatchNorm(6), ("b2",)),
+            Node("short", Conv2d(4, 6, 1, stride=2), ("drop",)),
+            Node("short_bn", BatchNorm(6), ("short",)),
+            Node("b_sum", Add(), ("b2_bn", "short_bn")),
+            Node("b_relu", ReLU(), ("b_sum",)),
+            Node("pool", MaxPool2d(2), ("b_relu",)),
+            Node("flatten", Flatten(), ("pool",)),
+            Node("fc", Linear(6 * 2 * 2, 5, channel_split=False), ("flatten",)),
+        )
+    )
+
+
+def skip_net():
+    """A conv reading the input and an Add reading it again two stages later; a 1-D
+    BatchNorm and a second Linear after it."""
+    return Program(
+        (
+            Node("a", Conv2d(3, 3, 3, padding=1, bias=True), (INPUT,)),
+            Node("a_bn", BatchNorm(3, relu=True), ("a",)),
+            Node("b", Conv2d(3, 3, 3, padding=1), ("a_bn",)),
+            Node("b_bn", BatchNorm(3), ("b",)),
+            Node("sum", Add(), ("b_bn", INPUT)),
+            Node("flatten", Flatten(), ("sum",)),
+            Node("fc1", Linear(3 * 7 * 7, 6), ("flatten",)),
+            Node("fc1_bn", BatchNorm(6, relu=True), ("fc1",)),
+            Node("fc2", Linear(6, 5, channel_split=False), ("fc1_bn",)),
+        )
+    )
+
+
+NETS = {"residual": (residual_net, (8, 3, 8, 8)), "skip": (skip_net, (7, 3, 7, 7))}
+
+
+def _step(model, x, t, chunks, fused, dropout):
+    opt = MomentumSGD(0.05, 0.9, 5e-4)
+    xd, td = chunk_batch(x, t, {"batch": chunks} if chunks > 1 else {})
+    params = model.dask_params(like=xd)
+    vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in model.params.items()}
+    with dask.config.set({"pconv.fused": fused}):
+        assert (fusable(model, opt, params, xd) is None) == fused
+        out = training_step(model, opt, params, dict(model.state), vel, xd, td, step=3, dropout=dropout)
+    return dask.compute(out)[0]
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+@pytest.mark.parametrize("net", list(NETS))
+def test_fused_step_of_a_program_with_branches_is_the_fine_grained_step(net, chunks, dropout):
+    make, shape = NETS[net]
+    x, t = RNG.standard_normal(shape), RNG.integers(0, 5, shape[0])
+    want = _step(Model(make(), seed=4, dtype=np.float64), x, t, chunks, False, dropout)
+    got = _step(Model(make(), seed=4, dtype=np.float64), x, t, chunks, True, dropout)
+    assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
+    for g, w in zip(got[:3], want[:3]):
+        assert g.keys() == w.keys()
+        for name in g:
+            assert g[name].dtype == w[name].dtype and g[name].shape == w[name].shape
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
+
+
+def test_a_chain_through_the_branch_stages_is_the_chain_stages_bit_for_bit():
+    """VGG16 (a chain) through DagStepGraph gives the chain's fused step exactly: the same
+    kernels in the same order."""
+    m = VGG16(n_classes=4, width=1 / 16, seed=2)
+    x, t = RNG.random((6, 3, 32, 32), dtype=np.float32), RNG.integers(0, 4, 6)
+    xd, td = chunk_batch(x, t, {"batch": 2})
+    params, vel = m.dask_params(like=xd), {k: np.full(v.shape, 0.01, v.dtype) for k, v in m.params.items()}
+    opt = MomentumSGD(0.05, 0.9, 5e-4)
+    chain = training_step(m, opt, params, dict(m.state), vel, xd, td, step=1, dropout=True)
+    dag = DagStepGraph(m, opt, params, dict(m.state), vel, xd, td, 1, True).outputs()
+    chain, dag = dask.compute(tuple(chain), dag)
+    assert chain[3] == dag[3] and chain[4] == dag[4]
+    for a, b in zip(chain[:3], dag[:3]):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_fused_branch_gradients_match_pytorch():
+    torch = optional.need_torch()
+    F = torch.nn.functional
+    model = Model(skip_net(), seed=3, dtype=np.float64)
+    x, t = RNG.standard_normal((6, 3, 7, 7)), RNG.integers(0, 5, 6)
+    xd, td = chunk_batch(x, t, {"batch": 2})
+    opt = MomentumSGD(lr=1.0, momentum=0.0, weight_decay=0.0)  # new velocity = -gradient
+    zeros = {k: np.zeros_like(v) for k, v in model.params.items()}
+    out = training_step(model, opt, model.dask_params(like=xd), dict(model.state), zeros, xd, td, 0, False)
+    loss, v = dask.compute(out.loss, out.velocities)
+    p = {k: torch.tensor(a, requires_grad=True) for k, a in model.params.items()}
+
+    def bn(h, name, relu=False):
+        h = F.batch_norm(h, None, None, p[f"{name}.gamma"], p[f"{name}.beta"], True, eps=2e-5)
+        return F.relu(h) if relu else h
+
+    h0 = torch.tensor(x)
+    h = bn(F.conv2d(h0, p["a.W"], p["a.b"], padding=1), "a_bn", True)
+    h = bn(F.conv2d(h, p["b.W"], padding=1), "b_bn") + h0
+    h = bn(h.flatten(1) @ p["fc1.W"].T, "fc1_bn", True) @ p["fc2.W"].T
+    want = F.cross_entropy(h, torch.tensor(t))
+    want.backward()
+    assert abs(loss - want.item()) <= 1e-12 * abs(want.item())
+    for k in p:
+        np.testing.assert_allclose(-v[k], p[k].grad.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_parallel_branches_share_a_synchronisation_and_the_graph_stays_small():
+    """The residual net has 7 BatchNorms but 6 synchronisations (the projection's BatchNorm
+    syncs with the main path's first): per chunk a task per stage forward and backward plus
+    their small picks, and a critical path of a few tasks per stage."""
+    plan = DagPlan(residual_net().nodes)
+    assert plan.last == 6 and plan.stage["short_bn"] == plan.stage["b1_bn"] == 5
+    m = Model(residual_net(), seed=0)
+    x, t = RNG.random((4, 3, 8, 8), dtype=np.float32), RNG.integers(0, 5, 4)
+    xd, td = chunk_batch(x, t, {"batch": 2})
+    vel = {k: np.zeros_like(v) for k, v in m.params.items()}
+    out = training_step(m, MomentumSGD(), m.dask_params(like=xd), dict(m.state), vel, xd, td, 0, True)
+    stats = graph_stats(dask.delayed(tuple)([out.loss, *out.params.values()]))
+    n_params, n_bn = len(m.params), sum(isinstance(n.layer, BatchNorm) for n in m.program.nodes)
+    # per chunk: 6 forward stages, the last, 6 backward and at most a stats / sums / grad pick
+    # each, the loss pick; per parameter a velocity and an update, two running statistics per
+    # BatchNorm, loss and accuracy, and the batch's and the labels' blocks
+    assert stats.tasks <= 2 * (6 + 1 + 6 + 3 * 7 + 1) + 2 * n_params + 2 * n_bn + 2 + 12
+    # two tasks per synchronisation forward and backward, and the update
+    assert stats.critical_path <= 4 * plan.last + 3
