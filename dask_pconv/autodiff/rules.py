@@ -69,7 +69,14 @@ defvjp_all(conv2d, _conv2d_vjp)
 @primitive
 def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     return ops.conv_transpose2d(
-        x, w, b, stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation
+        x,
+        w,
+        b,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        dilation=dilation,
     )
 
 
