@@ -3,7 +3,8 @@
 Task keys are named by operator so the dashboard reads as the network does:
 ``conv2d-halo`` (window assembly), ``conv2d-fwd`` (forward partials and their sum over
 input-channel chunks), ``conv2d-gx`` / ``conv2d-gxwin`` (grad-x windows and their scatter back
-into tiles) and ``conv2d-gw`` (grad-w partials and their tree sum).
+into tiles) and ``conv2d-gw`` (grad-w partials and their tree sum).  A transposed
+convolution is a convolution's grad-x: ``conv_transpose2d-gxwin`` / ``conv_transpose2d-gx``.
 """
 
 from __future__ import annotations
@@ -443,8 +444,9 @@ def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups
     stride, dilation : int or (int, int)
         Positive.
     padding : int or (int, int)
-        ``dilation*(kernel_size-1) - padding`` zeros on both sides of the input, as in PyTorch
-        (strings are not accepted, as in PyTorch).
+        Rows/columns cut from both sides of the full transposed convolution (PyTorch's
+        ``dilation*(kernel_size-1) - padding`` implicit zeros on both sides of the input); not
+        a string, as in PyTorch.
     output_padding : int or (int, int)
         Extra rows/columns at the end of the output; smaller than the stride or the dilation.
     groups : int
