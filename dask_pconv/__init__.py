@@ -5,7 +5,7 @@ channel axes or the spatial axes (tiles with halos), in any mix, and the result 
 unsplit convolution.
 """
 
-from .ops import conv2d, conv2d_vjp, max_pool2d, max_pool2d_vjp, split
+from .ops import conv2d, conv2d_vjp, conv_transpose2d, conv_transpose2d_vjp, max_pool2d, max_pool2d_vjp, split
 from .store import conv2d_to_zarr, features_to_zarr, open_image, predict_to_zarr, to_zarr
 
 __version__ = "0.1.0"
@@ -14,6 +14,8 @@ __all__ = [
     "conv2d",
     "conv2d_to_zarr",
     "conv2d_vjp",
+    "conv_transpose2d",
+    "conv_transpose2d_vjp",
     "features_to_zarr",
     "max_pool2d",
     "max_pool2d_vjp",

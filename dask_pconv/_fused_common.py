@@ -20,6 +20,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from ._fused_tiles import batch_norm_forward, conv_bias, relu_backward, relu_forward
 from ._fused_tiles import sum_parts as _sum_parts
 from .backend import array_namespace, to_dask_array
+from .geometry import normalize_pair, resolve_padding
 from .kernels import (
     Padded,
     bn_running,
@@ -77,24 +78,13 @@ class Ctx:
         return (self.n_total, *h.shape[1:])
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def conv_geometry(layer):
-    """``(kernel, stride, pads, dilation, groups)`` of a :class:`Conv2d` layer, ``pads`` as
-    ``(top, bottom, left, right)`` (``"same"`` puts the odd pixel after, as PyTorch does)."""
-    k, s = _pair(layer.kernel_size), _pair(layer.stride)
-    d = _pair(getattr(layer, "dilation", 1))
-    if layer.padding == "valid":
-        pads = (0, 0, 0, 0)
-    elif layer.padding == "same":
-        th, tw = (di * (ki - 1) for di, ki in zip(d, k))
-        pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-    else:
-        ph, pw = _pair(layer.padding)
-        pads = (ph, ph, pw, pw)
-    return k, s, pads, d, getattr(layer, "groups", 1)
+    """``(kernel, stride, pads, dilation, groups)`` of a :class:`Conv2d` layer as pairs, ``pads``
+    as ``(top, bottom, left, right)`` (:func:`~dask_pconv.geometry.resolve_padding`)."""
+    k, s = normalize_pair(layer.kernel_size, "kernel_size"), normalize_pair(layer.stride, "stride")
+    d = normalize_pair(layer.dilation, "dilation")
+    (top, bottom), (left, right) = resolve_padding(layer.padding, k, s, d)
+    return k, s, (top, bottom, left, right), d, layer.groups
 
 
 def _conv_forward(layer, h, p, saved):

@@ -94,6 +94,8 @@ def _chain_unfit(nodes, x):
             return f"node {node.name!r} is a {type(node.layer).__name__}"
         if isinstance(node.layer, Conv2d) and node.layer.stride != 1:
             return f"node {node.name!r} has stride {node.layer.stride}"
+        if isinstance(node.layer, Conv2d) and not _plain_conv(node.layer):
+            return f"node {node.name!r} is dilated, grouped, or has a padding or kernel_size not one int"
         previous = node.name
     if not isinstance(nodes[-1].layer, Linear) or not any(isinstance(n.layer, BatchNorm) for n in nodes):
         return "the program does not end in a Linear layer or has no BatchNorm"
@@ -102,6 +104,12 @@ def _chain_unfit(nodes, x):
         if isinstance(plan, str):
             return f"the spatial tiles do not fit the fused stages: {plan}"
     return None
+
+
+def _plain_conv(layer):
+    """The stages' convolutions: one int kernel size and padding, no dilation, no groups."""
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (layer.kernel_size, layer.padding))
+    return ints and layer.dilation == 1 and layer.groups == 1
 
 
 # -- the stages, one chunk at a time ------------------------------------------------------------

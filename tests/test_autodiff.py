@@ -31,6 +31,14 @@ CASES = {
         lambda x, w: ad.conv2d(x, w, padding=2, dilation=2, groups=3),
         [d(X4, CH4), d(RNG.standard_normal((6, 1, 3, 2)))],
     ),
+    "conv_transpose2d": (
+        lambda x, w, b: ad.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
+        [d(X4, CH4), d(RNG.standard_normal((3, 2, 3, 4)), (2, 2, 3, 4)), d(RNG.standard_normal(2))],
+    ),
+    "conv_transpose2d grouped dilated": (
+        lambda x, w: ad.conv_transpose2d(x, w, stride=(1, 2), padding=(2, 0), groups=3, dilation=(2, 1)),
+        [d(X4, CH4), d(RNG.standard_normal((3, 2, 3, 2)))],
+    ),
     "max_pool2d": (lambda x: ad.max_pool2d(x, 3, 2, 1), [d(X4, CH4)]),
     "max_pool2d dilated ceil_mode": (
         lambda x: ad.max_pool2d(x, (2, 3), stride=2, padding=1, dilation=(2, 1), ceil_mode=True),
@@ -173,6 +181,7 @@ def test_registered_rules():
     names = set(ad.rule_names())
     expected = {
         "conv2d",
+        "conv_transpose2d",
         "max_pool2d",
         "relu",
         "batch_norm",

@@ -221,6 +221,22 @@ def test_which_steps_are_fused():
     )
     assert fusable(strided, opt, strided.dask_params(), batch) is None
     assert "stride 2" in fusable(strided, opt, strided.dask_params(), tiles)
+    for conv in (
+        Conv2d(3, 3, 3, padding=2, dilation=2),
+        Conv2d(3, 3, 3, padding=1, groups=3),
+        Conv2d(3, 2, 3, padding="same"),
+        Conv2d(3, 2, (3, 3), padding=1),
+    ):
+        m2 = Model(
+            sequential(
+                ("c", conv),
+                ("bn", BatchNorm(conv.out_channels)),
+                ("f", Flatten()),
+                ("l", Linear(conv.out_channels * 1024, 2)),
+            )
+        )
+        assert fusable(m2, opt, m2.dask_params(), batch) is None  # the stages of _fused_dag
+        assert "is dilated, grouped" in fusable(m2, opt, m2.dask_params(), tiles)
 
 
 def test_a_fused_step_graph_is_a_few_tasks_per_chunk_and_batch_norm():

@@ -82,7 +82,30 @@ def skip_net():
     )
 
 
-NETS = {"residual": (residual_net, (8, 3, 8, 8)), "skip": (skip_net, (7, 3, 7, 7))}
+def conv_chain():
+    """A chain of the convolutions the chain's stages do not run: dilated, grouped, 'same'
+    with an even kernel, pair kernels and strides that leave a row unread."""
+    return Program(
+        (
+            Node("a", Conv2d(3, 6, 3, padding=2, dilation=2), (INPUT,)),
+            Node("a_bn", BatchNorm(6, relu=True), ("a",)),
+            Node("b", Conv2d(6, 6, 3, padding=1, groups=3, bias=True), ("a_bn",)),
+            Node("b_bn", BatchNorm(6, relu=True), ("b",)),
+            Node("c", Conv2d(6, 4, (2, 3), padding="same"), ("b_bn",)),
+            Node("c_bn", BatchNorm(4), ("c",)),
+            Node("d", Conv2d(4, 4, (3, 1), stride=(2, 3), padding=(0, 1)), ("c_bn",)),
+            Node("d_bn", BatchNorm(4, relu=True), ("d",)),
+            Node("flatten", Flatten(), ("d_bn",)),
+            Node("fc", Linear(4 * 4 * 4, 5, channel_split=False), ("flatten",)),
+        )
+    )
+
+
+NETS = {
+    "residual": (residual_net, (8, 3, 8, 8)),
+    "skip": (skip_net, (7, 3, 7, 7)),
+    "convolutions": (conv_chain, (5, 3, 10, 8)),  # d reads 9 of the 10 rows
+}
 
 
 def _step(model, x, t, chunks, fused, dropout):

@@ -20,6 +20,7 @@ __all__ = [
     "add",
     "batch_norm",
     "conv2d",
+    "conv_transpose2d",
     "dropout",
     "flatten",
     "linear",
@@ -63,6 +64,31 @@ def _conv2d_vjp(ans, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 defvjp_all(conv2d, _conv2d_vjp)
+
+
+@primitive
+def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    return ops.conv_transpose2d(
+        x,
+        w,
+        b,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        dilation=dilation,
+    )
+
+
+def _conv_transpose2d_vjp(ans, x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    def vjp(g):
+        g_x, g_w, g_b = ops.conv_transpose2d_vjp(x, w, g, stride, padding, output_padding, groups, dilation)
+        return g_x, g_w, (g_b if b is not None else None)
+
+    return vjp
+
+
+defvjp_all(conv_transpose2d, _conv_transpose2d_vjp)
 
 
 @primitive

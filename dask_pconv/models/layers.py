@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import autodiff as ad
+from ..geometry import normalize_pair
 from ..ops.nn import batch_norm_running_update, batch_norm_stats
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ArraySpec",
     "BatchNorm",
     "Conv2d",
+    "ConvTranspose2d",
     "Dropout",
     "Flatten",
     "Layer",
@@ -95,26 +97,99 @@ class Layer:
 
 @dataclass(frozen=True)
 class Conv2d(Layer):
-    """``torch.nn.Conv2d`` without padding modes: ``W`` (out, in/groups, kh, kw), optional ``b``."""
+    """``torch.nn.Conv2d`` without padding modes: ``W`` (out, in/groups, kh, kw), optional ``b``.
+
+    ``kernel_size``, ``stride``, ``padding`` and ``dilation`` are ints or pairs; ``padding``
+    may also be ``'same'`` or ``'valid'`` (as in :func:`dask_pconv.conv2d`).  ``W`` is LeCun
+    normal with ``fan_in = in/groups * kh * kw``.
+    """
 
     in_channels: int
     out_channels: int
-    kernel_size: int = 3
-    stride: int = 1
-    padding: int = 0
+    kernel_size: int | tuple = 3
+    stride: int | tuple = 1
+    padding: int | tuple | str = 0
     bias: bool = False
+    dilation: int | tuple = 1
+    groups: int = 1
+
+    def __post_init__(self):
+        _check_conv_layer(self)
+        if not isinstance(self.padding, str):
+            normalize_pair(self.padding, "padding", minimum=0)
 
     def params(self):
-        k = self.kernel_size
-        fan_in = self.in_channels * k * k
-        out = {"W": ArraySpec((self.out_channels, self.in_channels, k, k), "lecun_normal", fan_in)}
+        kh, kw = normalize_pair(self.kernel_size, "kernel_size")
+        cg = self.in_channels // self.groups
+        out = {"W": ArraySpec((self.out_channels, cg, kh, kw), "lecun_normal", cg * kh * kw)}
         if self.bias:
             out["b"] = ArraySpec((self.out_channels,), "zeros")
         return out
 
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
-        return ad.conv2d(x, params["W"], params.get("b"), stride=self.stride, padding=self.padding), {}
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        return ad.conv2d(x, params["W"], params.get("b"), **kw), {}
+
+
+@dataclass(frozen=True)
+class ConvTranspose2d(Layer):
+    """``torch.nn.ConvTranspose2d`` (:func:`dask_pconv.conv_transpose2d`): ``W`` (in,
+    out/groups, kh, kw), optional ``b``.
+
+    ``kernel_size``, ``stride``, ``padding``, ``output_padding`` and ``dilation`` are ints or
+    pairs.  ``W`` is LeCun normal with ``fan_in = out/groups * kh * kw`` (``W.shape[1] * kh *
+    kw``), the fan-in that PyTorch and Chainer's ``Deconvolution2D`` compute from this layout.
+    A model's channel split chunks ``W``'s axis 0, the input channels (the partial outputs are
+    summed as a tree); ``b`` stays whole, as the output channels are one chunk.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | tuple = 2
+    stride: int | tuple = 1
+    padding: int | tuple = 0
+    output_padding: int | tuple = 0
+    groups: int = 1
+    dilation: int | tuple = 1
+    bias: bool = False
+
+    def __post_init__(self):
+        _check_conv_layer(self)
+        normalize_pair(self.padding, "padding", minimum=0)
+        normalize_pair(self.output_padding, "output_padding", minimum=0)
+
+    def params(self):
+        kh, kw = normalize_pair(self.kernel_size, "kernel_size")
+        og = self.out_channels // self.groups
+        out = {"W": ArraySpec((self.in_channels, og, kh, kw), "lecun_normal", og * kh * kw)}
+        if self.bias:
+            out["b"] = ArraySpec((self.out_channels,), "zeros", channel_split=False)
+        return out
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        kw = dict(
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            groups=self.groups,
+            dilation=self.dilation,
+        )
+        return ad.conv_transpose2d(x, params["W"], params.get("b"), **kw), {}
+
+
+def _check_conv_layer(layer):
+    """Errors when a convolution layer is declared rather than when it first runs."""
+    for name in ("kernel_size", "stride", "dilation"):
+        normalize_pair(getattr(layer, name), name)
+    g = layer.groups
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        raise ValueError(f"groups must be a positive int, got {g!r}")
+    if layer.in_channels % g or layer.out_channels % g:
+        raise ValueError(
+            f"groups={g} must divide in_channels={layer.in_channels} and out_channels={layer.out_channels}"
+        )
 
 
 @dataclass(frozen=True)

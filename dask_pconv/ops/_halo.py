@@ -9,6 +9,8 @@ disjoint blocks in the graph.  Each block depends only on the input blocks its w
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from dask.array.core import Array
 from dask.highlevelgraph import HighLevelGraph
 
@@ -212,6 +214,19 @@ def scatter_windows(dsk, name, grads, like, meta):
                     dsk[(name, n, c, i, j)] = (_scatter, (Nn, Cc, Hh, Ww), meta, parts)
 
 
+class InputShape:
+    """The shape, chunks and meta of an input that a graph never reads, standing in for ``x``
+    in a :class:`WindowedSetup`: a transposed convolution is the input-gradient of a
+    convolution whose input does not exist.  It has no blocks, hence no windows."""
+
+    def __init__(self, shape, chunks, meta):
+        self.shape, self.chunks, self._meta = tuple(shape), tuple(chunks), meta
+        self.dtype, self.ndim = meta.dtype, len(self.shape)
+
+    def __dask_tokenize__(self):
+        return ("InputShape", self.shape, self.chunks, type(self._meta).__name__, str(self.dtype))
+
+
 class WindowedSetup:
     """What the forward and backward graphs of a sliding-window op share, with the same
     attribute names for every such op (``conv2d``, ``max_pool2d``).
@@ -224,7 +239,9 @@ class WindowedSetup:
     are ``(before, after)`` pairs), ``plan_h`` and ``plan_w`` (the windows of each axis,
     :func:`dask_pconv.geometry.plan_axis`), ``out_shape`` and ``out_chunks`` (of the batched
     output; ``out_channel_chunks`` on axis 1), ``meta`` (``x``'s), ``token`` (of the op's
-    arguments) and ``win``, the input windows (:class:`Windows`, padded with ``fill``).
+    arguments) and ``win``, the input windows (:class:`Windows`, padded with ``fill``; made
+    when first read).  ``x`` may be an :class:`InputShape` for a graph that only scatters
+    window gradients back into its tiles (:meth:`grad_x`), which never reads ``win``.
     """
 
     op = None
@@ -238,7 +255,14 @@ class WindowedSetup:
         self.out_chunks = (x.chunks[0], out_channel_chunks, self.plan_h.out_chunks, self.plan_w.out_chunks)
         self.meta = x._meta
         self.token = token
-        self.win = Windows(x, self.plan_h, self.plan_w, fill, f"{self.op}-halo-{token}")
+        self.fill = fill
+
+    @cached_property
+    def win(self):
+        """The input windows, a :class:`Windows` (an :class:`InputShape` has none)."""
+        if isinstance(self.x, InputShape):
+            raise TypeError(f"{self.op}: an input known by its shape only has no windows")
+        return Windows(self.x, self.plan_h, self.plan_w, self.fill, f"{self.op}-halo-{self.token}")
 
     def result(self, a):
         """``a`` (a batched result) without its batch axis where the input had none."""

@@ -84,13 +84,20 @@ def output_gradient(g_y, setup):
     :class:`~dask_pconv.ops._halo.WindowedSetup`: its ``x``, ``unbatched``, ``out_shape`` and
     ``out_chunks``): checked against the output's shape and ``x``'s dtype,
     batched, on ``x``'s device and chunked like the output."""
-    g_y = checked_operand(g_y, "g_y", 3 if setup.unbatched else 4, empty_batch=True)
-    g_y = on_device_of(check_same_dtype(g_y, "g_y", setup.x), setup.x)
-    out_shape = setup.out_shape[1:] if setup.unbatched else setup.out_shape
-    if g_y.shape != out_shape:
-        raise ValueError(f"g_y must have the output shape {out_shape}, got {g_y.shape}")
-    g_y = batched(g_y)
-    return g_y if g_y.chunks == setup.out_chunks else g_y.rechunk(setup.out_chunks)
+    return gradient_like(g_y, "g_y", setup.x, setup.unbatched, setup.out_shape, setup.out_chunks)
+
+
+def gradient_like(g, name, x, unbatched, shape, chunks):
+    """``g`` (named ``name``), the gradient of a batched array of ``shape`` and ``chunks``:
+    checked against that shape (less the batch axis where ``unbatched``) and ``x``'s dtype,
+    batched, on ``x``'s device and chunked by ``chunks``."""
+    g = checked_operand(g, name, 3 if unbatched else 4, empty_batch=True)
+    g = on_device_of(check_same_dtype(g, name, x), x)
+    want = tuple(shape[1:]) if unbatched else tuple(shape)
+    if g.shape != want:
+        raise ValueError(f"{name} must have the output shape {want}, got {g.shape}")
+    g = batched(g)
+    return g if g.chunks == chunks else g.rechunk(chunks)
 
 
 def check_groups(groups):

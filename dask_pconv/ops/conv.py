@@ -3,7 +3,8 @@
 Task keys are named by operator so the dashboard reads as the network does:
 ``conv2d-halo`` (window assembly), ``conv2d-fwd`` (forward partials and their sum over
 input-channel chunks), ``conv2d-gx`` / ``conv2d-gxwin`` (grad-x windows and their scatter back
-into tiles) and ``conv2d-gw`` (grad-w partials and their tree sum).
+into tiles) and ``conv2d-gw`` (grad-w partials and their tree sum).  A transposed
+convolution is a convolution's grad-x: ``conv_transpose2d-gxwin`` / ``conv_transpose2d-gx``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .. import geometry as geo
 from ..backend import array_namespace, on_device_of
 from ..kernels import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x, cropped
-from ._halo import WindowedSetup
+from ._halo import InputShape, WindowedSetup
 from ._tree_sum import tree_sum
 from ._validate import (
     batched,
@@ -25,6 +26,7 @@ from ._validate import (
     check_kernel_fits,
     check_same_dtype,
     checked_operand,
+    gradient_like,
     output_gradient,
 )
 
@@ -41,9 +43,23 @@ class _ConvSetup(WindowedSetup):
         unbatched = x.ndim == 3
         x = batched(x)
         w = on_device_of(check_same_dtype(checked_operand(w, "w", 4), "w", x), x)
-        self.groups = groups = check_groups(groups)
+        groups = check_groups(groups)
         stride = geo.normalize_pair(stride, "stride")
         dilation = geo.normalize_pair(dilation, "dilation")
+        self._init(x, unbatched, w, stride, dilation, groups, padding=padding)
+
+    @classmethod
+    def checked(cls, x, unbatched, w, stride, dilation, groups, pads):
+        """The setup of operands that are checked already: ``x`` batched, a Dask array or an
+        :class:`~dask_pconv.ops._halo.InputShape`; ``w`` a Dask array on ``x``'s device;
+        ``stride`` and ``dilation`` pairs; ``pads`` resolved ``(lo, hi)`` pairs, where ``hi``
+        may be negative (the last ``-hi`` input rows are then read by no output)."""
+        self = cls.__new__(cls)
+        self._init(x, unbatched, w, stride, dilation, check_groups(groups), pads=pads)
+        return self
+
+    def _init(self, x, unbatched, w, stride, dilation, groups, padding=None, pads=None):
+        self.groups = groups
         N, C, H, W = x.shape
         O, Cg, kh, kw = w.shape
         kernel = (kh, kw)
@@ -56,7 +72,8 @@ class _ConvSetup(WindowedSetup):
                 f"channel mismatch: x has {C} channels but w expects {Cg} x groups={groups} "
                 f"= {Cg * groups} (w has shape {w.shape})"
             )
-        pads = geo.resolve_padding(padding, kernel, stride, dilation)
+        if pads is None:
+            pads = geo.resolve_padding(padding, kernel, stride, dilation)
         out_hw = tuple(
             geo.output_length(n, k, s, p, d) for n, k, s, p, d in zip((H, W), kernel, stride, pads, dilation)
         )
@@ -186,6 +203,18 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     neighbouring tiles as the kernel reaches; zeros are read only outside the image.
     """
     s = _ConvSetup(x, w, stride, padding, dilation, groups)
+    y = _forward(s)
+    if b is not None:
+        b = on_device_of(check_same_dtype(checked_operand(b, "b", 1), "b", s.x), y)
+        if b.shape != (s.out_shape[1],):
+            raise ValueError(f"b must have shape ({s.out_shape[1]},), got {b.shape}")
+        y = y + b.rechunk((s.w.chunks[0],)).reshape(1, -1, 1, 1)
+    return s.result(y)
+
+
+def _forward(s):
+    """The batched output of the convolution ``s`` describes (a :class:`_ConvSetup`), no bias:
+    per window and output-channel chunk, the partials of the input-channel chunks tree-summed."""
     name = f"conv2d-fwd-{s.token}"
     dsk = dict(s.win.dsk)
     for n in range(len(s.x.chunks[0])):
@@ -203,13 +232,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                     ]
                     tree_sum(dsk, (name, n, oi, i, j), parts)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[s.x, s.w])
-    y = Array(graph, name, s.out_chunks, meta=s.meta)
-    if b is not None:
-        b = on_device_of(check_same_dtype(checked_operand(b, "b", 1), "b", s.x), y)
-        if b.shape != (s.out_shape[1],):
-            raise ValueError(f"b must have shape ({s.out_shape[1]},), got {b.shape}")
-        y = y + b.rechunk((s.w.chunks[0],)).reshape(1, -1, 1, 1)
-    return s.result(y)
+    return Array(graph, name, s.out_chunks, meta=s.meta)
 
 
 def conv2d_vjp(x, w, g_y, stride=1, padding=0, dilation=1, groups=1):
@@ -312,4 +335,188 @@ def _grad_b(g_y, tok):
     return parts.sum(axis=(0, 2, 3))
 
 
-__all__ = ["conv2d", "conv2d_vjp"]
+# -- transposed convolution: the input-gradient of a convolution ----------------------------------
+class _TransposedSetup(_ConvSetup):
+    """The convolution whose input-gradient a transposed convolution is: its input (the
+    transposed convolution's output) is an :class:`~dask_pconv.ops._halo.InputShape`, ``w`` is
+    read as its weight ``(O=C_in, C_out/groups, kh, kw)`` and the transposed convolution's
+    input as its output gradient.  Task keys start ``conv_transpose2d``."""
+
+    op = "conv_transpose2d"
+
+
+def _transposed(x, w, stride, padding, output_padding, groups, dilation):
+    """``(s, g, x_chunks, w_chunks)``: the :class:`_TransposedSetup` of a transposed
+    convolution of ``x`` with ``w``, ``x`` as that convolution's output gradient (batched,
+    chunked like its output), after the checks of :func:`conv_transpose2d`; and the chunks of
+    ``x`` (batched) and of ``w`` on axis 0 as given."""
+    x = checked_operand(x, "x", (3, 4), empty_batch=True)
+    unbatched = x.ndim == 3
+    x = batched(x)
+    w = on_device_of(check_same_dtype(checked_operand(w, "w", 4), "w", x), x)
+    x_chunks, w_chunks = x.chunks, w.chunks[0]
+    groups = check_groups(groups)
+    stride = geo.normalize_pair(stride, "stride")
+    dilation = geo.normalize_pair(dilation, "dilation")
+    padding = geo.normalize_pair(padding, "padding", minimum=0)
+    output_padding = geo.normalize_pair(output_padding, "output_padding", minimum=0)
+    if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
+        raise ValueError(
+            f"output_padding {output_padding} must be smaller than the stride {stride} or the "
+            f"dilation {dilation} on each axis"
+        )
+    N, C, H, W = x.shape
+    Ci, Cg, kh, kw = w.shape
+    if Ci != C:
+        raise ValueError(
+            f"channel mismatch: x has {C} channels but w has {Ci} input channels "
+            f"(w has shape (C_in, C_out/groups, kh, kw) = {w.shape})"
+        )
+    if C % groups:
+        raise ValueError(f"groups={groups} does not divide the {C} input channels of x")
+    kernel = (kh, kw)
+    out_hw = tuple(
+        (n - 1) * s - 2 * p + d * (k - 1) + op + 1
+        for n, k, s, p, d, op in zip((H, W), kernel, stride, padding, dilation, output_padding)
+    )
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"the output would have size {out_hw}: padding {padding} is too large for input size "
+            f"{(H, W)}, kernel_size {kernel}, stride {stride}, dilation {dilation} and "
+            f"output_padding {output_padding}"
+        )
+    # the convolution reads p rows before the image and p - output_padding after it, so that
+    # its output has exactly H rows (the output padding's last rows are read by no output)
+    pads = tuple((p, p - op) for p, op in zip(padding, output_padding))
+    # x's channel chunks are w's axis-0 chunks (partials summed over them); where x's channels
+    # are whole, w's chunks split them
+    if len(x.chunks[1]) == 1 and len(w.chunks[0]) > 1:
+        x = x.rechunk({1: w.chunks[0]})
+    if w.chunks[0] != x.chunks[1]:
+        w = w.rechunk({0: x.chunks[1]})
+    spatial = tuple(
+        _transposed_chunks(c, n, k, s, p, d)
+        for c, n, k, s, p, d in zip(x.chunks[2:], out_hw, kernel, stride, padding, dilation)
+    )
+    shape = (N, Cg * groups) + out_hw
+    virtual = InputShape(shape, (x.chunks[0], (Cg * groups,)) + spatial, x._meta)
+    s = _TransposedSetup.checked(virtual, unbatched, w, stride, dilation, groups, pads)
+    g = x if x.chunks == s.out_chunks else x.rechunk(s.out_chunks)
+    return s, g, x_chunks, w_chunks
+
+
+def _transposed_chunks(in_chunks, n_out, kernel, stride, pad, dilation):
+    """Output chunks of one axis of a transposed convolution: the input tiles times the stride.
+
+    An input tile boundary ``b`` becomes the output boundary ``b*s - p + floor(d*(k-1)/2)``,
+    clipped to the output (``b*s`` where ``p = floor(d*(k-1)/2)``: kernel 3 padding 1, kernel 4
+    stride 2 padding 1, kernel 2 stride 2).  The convolution's chunk rule maps these chunks back
+    to the input tiles (:func:`dask_pconv.geometry.output_chunks`: the boundary lies in
+    ``(centre(b-1), centre(b)]`` of the window centres); empty chunks are dropped.
+    """
+    shift = dilation * (kernel - 1) // 2 - pad
+    bounds, b = [0], 0
+    for c in in_chunks[:-1]:
+        b += c
+        bounds.append(min(max(b * stride + shift, 0), n_out))
+    bounds.append(n_out)
+    return tuple(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo)
+
+
+def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """2-D transposed convolution of a chunked batch of images.
+
+    Same semantics (and argument order) as ``torch.nn.functional.conv_transpose2d``: the
+    gradient of :func:`conv2d` with respect to its input, for any chunking of ``x`` and ``w``.
+
+    Parameters
+    ----------
+    x : dask.array.Array, shape (N, C_in, H, W) or (C_in, H, W)
+        Images, chunked any way on all four axes (a NumPy or CuPy array is wrapped as one
+        chunk), as for :func:`conv2d`.  ``N`` may be 0; an unbatched input gives an unbatched
+        result.
+    w : array, shape (C_in, C_out/groups, kh, kw)
+        Filters (PyTorch's layout for a transposed convolution), of ``x``'s dtype.  Chunks on
+        axis 0 split the input channels: where ``x``'s channels are whole they are split the
+        same way, otherwise ``w`` is rechunked to ``x``'s channel chunks.
+    b : array, shape (C_out,), optional
+        Bias, of ``x``'s dtype.
+    stride, dilation : int or (int, int)
+        Positive.
+    padding : int or (int, int)
+        Rows/columns cut from both sides of the full transposed convolution (PyTorch's
+        ``dilation*(kernel_size-1) - padding`` implicit zeros on both sides of the input); not
+        a string, as in PyTorch.
+    output_padding : int or (int, int)
+        Extra rows/columns at the end of the output; smaller than the stride or the dilation.
+    groups : int
+        Divides ``C_in``; ``C_out = groups * w.shape[1]``.
+
+    Returns
+    -------
+    dask.array.Array, shape (N, C_out, oH, oW)
+        ``oH = (H - 1)*sy - 2*ph + dy*(kh - 1) + oph + 1`` and likewise ``oW``; ``x``'s
+        dtype.  Chunks: the batch chunks of ``x``, one chunk of output channels (the
+        input-channel chunks are summed away as a tree), and spatial chunks that are ``x``'s
+        tiles times the stride: an input tile boundary ``b`` is the output boundary
+        ``b*s - p + floor(d*(k-1)/2)`` (just ``b*s`` for kernel 2 stride 2, kernel 4 stride 2
+        padding 1 or kernel 3 padding 1), clipped to the output; empty chunks are dropped.
+
+    Notes
+    -----
+    It is :func:`conv2d_vjp`'s ``g_x`` for an input of shape ``(N, C_out, oH, oW)``, with ``w``
+    read as a convolution's weight ``(O=C_in, C_out/groups, kh, kw)`` and ``x`` as the output
+    gradient: each input tile spreads into its window of the output (its tile plus the
+    kernel's reach), and the windows' overlaps are added back into their tiles.
+    """
+    s, g, _, _ = _transposed(x, w, stride, padding, output_padding, groups, dilation)
+    y = _grad_x(s, g, tokenize(s.token, g))
+    if b is not None:
+        b = on_device_of(check_same_dtype(checked_operand(b, "b", 1), "b", g), y)
+        if b.shape != (s.x.shape[1],):
+            raise ValueError(f"b must have shape ({s.x.shape[1]},), got {b.shape}")
+        y = y + b.rechunk(-1).reshape(1, -1, 1, 1)
+    return s.result(y)
+
+
+def conv_transpose2d_vjp(x, w, g_y, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Vector-Jacobian product of :func:`conv_transpose2d`: gradients of
+    ``<g_y, conv_transpose2d(x, w, b)>``.
+
+    Parameters
+    ----------
+    x, w, stride, padding, output_padding, groups, dilation
+        As in :func:`conv_transpose2d`.
+    g_y : array, shape (N, C_out, oH, oW)
+        Gradient with respect to the output (``(C_out, oH, oW)`` for an unbatched ``x``), of
+        ``x``'s dtype; rechunked to the output chunks of :func:`conv_transpose2d` if it is
+        chunked otherwise.
+
+    Returns
+    -------
+    g_x : dask.array.Array, shape (N, C_in, H, W)
+        ``conv2d(g_y, w, stride=stride, padding=padding, dilation=dilation, groups=groups)``
+        (with ``output_padding`` fewer zeros after the image: the output padding is read by
+        no input), chunked like ``x``; all three results have ``x``'s dtype.
+    g_w : dask.array.Array, shape (C_in, C_out/groups, kh, kw)
+        :func:`conv2d_vjp`'s ``g_w`` of the input ``g_y`` and the output gradient ``x``;
+        chunked like ``w`` on axis 0, whole on the others.
+    g_b : dask.array.Array, shape (C_out,)
+        ``g_y.sum((0, 2, 3))``.
+    """
+    t, g, x_chunks, w_chunks = _transposed(x, w, stride, padding, output_padding, groups, dilation)
+    g_y = gradient_like(g_y, "g_y", g, t.unbatched, t.x.shape, t.x.chunks)
+    # the convolution of g_y (a real input now): its output is chunked like g, its g_w is the
+    # transposed convolution's
+    s = _ConvSetup.checked(g_y, t.unbatched, t.w, t.stride, t.dilation, t.groups, t.pads)
+    tok = tokenize(t.token, g_y, g)
+    g_x = _forward(s)
+    if g_x.chunks != x_chunks:
+        g_x = g_x.rechunk(x_chunks)
+    g_w = _grad_w(s, g, tok)
+    if g_w.chunks[0] != w_chunks:
+        g_w = g_w.rechunk({0: w_chunks})
+    return s.result(g_x), g_w, _grad_b(g_y, tok)
+
+
+__all__ = ["conv2d", "conv2d_vjp", "conv_transpose2d", "conv_transpose2d_vjp"]
