@@ -22,3 +22,25 @@ __all__ = [
     "to_zarr",
     "__version__",
 ]
+
+from .ops import (  # noqa: E402
+    adaptive_avg_pool2d,
+    adaptive_avg_pool2d_vjp,
+    avg_pool2d,
+    avg_pool2d_vjp,
+    leaky_relu,
+    leaky_relu_vjp,
+    upsample_nearest,
+    upsample_nearest_vjp,
+)
+
+__all__ += [
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_vjp",
+    "avg_pool2d",
+    "avg_pool2d_vjp",
+    "leaky_relu",
+    "leaky_relu_vjp",
+    "upsample_nearest",
+    "upsample_nearest_vjp",
+]
