@@ -274,9 +274,9 @@ class AdaptiveAvgPool2d(Layer):
 
     def __post_init__(self):
         size = self.output_size
-        values = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+        values = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         ones = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v == 1 for v in values)
-        if not (ones and len(values) in (1, 2)):
+        if not (ones and len(values) == 2):
             raise ValueError(f"AdaptiveAvgPool2d supports output_size 1 (a global mean) only, got {size!r}")
 
     def apply(self, inputs, params, state, mode, index):

@@ -135,9 +135,7 @@ def _global_output_size(output_size, hw):
     """``(1, 1)`` from ``output_size`` (an int or a pair; None keeps the input's length), or a
     ValueError: only a global mean is supported."""
     pair = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
-    if len(pair) == 1:
-        pair = pair * 2
-    if len(pair) != 2:
+    if len(pair) != 2:  # PyTorch refuses a one-element tuple here too
         raise ValueError(f"output_size must be an int or a pair, got {output_size!r}")
     resolved = []
     for v, n in zip(pair, hw):

@@ -81,18 +81,25 @@ def _slope(negative_slope, dtype):
     return np.dtype(dtype).type(negative_slope)
 
 
+def _leaky_factor(x, slope):
+    """1 where ``x > 0``, else ``slope`` (of ``slope``'s dtype): exact for the positive part."""
+    return da.where(x > 0, slope.dtype.type(1), slope)
+
+
 def leaky_relu(x, negative_slope=0.01):
     """``x`` where ``x > 0``, else ``negative_slope * x``, elementwise
     (``torch.nn.functional.leaky_relu``; NaN propagates)."""
     _plain(x=x)
-    return da.where(x > 0, x, x * _slope(negative_slope, x.dtype))
+    # a factor per element rather than where(x > 0, x, slope * x): that would multiply every
+    # element, +inf by a zero slope too (a NaN it then throws away, with NumPy's warning)
+    return x * _leaky_factor(x, _slope(negative_slope, x.dtype))
 
 
 def leaky_relu_vjp(x, g, negative_slope=0.01):
     """Gradient of :func:`leaky_relu`: ``g`` where ``x > 0``, else ``negative_slope * g``
     (at ``x == 0`` too, as in PyTorch)."""
     _plain(x=x, g=g)
-    return da.where(x > 0, g, g * _slope(negative_slope, g.dtype))
+    return g * _leaky_factor(x, _slope(negative_slope, g.dtype))
 
 
 def _bn_index(x):
