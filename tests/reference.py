@@ -129,3 +129,80 @@ def max_pool2d_vjp_ref(x, gy, kernel_size, stride=None, padding=0, dilation=1, c
         for n in range(N):
             np.add.at(g[n], (np.arange(C), idx[n, :, oh, ow]), gy[n, :, oh, ow])
     return g.reshape(N, C, H, W)
+
+
+def _avg_windows(shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """PyTorch's CPU average-pool loop, one output position at a time: ``(oh, ow, rows,
+    cols, divisor)`` with the window's rows and columns inside the image."""
+    (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
+    sy, sx = _pair(stride if stride is not None else kernel_size)
+    H, W = shape[2:]
+    oH, oW = _pool_out(H, kh, sy, ph, 1, ceil_mode), _pool_out(W, kw, sx, pw, 1, ceil_mode)
+    for oh in range(oH):
+        for ow in range(oW):
+            h0, w0 = oh * sy - ph, ow * sx - pw
+            h1, w1 = min(h0 + kh, H + ph), min(w0 + kw, W + pw)
+            size = (h1 - h0) * (w1 - w0)
+            h0, w0, h1, w1 = max(h0, 0), max(w0, 0), min(h1, H), min(w1, W)
+            if divisor_override is not None:
+                div = divisor_override
+            else:
+                div = size if count_include_pad else (h1 - h0) * (w1 - w0)
+            yield oh, ow, slice(h0, h1), slice(w0, w1), div
+
+
+def avg_pool2d_ref(
+    x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+):
+    x = np.asarray(x, np.float64)
+    wins = list(
+        _avg_windows(x.shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    )
+    oH, oW = wins[-1][0] + 1, wins[-1][1] + 1
+    y = np.zeros(x.shape[:2] + (oH, oW))
+    for oh, ow, rows, cols, div in wins:
+        y[:, :, oh, ow] = x[:, :, rows, cols].sum(axis=(2, 3)) / div
+    return y
+
+
+def avg_pool2d_vjp_ref(
+    x, gy, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+):
+    gy = np.asarray(gy, np.float64)
+    g = np.zeros(np.shape(x))
+    for oh, ow, rows, cols, div in _avg_windows(
+        g.shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    ):
+        g[:, :, rows, cols] += (gy[:, :, oh, ow] / div)[:, :, None, None]
+    return g
+
+
+def adaptive_avg_pool2d_ref(x):
+    """Output size 1: the mean of each plane."""
+    return np.asarray(x, np.float64).mean(axis=(2, 3), keepdims=True)
+
+
+def adaptive_avg_pool2d_vjp_ref(x, gy):
+    H, W = np.shape(x)[2:]
+    return np.broadcast_to(np.asarray(gy, np.float64) / (H * W), np.shape(x)).copy()
+
+
+def upsample_nearest_ref(x, scale_factor):
+    sh, sw = _pair(scale_factor)
+    return np.repeat(np.repeat(np.asarray(x, np.float64), sh, axis=2), sw, axis=3)
+
+
+def upsample_nearest_vjp_ref(gy, scale_factor):
+    sh, sw = _pair(scale_factor)
+    N, C, H, W = np.shape(gy)
+    return np.asarray(gy, np.float64).reshape(N, C, H // sh, sh, W // sw, sw).sum(axis=(3, 5))
+
+
+def leaky_relu_ref(x, negative_slope=0.01):
+    x = np.asarray(x, np.float64)
+    return x * np.where(x > 0, 1.0, negative_slope)
+
+
+def leaky_relu_vjp_ref(x, gy, negative_slope=0.01):
+    gy = np.asarray(gy, np.float64)
+    return np.where(np.asarray(x) > 0, gy, negative_slope * gy)

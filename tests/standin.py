@@ -302,6 +302,7 @@ namespace = types.SimpleNamespace(
     where=_fn("where", np.where),
     isnan=_fn("isnan", np.isnan),
     maximum=_fn("maximum", np.maximum),
+    minimum=_fn("minimum", np.minimum),
     arange=_fn("arange", np.arange),
     ones=_fn("ones", np.ones),
     exp=_fn("exp", np.exp),

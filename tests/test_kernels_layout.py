@@ -103,6 +103,21 @@ def _cases():
         "linear_forward": (kernels.linear_forward, (h, W), {}),
         "linear_grad_x": (kernels.linear_grad_x, (g2, W), {}),
         "linear_grad_w": (kernels.linear_grad_w, (g2, h), {}),
+        "avg_pool2d_forward": (
+            kernels.avg_pool2d_forward,
+            (x, (3, 2), (2, 1), (-1, 0), (19, 18), (1, 1), False),
+            {},
+        ),
+        "avg_pool2d_backward": (
+            kernels.avg_pool2d_backward,
+            (g6[:, :, :9, :17], (3, 2), (2, 1), (-1, 0), (19, 18), (1, 1), True),
+            {},
+        ),
+        "plane_sums": (kernels.plane_sums, (x,), {}),
+        "plane_mean": (kernels.plane_mean, (stats[:2].T.copy() * 1e3, 360, np.float32), {}),
+        "plane_mean_backward": (kernels.plane_mean_backward, (g6[:, :, :1, :1], (20, 18), 360), {}),
+        "upsample_nearest_forward": (kernels.upsample_nearest_forward, (x, (2, 3)), {}),
+        "upsample_nearest_backward": (kernels.upsample_nearest_backward, (g6, (4, 3)), {}),
     }
 
 

@@ -4,12 +4,16 @@ the primitives, and one VJP rule per primitive (:mod:`.rules`)."""
 from . import rules
 from .rules import (
     accuracy,
+    adaptive_avg_pool2d,
     add,
+    avg_pool2d,
     batch_norm,
+    concatenate,
     conv2d,
     conv_transpose2d,
     dropout,
     flatten,
+    leaky_relu,
     linear,
     max_pool2d,
     mean,
@@ -18,6 +22,7 @@ from .rules import (
     relu,
     reshape,
     softmax_cross_entropy,
+    upsample_nearest,
 )
 from .rules import sum as sum_
 from .tape import Tensor, defvjp, defvjp_all, grad, primitive, rule_names
@@ -46,4 +51,9 @@ __all__ = [
     "rules",
     "softmax_cross_entropy",
     "sum_",
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "concatenate",
+    "leaky_relu",
+    "upsample_nearest",
 ]

@@ -238,3 +238,87 @@ def accuracy(z, t):
     """A metric, not differentiable: accepts tensors or arrays and returns a lazy scalar."""
     z = getattr(z, "value", z)
     return nn.accuracy(z, t)
+
+
+# -- more pooling, resampling, activations and concatenation ---------------------------------
+@primitive
+def avg_pool2d(
+    x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+):
+    return ops.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _avg_pool2d_vjp(ans, x, *args, **kwargs):
+    return lambda g: ops.avg_pool2d_vjp(x, g, *args, **kwargs)
+
+
+defvjp(avg_pool2d, _avg_pool2d_vjp)
+
+
+@primitive
+def adaptive_avg_pool2d(x, output_size):
+    return ops.adaptive_avg_pool2d(x, output_size)
+
+
+defvjp(
+    adaptive_avg_pool2d, lambda ans, x, output_size: lambda g: ops.adaptive_avg_pool2d_vjp(x, g, output_size)
+)
+
+
+@primitive
+def upsample_nearest(x, scale_factor):
+    return ops.upsample_nearest(x, scale_factor)
+
+
+defvjp(upsample_nearest, lambda ans, x, scale_factor: lambda g: ops.upsample_nearest_vjp(x, g, scale_factor))
+
+
+@primitive
+def leaky_relu(x, negative_slope=0.01):
+    return nn.leaky_relu(x, negative_slope)
+
+
+defvjp(leaky_relu, lambda ans, x, negative_slope=0.01: lambda g: nn.leaky_relu_vjp(x, g, negative_slope))
+
+
+def _concatenate(*arrays, axis=1):
+    return da.concatenate(arrays, axis=axis)
+
+
+_concatenate.__name__ = _concatenate.__qualname__ = "concatenate"  # the primitive's name in errors
+_concatenate = primitive(_concatenate)
+
+
+def _concatenate_vjp(ans, *arrays, axis=1):
+    def vjp(g):
+        ax = axis % ans.ndim
+        out, start = [], 0
+        for a in arrays:
+            index = (slice(None),) * ax + (slice(start, start + a.shape[ax]),)
+            piece = g[index]
+            out.append(piece if piece.chunks == a.chunks else piece.rechunk(a.chunks))
+            start += a.shape[ax]
+        return tuple(out)
+
+    return vjp
+
+
+defvjp_all(_concatenate, _concatenate_vjp)
+
+
+def concatenate(tensors, axis=1):
+    """``dask.array.concatenate`` of ``tensors`` (tensors or Dask arrays) along ``axis``.
+
+    They must have one dtype (nothing is promoted) and one shape on every other axis; chunks
+    on the other axes that differ are unified by Dask.  The gradient of each input is its
+    slice of the output gradient, rechunked like the input where it is chunked otherwise."""
+    tensors = tuple(tensors)
+    if len(tensors) < 1:
+        raise ValueError("concatenate needs at least one array")
+    dtypes = {np.dtype(t.dtype) for t in tensors}
+    if len(dtypes) != 1:
+        raise TypeError(f"concatenate needs arrays of one dtype, got {sorted(map(str, dtypes))}")
+    return _concatenate(*tensors, axis=axis)
+
+
+__all__ += ["adaptive_avg_pool2d", "avg_pool2d", "concatenate", "leaky_relu", "upsample_nearest"]

@@ -11,6 +11,7 @@ depend on where its inputs were computed.
 from ..backend import array_namespace as get_namespace  # the name kernels users know
 from ._namespace import canonical, layout_invariant
 from ._window import Padded, cropped, materialize
+from .avg_pool import avg_pool2d_backward, avg_pool2d_forward, plane_mean, plane_mean_backward, plane_sums
 from .conv import conv2d_forward, conv2d_grad_b, conv2d_grad_w, conv2d_grad_x
 from .dropout import dropout_block, dropout_keep, dropout_scale
 from .labels import onehot
@@ -24,6 +25,7 @@ from .pool import (
     max_pool2d_forward_taps,
     max_pool2d_scatter,
 )
+from .upsample import upsample_nearest_backward, upsample_nearest_forward
 
 __all__ = [
     "Padded",
@@ -56,4 +58,11 @@ __all__ = [
     "max_pool2d_forward_taps",
     "max_pool2d_scatter",
     "onehot",
+    "avg_pool2d_backward",
+    "avg_pool2d_forward",
+    "plane_mean",
+    "plane_mean_backward",
+    "plane_sums",
+    "upsample_nearest_backward",
+    "upsample_nearest_forward",
 ]

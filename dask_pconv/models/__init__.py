@@ -2,18 +2,24 @@
 parameters and state, run by one interpreter; VGG16 is a config."""
 
 from .layers import (
+    AdaptiveAvgPool2d,
     Add,
     ArraySpec,
+    AvgPool2d,
     BatchNorm,
+    Concat,
     Conv2d,
     ConvTranspose2d,
     Dropout,
     Flatten,
+    Identity,
     Layer,
+    LeakyReLU,
     Linear,
     MaxPool2d,
     ReLU,
     RunMode,
+    Upsample,
 )
 from .model import Model
 from .program import INPUT, Node, Program, sequential
@@ -40,4 +46,10 @@ __all__ = [
     "RunMode",
     "sequential",
     "vgg16_program",
+    "AdaptiveAvgPool2d",
+    "AvgPool2d",
+    "Concat",
+    "Identity",
+    "LeakyReLU",
+    "Upsample",
 ]

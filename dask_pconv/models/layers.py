@@ -12,6 +12,7 @@ without running anything.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +21,7 @@ import numpy as np
 from .. import autodiff as ad
 from ..geometry import normalize_pair
 from ..ops.nn import batch_norm_running_update, batch_norm_stats
+from ..ops.upsample import _scale_pair
 
 __all__ = [
     "Add",
@@ -310,3 +312,128 @@ def _rechunked_like(a, like):
     if isinstance(a, ad.Tensor):
         return ad.rechunk(a, target)
     return a.rechunk(target)
+
+
+@dataclass(frozen=True)
+class AvgPool2d(Layer):
+    """``torch.nn.AvgPool2d(kernel_size, stride, padding, ceil_mode, count_include_pad,
+    divisor_override)`` (stride defaults to the kernel size)."""
+
+    kernel_size: int = 2
+    stride: int | None = None
+    padding: int = 0
+    count_include_pad: bool = True
+    ceil_mode: bool = False
+    divisor_override: int | None = None
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        y = ad.avg_pool2d(
+            x,
+            self.kernel_size,
+            self.stride or self.kernel_size,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+            self.divisor_override,
+        )
+        return y, {}
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPool2d(Layer):
+    """``torch.nn.AdaptiveAvgPool2d(1)``: the mean of each ``(H, W)`` plane, ``(N, C, 1, 1)``.
+    Only ``output_size`` 1 (or ``(1, 1)``) is supported; others raise ``ValueError`` here."""
+
+    output_size: int | tuple = 1
+
+    def __post_init__(self):
+        size = self.output_size
+        values = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        ones = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v == 1 for v in values)
+        if not (ones and len(values) == 2):
+            raise ValueError(f"AdaptiveAvgPool2d supports output_size 1 (a global mean) only, got {size!r}")
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.adaptive_avg_pool2d(x, self.output_size), {}
+
+
+@dataclass(frozen=True)
+class Upsample(Layer):
+    """``torch.nn.Upsample(scale_factor=s, mode='nearest')`` for integer ``s`` (an int or a
+    pair); another ``mode`` raises ``ValueError`` here."""
+
+    scale_factor: int | tuple = 2
+    mode: str = "nearest"
+
+    def __post_init__(self):
+        if self.mode != "nearest":
+            raise ValueError(f"Upsample supports mode 'nearest' only, got {self.mode!r}")
+        _scale_pair(self.scale_factor)  # ValueError for a scale that is not a positive integer
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.upsample_nearest(x, self.scale_factor), {}
+
+
+@dataclass(frozen=True)
+class LeakyReLU(Layer):
+    """``torch.nn.LeakyReLU(negative_slope)``: ``x`` where positive, else ``negative_slope * x``."""
+
+    negative_slope: float = 0.01
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return ad.leaky_relu(x, self.negative_slope), {}
+
+
+@dataclass(frozen=True)
+class Concat(Layer):
+    """``torch.cat(inputs, axis)`` of a node's two or more inputs (axis 1: channels, as in
+    U-Net skips and Inception branches).  The inputs must agree on every other axis; their
+    chunks on those axes are made the first input's."""
+
+    axis: int = 1
+
+    def apply(self, inputs, params, state, mode, index):
+        if len(inputs) < 2:
+            raise ValueError(f"Concat needs two or more inputs, got {len(inputs)}")
+        ndims = {len(a.shape) for a in inputs}
+        if len(ndims) != 1:
+            raise ValueError(f"Concat needs inputs with one number of axes, got {sorted(ndims)}")
+        (ndim,) = ndims
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(f"Concat axis {self.axis} is out of range for {ndim}-D inputs")
+        axis = self.axis % ndim
+        others = {tuple(n for i, n in enumerate(a.shape) if i != axis) for a in inputs}
+        if len(others) != 1:
+            shapes = [tuple(a.shape) for a in inputs]
+            raise ValueError(f"Concat needs inputs that agree on every axis but {axis}, got shapes {shapes}")
+        first = _value(inputs[0]).chunks
+        out = [inputs[0]]
+        for a in inputs[1:]:
+            target = tuple(c if i == axis else first[i] for i, c in enumerate(_value(a).chunks))
+            out.append(_rechunked_to(a, target))
+        return ad.concatenate(out, axis=axis), {}
+
+
+@dataclass(frozen=True)
+class Identity(Layer):
+    """Its input, unchanged (``torch.nn.Identity``)."""
+
+    def apply(self, inputs, params, state, mode, index):
+        (x,) = inputs
+        return x, {}
+
+
+def _rechunked_to(a, chunks):
+    """``a`` (a tensor or a Dask array) with ``chunks``."""
+    if _value(a).chunks == chunks:
+        return a
+    if isinstance(a, ad.Tensor):
+        return ad.rechunk(a, chunks)
+    return a.rechunk(chunks)
+
+
+__all__ += ["AdaptiveAvgPool2d", "AvgPool2d", "Concat", "Identity", "LeakyReLU", "Upsample"]

@@ -6,6 +6,7 @@ Dask's tree reductions, so BatchNorm statistics are global over (N, H, W) for an
 from __future__ import annotations
 
 import functools
+import numbers
 from itertools import product
 
 import dask.array as da
@@ -42,6 +43,8 @@ __all__ = [
     "batch_norm_vjp",
     "dropout",
     "dropout_key",
+    "leaky_relu",
+    "leaky_relu_vjp",
     "linear",
     "linear_vjp",
     "relu",
@@ -69,6 +72,34 @@ def relu_vjp(x, g):
     """Gradient of :func:`relu`: ``g`` where ``x > 0``, else 0."""
     _plain(x=x, g=g)
     return da.where(x > 0, g, g.dtype.type(0))
+
+
+def _slope(negative_slope, dtype):
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"negative_slope must be a real number, got {negative_slope!r}")
+    # PyTorch's kernels cast the slope to the tensor's dtype before multiplying
+    return np.dtype(dtype).type(negative_slope)
+
+
+def _leaky_factor(x, slope):
+    """1 where ``x > 0``, else ``slope`` (of ``slope``'s dtype): exact for the positive part."""
+    return da.where(x > 0, slope.dtype.type(1), slope)
+
+
+def leaky_relu(x, negative_slope=0.01):
+    """``x`` where ``x > 0``, else ``negative_slope * x``, elementwise
+    (``torch.nn.functional.leaky_relu``; NaN propagates)."""
+    _plain(x=x)
+    # a factor per element rather than where(x > 0, x, slope * x): that would multiply every
+    # element, +inf by a zero slope too (a NaN it then throws away, with NumPy's warning)
+    return x * _leaky_factor(x, _slope(negative_slope, x.dtype))
+
+
+def leaky_relu_vjp(x, g, negative_slope=0.01):
+    """Gradient of :func:`leaky_relu`: ``g`` where ``x > 0``, else ``negative_slope * g``
+    (at ``x == 0`` too, as in PyTorch)."""
+    _plain(x=x, g=g)
+    return g * _leaky_factor(x, _slope(negative_slope, g.dtype))
 
 
 def _bn_index(x):

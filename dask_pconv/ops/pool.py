@@ -27,6 +27,7 @@ class _PoolSetup(WindowedSetup):
     :class:`~dask_pconv.ops._halo.WindowedSetup`)."""
 
     op = "max_pool2d"
+    fill = float("-inf")  # the padding value: never a window's maximum
 
     def __init__(self, x, kernel_size, stride, padding, dilation, ceil_mode):
         x = checked_operand(x, "x", (3, 4), empty_batch=True)
@@ -47,9 +48,7 @@ class _PoolSetup(WindowedSetup):
         out_hw = tuple(geo.output_length(*a) for a in zip(hw, kernel, stride, pads, dilation))
         check_kernel_fits(hw, kernel, pads, dilation, out_hw)
         token = tokenize(x, kernel, stride, pads, dilation)
-        super().__init__(
-            x, unbatched, kernel, stride, pads, dilation, out_hw, x.chunks[1], float("-inf"), token
-        )
+        super().__init__(x, unbatched, kernel, stride, pads, dilation, out_hw, x.chunks[1], self.fill, token)
 
     def blocks(self):
         """``(n, c, i, j)`` of every output block and the image position of its window."""
