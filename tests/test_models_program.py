@@ -259,3 +259,33 @@ def test_features_stop_at_a_node_in_evaluation_mode():
         model.features(X, until="fc1")
     with pytest.raises(ValueError, match=r"x must be \(N, 3, 8, 8\)"):
         model.forward(RNG.standard_normal((2, 3, 12, 16)))
+
+
+@pytest.mark.parametrize("channel_split", [1, 2])
+def test_linear_bias_trains_like_pytorch(channel_split):
+    """``Linear(bias=True)``: ``x @ W.T + b``, ``b`` chunked like ``W``'s rows under a split."""
+    program = sequential(
+        ("c", Conv2d(3, 4, 3, padding=1)),
+        ("bn", BatchNorm(4, relu=True)),
+        ("f", Flatten()),
+        ("fc", Linear(4 * 64, 6, bias=True)),
+        ("fc2", Linear(6, 5, bias=True, channel_split=False)),
+    )
+    model = Model(program, seed=1, dtype=np.float64)
+    assert model.params["fc.b"].shape == (6,) and "fc2.b" in model.params
+    model.params = {k: v + 0.1 if k.endswith(".b") else v for k, v in model.params.items()}
+    loss, grads = dask.compute(
+        *model.forward_backward(dp.split(X, batch=2), T, dropout=False, channel_split=channel_split)
+    )
+    torch = optional.need_torch()
+    F = torch.nn.functional
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    h = F.conv2d(torch.tensor(X), p["c.W"], padding=1)
+    h = F.relu(F.batch_norm(h, None, None, p["bn.gamma"], p["bn.beta"], True, eps=2e-5)).flatten(1)
+    want = F.cross_entropy(
+        F.linear(F.linear(h, p["fc.W"], p["fc.b"]), p["fc2.W"], p["fc2.b"]), torch.tensor(T)
+    )
+    want.backward()
+    assert abs(loss - want.item()) <= 1e-12 * abs(want.item())
+    for k in grads:
+        assert_close(grads[k], p[k].grad.numpy(), np.float64)

@@ -270,21 +270,28 @@ class Flatten(Layer):
 
 @dataclass(frozen=True)
 class Linear(Layer):
-    """``x @ W.T`` (``W`` (out, in), PyTorch's layout), no bias.  ``channel_split=False`` keeps
-    ``W`` whole under a model's channel split (a network's last layer: its outputs are the
-    logits, which the loss reads whole)."""
+    """``x @ W.T (+ b)`` (``W`` (out, in), PyTorch's layout; ``b`` (out,) with ``bias``).
+    ``channel_split=False`` keeps ``W`` (and ``b``) whole under a model's channel split (a
+    network's last layer: its outputs are the logits, which the loss reads whole)."""
 
     in_features: int
     out_features: int
     channel_split: bool = True
+    bias: bool = False
 
     def params(self):
         shape = (self.out_features, self.in_features)
-        return {"W": ArraySpec(shape, "lecun_normal", self.in_features, self.channel_split)}
+        out = {"W": ArraySpec(shape, "lecun_normal", self.in_features, self.channel_split)}
+        if self.bias:
+            out["b"] = ArraySpec((self.out_features,), "zeros", channel_split=self.channel_split)
+        return out
 
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
-        return ad.linear(x, params["W"]), {}
+        y = ad.linear(x, params["W"])
+        if self.bias:
+            y = ad.add(y, params["b"])  # broadcast over the rows; its gradient sums them
+        return y, {}
 
 
 @dataclass(frozen=True)
