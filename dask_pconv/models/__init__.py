@@ -23,9 +23,16 @@ from .layers import (
 )
 from .model import Model
 from .program import INPUT, Node, Program, sequential
+from .resnet import RESNET18_STAGES, ResNet18, resnet18_program
+from .unet import UNet, unet_program
 from .vgg import VGG16, VGG16_CONFIG, vgg16_program
 
 __all__ = [
+    "RESNET18_STAGES",
+    "ResNet18",
+    "UNet",
+    "resnet18_program",
+    "unet_program",
     "INPUT",
     "VGG16",
     "VGG16_CONFIG",
