@@ -23,6 +23,8 @@ from .backend import array_namespace, to_dask_array
 from .geometry import normalize_pair, resolve_padding
 from .kernels import (
     Padded,
+    avg_pool2d_backward,
+    avg_pool2d_forward,
     bn_running,
     combine_stats,
     conv2d_forward,
@@ -39,13 +41,34 @@ from .kernels import (
     max_pool2d_forward_taps,
     max_pool2d_scatter,
     onehot,
+    plane_mean,
+    plane_mean_backward,
+    plane_sums,
+    upsample_nearest_backward,
+    upsample_nearest_forward,
 )
-from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from .models.layers import (
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    ConvTranspose2d,
+    Dropout,
+    Flatten,
+    Identity,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Upsample,
+)
 from .ops.nn import dropout_key
+from .ops.upsample import _scale_pair
 from .optim import apply_velocity, velocity
 
 __all__ = [
     "BLOCK_LAYERS",
+    "CHAIN_LAYERS",
     "Ctx",
     "StageGraph",
     "apply_velocity",
@@ -60,8 +83,19 @@ __all__ = [
     "sgd_velocity",
 ]
 
-#: The layer kinds :func:`layer_forward` and :func:`layer_backward` run on a block.
-BLOCK_LAYERS = (Conv2d, BatchNorm, ReLU, MaxPool2d, Dropout, Flatten, Linear)
+#: The layer kinds of the chain's stages (:mod:`dask_pconv.fused`; on tiles too).
+CHAIN_LAYERS = (Conv2d, BatchNorm, ReLU, MaxPool2d, Dropout, Flatten, Linear)
+#: The layer kinds :func:`layer_forward` and :func:`layer_backward` run on a block of whole
+#: images.
+BLOCK_LAYERS = (
+    *CHAIN_LAYERS,
+    ConvTranspose2d,
+    AvgPool2d,
+    AdaptiveAvgPool2d,
+    Upsample,
+    LeakyReLU,
+    Identity,
+)
 
 
 class Ctx:
@@ -113,6 +147,76 @@ def _conv_backward(layer, g, p, saved, grads):
     return gx
 
 
+def _transposed_geometry(layer):
+    k, s = normalize_pair(layer.kernel_size, "kernel_size"), normalize_pair(layer.stride, "stride")
+    d, p = normalize_pair(layer.dilation, "dilation"), normalize_pair(layer.padding, "padding", minimum=0)
+    op = normalize_pair(layer.output_padding, "output_padding", minimum=0)
+    return k, s, d, p, op
+
+
+def _transposed_forward(layer, h, p, saved):
+    """A transposed convolution of a block of whole images: the input-gradient of the
+    convolution with ``W``, the full window cut by the padding (and grown by the output
+    padding, which only the bias reaches)."""
+    k, s, d, pad, op = _transposed_geometry(layer)
+    full_hw = tuple((n - 1) * si + di * (ki - 1) + 1 for n, si, di, ki in zip(h.shape[2:], s, d, k))
+    out_hw = tuple(f - 2 * pi + o for f, pi, o in zip(full_hw, pad, op))
+    crop = tuple((pi, min(pi + o, f)) for pi, o, f in zip(pad, out_hw, full_hw))
+    y = conv2d_grad_x(h, p["W"], s, d, layer.groups, crop=crop)
+    if y.shape[2:] != out_hw:
+        full = array_namespace(y).zeros(y.shape[:2] + out_hw, dtype=y.dtype)
+        full[:, :, : y.shape[2], : y.shape[3]] = y
+        y = full
+    saved.append((h, full_hw))
+    return conv_bias(y, layer, p)
+
+
+def _transposed_backward(layer, g, p, saved, grads):
+    """``g`` at the output back to the window coordinates of the convolution it transposes:
+    then the input's gradient is that convolution, and ``W``'s its weight gradient."""
+    h, full_hw = saved.pop()
+    k, s, d, pad, _ = _transposed_geometry(layer)
+    if layer.bias:
+        grads["b"] = conv2d_grad_b(g).reshape(-1)
+    g = g[:, :, : full_hw[0] - pad[0], : full_hw[1] - pad[1]]  # less the rows only the bias reached
+    pads = (pad[0], full_hw[0] - pad[0] - g.shape[2], pad[1], full_hw[1] - pad[1] - g.shape[3])
+    window = Padded(g, pads, 0)
+    grads["W"] = conv2d_grad_w(window, h, k, s, d, layer.groups)
+    return conv2d_forward(window, p["W"], s, d, layer.groups)
+
+
+def _avg_pool_args(layer, hw):
+    """The kernel's arguments for a padded block of whole images of size ``hw`` (floor mode)."""
+    k = normalize_pair(layer.kernel_size, "kernel_size")
+    s = normalize_pair(layer.stride or layer.kernel_size, "stride")
+    ph, pw = normalize_pair(layer.padding, "padding", minimum=0)
+    return k, s, (-ph, -pw), tuple(hw), (ph, pw), layer.count_include_pad, layer.divisor_override
+
+
+def _avg_pool_forward(layer, h, saved):
+    args = _avg_pool_args(layer, h.shape[2:])
+    ph, pw = args[4]
+    saved.append(h.shape)
+    return avg_pool2d_forward(Padded(h, (ph, ph, pw, pw), 0), *args)
+
+
+def _avg_pool_backward(layer, g, saved):
+    shape = saved.pop()
+    args = _avg_pool_args(layer, shape[2:])
+    ph, pw = args[4]
+    win = avg_pool2d_backward(g, *args)  # the windows' extent, from the padded image's corner
+    gx = array_namespace(g).zeros(shape, dtype=g.dtype)
+    rows, cols = min(win.shape[2] - ph, shape[2]), min(win.shape[3] - pw, shape[3])
+    gx[:, :, :rows, :cols] = win[:, :, ph : ph + rows, pw : pw + cols]
+    return gx
+
+
+def _leaky_factor(h, slope):
+    xp = array_namespace(h)
+    s = h.dtype.type(slope)  # cast to the block's dtype, as PyTorch does
+    return xp.where(h > 0, h.dtype.type(1), s)
+
+
 def layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
     """One layer of a stage forward on a block; appends what its backward reads to ``saved``.
     ``i`` is the node's position in its program (its dropout key), ``stats_parts`` every
@@ -138,6 +242,21 @@ def layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
     if isinstance(layer, Flatten):
         saved.append(h.shape)
         return h.reshape(h.shape[0], -1)
+    if isinstance(layer, ConvTranspose2d):
+        return _transposed_forward(layer, h, p, saved)
+    if isinstance(layer, AvgPool2d):
+        return _avg_pool_forward(layer, h, saved)
+    if isinstance(layer, AdaptiveAvgPool2d):
+        saved.append(h.shape[2:])
+        return plane_mean(plane_sums(h), h.shape[2] * h.shape[3], h.dtype)
+    if isinstance(layer, Upsample):
+        return upsample_nearest_forward(h, _scale_pair(layer.scale_factor))
+    if isinstance(layer, LeakyReLU):
+        factor = _leaky_factor(h, layer.negative_slope)
+        saved.append(factor)
+        return h * factor
+    if isinstance(layer, Identity):
+        return h
     saved.append(h)  # Linear
     y = linear_forward(h, p["W"])
     return y + p["b"] if getattr(layer, "bias", False) else y
@@ -165,6 +284,19 @@ def layer_backward(i, layer, g, p, ctx, saved, grads):
         return dropout_scale(g, saved.pop(), layer.ratio) if ctx.dropout else g
     if isinstance(layer, Flatten):
         return g.reshape(saved.pop())
+    if isinstance(layer, ConvTranspose2d):
+        return _transposed_backward(layer, g, p, saved, grads)
+    if isinstance(layer, AvgPool2d):
+        return _avg_pool_backward(layer, g, saved)
+    if isinstance(layer, AdaptiveAvgPool2d):
+        hw = saved.pop()
+        return plane_mean_backward(g, hw, hw[0] * hw[1])
+    if isinstance(layer, Upsample):
+        return upsample_nearest_backward(g, _scale_pair(layer.scale_factor))
+    if isinstance(layer, LeakyReLU):
+        return g * saved.pop()
+    if isinstance(layer, Identity):
+        return g
     h = saved.pop()  # Linear
     grads["W"] = linear_grad_w(g, h)
     if getattr(layer, "bias", False):
@@ -282,7 +414,7 @@ class StageGraph:
 
     def results(self, grad_parts, bn_sums, bn_stats, loss_parts, correct_parts):
         """``(params, velocities, state, loss, accuracy)``: the update tasks and the arrays."""
-        loss = self.output("loss", "", (), self.x.dtype, (mean_of, loss_parts, self.n, self.x.dtype))
+        loss = self.output("loss", "", (), self.x.dtype, (mean_of, loss_parts, self.t.size, self.x.dtype))
         acc = self.output("accuracy", "", (), np.float64, (mean_of, correct_parts, self.t.size, np.float64))
         new_p, new_v, new_s = self.updates(grad_parts, bn_sums, bn_stats)
         names = [(g, k) for g, d in (("p", new_p), ("v", new_v), ("s", new_s)) for k in d]

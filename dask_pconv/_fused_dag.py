@@ -33,14 +33,15 @@ from dataclasses import dataclass
 
 from ._fused_common import BLOCK_LAYERS, StageGraph, layer_backward, layer_forward, loss_block, pick
 from ._fused_tiles import named, sum_parts
+from .backend import array_namespace
 from .kernels import bn_backward, bn_backward_partial, bn_partial_stats
-from .models.layers import Add, BatchNorm
+from .models.layers import Add, AvgPool2d, BatchNorm, Concat
 from .models.program import INPUT
 
 __all__ = ["DagPlan", "DagStepGraph", "dag_unfit"]
 
 #: The layer kinds a stage of a program with branches runs.
-DAG_LAYERS = (*BLOCK_LAYERS, Add)
+DAG_LAYERS = (*BLOCK_LAYERS, Add, Concat)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ def dag_unfit(program):
     for node in program.nodes:
         if not isinstance(node.layer, DAG_LAYERS):
             return f"node {node.name!r} is a {type(node.layer).__name__}"
+        if isinstance(node.layer, AvgPool2d) and node.layer.ceil_mode:
+            return f"node {node.name!r} pools in ceil mode"
     if not any(isinstance(n.layer, BatchNorm) for n in program.nodes):
         return "the program has no BatchNorm"
     unreached = DagPlan(program.nodes).unreached()
@@ -142,6 +145,9 @@ def _node_forward(i, node, inputs, p, ctx, saved, stats_parts):
         for a in inputs[1:]:
             out += a
         return out
+    if isinstance(node.layer, Concat):
+        saved.append([a.shape[node.layer.axis] for a in inputs])
+        return array_namespace(inputs[0]).concatenate(inputs, axis=node.layer.axis)
     return layer_forward(i, node.layer, inputs[0], p, ctx, saved, stats_parts)
 
 
@@ -186,6 +192,8 @@ def _run_backward(spec, g_out, saved, params, ctx):
             continue
         if isinstance(layer, Add):
             g_in = [g] * len(node.inputs)
+        elif isinstance(layer, Concat):
+            g_in = _split_along(g, saved[node.name].pop(), layer.axis)
         else:
             grads = {}
             g_in = [layer_backward(i, layer, g, p, ctx, saved[node.name], grads)]
@@ -195,6 +203,18 @@ def _run_backward(spec, g_out, saved, params, ctx):
                 continue
             _add(g_out if v in own else to_earlier, v, gv)
     return to_earlier, pending, sums, pgrads
+
+
+def _split_along(g, sizes, axis):
+    """``g`` cut into the pieces of ``sizes`` along ``axis`` (the gradients of a concatenation's
+    inputs), each a copy: a view would keep the whole of ``g`` alive."""
+    out, start = [], 0
+    for n in sizes:
+        index = [slice(None)] * g.ndim
+        index[axis] = slice(start, start + n)
+        out.append(g[tuple(index)].copy())
+        start += n
+    return out
 
 
 def _finish_bn(node, pending, sums_parts, gamma, ctx):

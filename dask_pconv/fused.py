@@ -41,7 +41,7 @@ import operator
 import dask
 import numpy as np
 
-from ._fused_common import BLOCK_LAYERS, StageGraph, layer_backward, layer_forward, loss_block
+from ._fused_common import CHAIN_LAYERS, StageGraph, layer_backward, layer_forward, loss_block
 from ._fused_common import pick as _pick
 from ._fused_dag import DagStepGraph, dag_unfit
 from ._fused_tiles import (
@@ -59,7 +59,7 @@ from .optim import MomentumSGD
 
 __all__ = ["fusable", "fused_training_step"]
 
-_LAYERS = BLOCK_LAYERS
+_LAYERS = CHAIN_LAYERS
 
 
 def fusable(model, optimizer, params, x):

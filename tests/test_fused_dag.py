@@ -14,17 +14,26 @@ from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import (
     INPUT,
     VGG16,
+    AdaptiveAvgPool2d,
     Add,
+    AvgPool2d,
     BatchNorm,
+    Concat,
     Conv2d,
+    ConvTranspose2d,
     Dropout,
     Flatten,
+    Identity,
+    LeakyReLU,
     Linear,
     MaxPool2d,
     Model,
     Node,
     Program,
     ReLU,
+    ResNet18,
+    UNet,
+    Upsample,
 )
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.step import training_step
@@ -101,7 +110,34 @@ def conv_chain():
     )
 
 
+def encoder_decoder():
+    """Average pooling (padding counted and not), a transposed convolution with output
+    padding and bias, nearest upsampling, concatenations of two and three nodes, leaky ReLU,
+    an identity, a global average pool and a Linear with bias."""
+    return Program(
+        (
+            Node("a", Conv2d(3, 4, 3, padding=1), (INPUT,)),
+            Node("a_bn", BatchNorm(4), ("a",)),
+            Node("a_act", LeakyReLU(0.1), ("a_bn",)),
+            Node("down", AvgPool2d(3, 2, padding=1, count_include_pad=False), ("a_act",)),
+            Node("b", Conv2d(4, 4, 3, padding=1), ("down",)),
+            Node("b_bn", BatchNorm(4, relu=True), ("b",)),
+            Node("up", ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, bias=True), ("b_bn",)),
+            Node("up2", Upsample(2), ("b_bn",)),
+            Node("cat", Concat(), ("up", "a_act", "up2")),
+            Node("c", Conv2d(11, 4, 1), ("cat",)),
+            Node("c_bn", BatchNorm(4, relu=True), ("c",)),
+            Node("same", Identity(), ("c_bn",)),
+            Node("pool", AvgPool2d(2), ("same",)),
+            Node("gap", AdaptiveAvgPool2d(1), ("pool",)),
+            Node("flatten", Flatten(), ("gap",)),
+            Node("fc", Linear(4, 5, bias=True, channel_split=False), ("flatten",)),
+        )
+    )
+
+
 NETS = {
+    "encoder-decoder": (encoder_decoder, (6, 3, 8, 8)),
     "residual": (residual_net, (8, 3, 8, 8)),
     "skip": (skip_net, (7, 3, 7, 7)),
     "convolutions": (conv_chain, (5, 3, 10, 8)),  # d reads 9 of the 10 rows
@@ -198,3 +234,28 @@ def test_parallel_branches_share_a_synchronisation_and_the_graph_stays_small():
     assert stats.tasks <= 2 * (6 + 1 + 6 + 3 * 7 + 1) + 2 * n_params + 2 * n_bn + 2 + 12
     # two tasks per synchronisation forward and backward, and the update
     assert stats.critical_path <= 4 * plan.last + 3
+
+
+def test_fused_resnet18_step_is_the_fine_grained_step():
+    make = lambda: ResNet18(n_classes=5, width=1 / 16, seed=1, dtype=np.float64)  # noqa: E731
+    x, t = RNG.standard_normal((4, 3, 16, 16)), RNG.integers(0, 5, 4)
+    want = _step(make(), x, t, 2, False, True)
+    got = _step(make(), x, t, 2, True, True)
+    assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
+    for g, w in zip(got[:3], want[:3]):
+        for name in g:
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_fused_unet_step_with_per_pixel_labels_is_the_fine_grained_step(chunks):
+    """Per-pixel logits and labels: the loss is the mean over every pixel of the batch, its
+    gradient spread over the chunks' pixels."""
+    make = lambda: UNet(in_channels=2, n_classes=3, width=2, depth=2, seed=1, dtype=np.float64)  # noqa: E731
+    x, t = RNG.standard_normal((4, 2, 8, 8)), RNG.integers(0, 3, (4, 8, 8))
+    want = _step(make(), x, t, chunks, False, False)
+    got = _step(make(), x, t, chunks, True, False)
+    assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
+    for g, w in zip(got[:3], want[:3]):
+        for name in g:
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
