@@ -164,7 +164,8 @@ def _layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
         saved.append(h.shape)
         return h.reshape(h.shape[0], -1)
     saved.append(h)  # Linear
-    return linear_forward(h, p["W"])
+    y = linear_forward(h, p["W"])
+    return y + p["b"] if layer.bias else y
 
 
 def _layer_backward(i, layer, g, p, ctx, saved, grads):
@@ -195,6 +196,8 @@ def _layer_backward(i, layer, g, p, ctx, saved, grads):
         return g.reshape(saved.pop())
     h = saved.pop()  # Linear
     grads["W"] = linear_grad_w(g, h)
+    if layer.bias:
+        grads["b"] = g.sum(axis=0)
     return linear_grad_x(g, p["W"])
 
 
@@ -315,7 +318,7 @@ class _StepGraph:
         return _first_key(self.inputs[group, name])
 
     def flat(self, seg):
-        return [self.key("param", f"{node.name}.{k}") for _, node in seg for k in node.layer.params()]
+        return [self.key("param", node.full_name(k)) for _, node in seg for k in node.layer.params()]
 
     def task(self, kind, *index, value):
         k = (f"fused-{kind}-{self.tok}", *index)
@@ -396,7 +399,7 @@ class _StepGraph:
         bn_src = [(_pick, k, 4) for k in tails]
         for b in range(last, until, -1):
             seg_bn, seg_prev = self.segs[b], self.segs[b - 1]
-            gamma = self.key("param", f"{seg_bn[0][1].name}.gamma")
+            gamma = self.key("param", seg_bn[0][1].full_name("gamma"))
             outs = [
                 self.task(
                     "bwd",
@@ -430,7 +433,7 @@ class _StepGraph:
             if isinstance(node.layer, BatchNorm) or (skip_first and k_node == 0):
                 continue
             for pn in node.layer.params():
-                grad_parts[f"{node.name}.{pn}"] = [
+                grad_parts[node.full_name(pn)] = [
                     self.task("grad", node.name, pn, c, value=(_pick, k, index, k_node, pn))
                     for c, k in enumerate(outs)
                 ]
@@ -444,10 +447,11 @@ class _StepGraph:
         for b, seg in enumerate(self.segs):
             if isinstance(seg[0][1].layer, BatchNorm):
                 bn_of[seg[0][1].name] = b
-        for name in self.model.program.param_specs():
-            node, local = name.rsplit(".", 1)
-            if node in bn_of:
-                parts, row = list(sums[bn_of[node]]), {"beta": 0, "gamma": 1}[local]
+        named = [(node, local) for node in self.model.program.nodes for local in node.layer.params()]
+        for node, local in named:
+            name = node.full_name(local)
+            if node.name in bn_of:
+                parts, row = list(sums[bn_of[node.name]]), {"beta": 0, "gamma": 1}[local]
             else:
                 parts, row = grad_parts[name], None
             p, v = self.key("param", name), self.key("velocity", name)
@@ -457,13 +461,13 @@ class _StepGraph:
             # a task of its own: computing the velocity again here costs more than the hop
             value = (apply_velocity, p, new_v[name])
             new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
-        for node, b in bn_of.items():
-            layer = self.segs[b][0][1].layer
+        for b in bn_of.values():
+            node = self.segs[b][0][1]
+            old = (self.key("state", node.full_name("avg_mean")), self.key("state", node.full_name("avg_var")))
             for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
-                name = f"{node}.{local}"
-                old = (self.key("state", f"{node}.avg_mean"), self.key("state", f"{node}.avg_var"))
+                name = node.full_name(local)
                 like = self.inputs["state", name]
-                value = (running, list(stats[b - 1]), *old, layer.decay, which)
+                value = (running, list(stats[b - 1]), *old, node.layer.decay, which)
                 new_s[name] = self.output("running", name, like.shape, like.dtype, value)
         return new_p, new_v, new_s
 
@@ -562,7 +566,7 @@ class _TiledStepGraph(_StepGraph):
         outs, strips = None, {}
         for b in range(g, 0, -1):
             seg_bn, seg_prev = self.segs[b], self.segs[b - 1]
-            gamma = self.key("param", f"{seg_bn[0][1].name}.gamma")
+            gamma = self.key("param", seg_bn[0][1].full_name("gamma"))
             new = []
             for c in range(self.P):
                 for ij in self.tiles:
