@@ -5,6 +5,7 @@ channel axes or the spatial axes (tiles with halos), in any mix, and the result 
 unsplit convolution.
 """
 
+from .models.pytorch import from_torch
 from .ops import conv2d, conv2d_vjp, max_pool2d, max_pool2d_vjp, split
 from .store import conv2d_to_zarr, features_to_zarr, open_image, to_zarr
 
@@ -15,6 +16,7 @@ __all__ = [
     "conv2d_to_zarr",
     "conv2d_vjp",
     "features_to_zarr",
+    "from_torch",
     "max_pool2d",
     "max_pool2d_vjp",
     "open_image",

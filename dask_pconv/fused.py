@@ -463,7 +463,7 @@ class _StepGraph:
             new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
         for b in bn_of.values():
             node = self.segs[b][0][1]
-            old = (self.key("state", node.full_name("avg_mean")), self.key("state", node.full_name("avg_var")))
+            old = tuple(self.key("state", node.full_name(k)) for k in ("avg_mean", "avg_var"))
             for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
                 name = node.full_name(local)
                 like = self.inputs["state", name]

@@ -1,5 +1,6 @@
 """Models: a network is a :class:`Program` of layer nodes (:mod:`.layers`), a :class:`Model` its
-parameters and state, run by one interpreter; VGG16 is a config."""
+parameters and state, run by one interpreter; VGG16 is a config; :func:`from_torch` converts a
+PyTorch module."""
 
 from .layers import (
     Add,
@@ -16,6 +17,7 @@ from .layers import (
 )
 from .model import Model
 from .program import INPUT, Node, Program, sequential
+from .pytorch import from_torch, to_torch_state_dict
 from .vgg import VGG16, VGG16_CONFIG, vgg16_program
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "Program",
     "ReLU",
     "RunMode",
+    "from_torch",
     "sequential",
+    "to_torch_state_dict",
     "vgg16_program",
 ]

@@ -69,9 +69,10 @@ class Model:
         Names and shapes must match exactly (``KeyError``/``ValueError`` otherwise); values must
         be real numbers (``TypeError``) and, for NumPy values, finite (``ValueError``: training
         never starts from NaN or Inf), and NumPy BatchNorm running variances (the state arrays
-        whose spec says ``nonnegative``) must be >= 0.  Dask (and device) values are taken as they are, not checked for finiteness or
-        sign (that would compute them or copy them to the host).  Every value
-        is cast to the model's dtype.  Nothing is replaced unless everything checks out.
+        whose spec says ``nonnegative``) must be >= 0.  Dask (and device) values are taken as
+        they are, not checked for finiteness or sign (that would compute them or copy them to
+        the host).  Every value is cast to the model's dtype.  Nothing is replaced unless
+        everything checks out.
         """
         checked = [
             (target, _checked(target, new, what, self.dtype, self._specs))

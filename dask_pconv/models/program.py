@@ -86,7 +86,7 @@ class Program:
             arrays = {**node.layer.params(), **node.layer.state()}
             unknown = sorted(k for k, _ in node.names if k not in arrays)
             if unknown:
-                raise ValueError(f"node {node.name!r} names {unknown}, not arrays of its layer {sorted(arrays)}")
+                raise ValueError(f"node {node.name!r} names {unknown}; its layer has {sorted(arrays)}")
         if not self.nodes:
             raise ValueError("a program needs at least one node")
         owner = {}
@@ -94,7 +94,7 @@ class Program:
             for local in (*node.layer.params(), *node.layer.state()):
                 full = node.full_name(local)
                 if full in owner:
-                    raise ValueError(f"nodes {owner[full]!r} and {node.name!r} both have an array named {full!r}")
+                    raise ValueError(f"nodes {owner[full]!r} and {node.name!r} both name an array {full!r}")
                 owner[full] = node.name
 
     def node(self, name):
