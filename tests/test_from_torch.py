@@ -104,6 +104,19 @@ class VGGLike(nn.Module):
         return self.fc(self.classifier(self.features(x)))
 
 
+class _Forward(nn.Module):
+    """A module whose forward is ``forward(self, x)``, holding ``modules``."""
+
+    def __init__(self, forward, **modules):
+        super().__init__()
+        for k, v in modules.items():
+            setattr(self, k, v)
+        self.fn = forward
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
 MODULES = {"sequential": sequential_cnn, "functional": Functional, "residual": Residual, "vgg-like": VGGLike}
 INPUT = {"sequential": (3, 8, 8), "functional": (3, 8, 8), "residual": (3, 8, 8), "vgg-like": (3, 8, 8)}
 
@@ -149,9 +162,9 @@ def torch_predict(module, x):
 # every split of the batch: images, input channels, spatial tiles, a mix (and split weights)
 SPLITS = {
     "batch": (dict(batch=4), 1),
-    "channel": (dict(channel=3), 2),
+    "channel": (dict(in_channel=3), 2),
     "spatial": (dict(spatial=(2, 3)), 1),
-    "mixed": (dict(batch=2, channel=2, spatial=(3, 2)), 2),
+    "mixed": (dict(batch=2, in_channel=2, spatial=(3, 2)), 2),
 }
 
 
@@ -220,6 +233,25 @@ def test_forward_backward_returns_the_training_loss_and_grads():
     want_loss, want_grads, _ = torch_train_step(m, x, t)
     assert_close(loss, np.array(want_loss), np.float64)
     assert list(grads) == list(want_grads)
+
+
+@pytest.mark.parametrize(
+    "flatten",
+    [
+        lambda x: x.view(x.size(0), -1),
+        lambda x: x.reshape(x.shape[0], -1),
+        lambda x: x.view(-1, 4 * 4 * 4),
+        lambda x: torch.reshape(x, (x.size(0), 64)),
+        lambda x: x.flatten(1),
+    ],
+    ids=["view size(0)", "reshape shape[0]", "view -1", "torch.reshape", "flatten method"],
+)
+def test_every_spelling_of_flatten(flatten):
+    conv, fc = nn.Conv2d(3, 4, 3, padding=1).double(), nn.Linear(64, 6).double()
+    x = data("residual", n=3)[0][:, :, :4, :4]
+    module = _Forward(lambda s, x: s.fc(flatten(s.conv(x))), conv=conv, fc=fc)
+    y = dp.from_torch(module, input_shape=(3, 4, 4)).predict(dp.split(x, batch=2)).compute()
+    assert_close(y, torch_predict(module, x), np.float64)
 
 
 def test_batch_norm_normalises_and_updates_as_pytorch():
@@ -316,17 +348,6 @@ class Gelu(nn.Module):
 def test_unsupported_calls_are_refused_naming_the_node(module, match):
     with pytest.raises(NotImplementedError, match=match):
         dp.from_torch(module)
-
-
-class _Forward(nn.Module):
-    def __init__(self, forward, **modules):
-        super().__init__()
-        for k, v in modules.items():
-            setattr(self, k, v)
-        self.fn = forward
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 @pytest.mark.parametrize(
