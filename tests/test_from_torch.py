@@ -294,7 +294,7 @@ def test_the_fused_step_of_a_converted_model_is_the_fine_grained_one():
             np.testing.assert_allclose(g[k], w[k], rtol=1e-11, atol=1e-13, err_msg=k)
 
 
-def test_trainer_runs_steps_on_a_converted_model():
+def test_trainer_runs_steps_on_a_converted_model(tmp_path):
     torch.manual_seed(0)
     module = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
@@ -307,12 +307,22 @@ def test_trainer_runs_steps_on_a_converted_model():
     train, val = synthetic(n=40, n_classes=4, seed=1, val_fraction=0.25)
     model = dp.from_torch(module, input_shape=(3, 32, 32))
     before = dict(model.params)
-    tr = Trainer(model, train, val, batch_size=10, split={"batch": 2}, progress=False, stream=io.StringIO())
+    kw = dict(batch_size=10, split={"batch": 2}, progress=False, stream=io.StringIO(), out=tmp_path)
+    tr = Trainer(model, train, val, **kw)
     losses = [float(tr.train_step(train.x[:10], train.t[:10])[0]) for _ in range(2)]
     assert tr.step_graph.startswith("fused stages")
     assert all(np.isfinite(losses)) and list(model.params) == list(before)
     after = dask.compute(model.params)[0]
     assert not np.array_equal(after["0.weight"], before["0.weight"])
+    tr.save()  # the checkpoint keeps PyTorch's names, and comes back under them
+    again = Trainer(dp.from_torch(module, input_shape=(3, 32, 32)), train, val, **kw)
+    assert again.resume()
+    want, got = dask.compute(
+        {**tr.model.params, **tr.model.state}, {**again.model.params, **again.model.state}
+    )
+    assert list(got) == list(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 # -- what is refused --------------------------------------------------------------------------------
