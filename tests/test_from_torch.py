@@ -387,8 +387,12 @@ def test_untraceable_forward_and_bad_arguments():
         dp.from_torch(_Forward(branch))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dp.from_torch(lambda x: x)
+    half = nn.Sequential(nn.Conv2d(3, 3, 1)).half()
     with pytest.raises(ValueError, match="pass dtype="):
-        dp.from_torch(nn.Sequential(nn.Conv2d(3, 3, 1)).half())
+        dp.from_torch(half)
+    np.testing.assert_array_equal(
+        dp.from_torch(half, dtype=np.float32).params["0.weight"], half[0].weight.detach().float().numpy()
+    )
     with pytest.raises(ValueError, match="input_shape must be"):
         dp.from_torch(nn.Sequential(nn.ReLU()), input_shape=(8, 8))
     with pytest.raises(ValueError, match="returns its input"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import operator
 import os
@@ -245,6 +246,8 @@ def from_torch(module, input_shape=None, dtype=None, seed=0, channel_split=1):
     ``module.eval()(x)``; :meth:`~Model.forward_backward` is a training-mode pass (batch
     statistics, running statistics updated PyTorch's way; dropout masks are this library's own,
     so they differ from PyTorch's) with the mean softmax cross-entropy of the output.
+    ``forward`` is traced once, in the module's current mode (a branch on ``self.training``
+    in it is fixed by that mode).
 
     Parameters
     ----------
@@ -353,16 +356,22 @@ def _where(node):
     return ""
 
 
+def _dotted(obj):
+    """``torch.nn.modules.conv.Conv2d``, ``torch.sigmoid``, ``operator.getitem``; else repr."""
+    module, name = inspect.getmodule(obj), getattr(obj, "__qualname__", None)
+    if module is None or name is None:
+        return repr(obj)
+    prefix = "operator" if module.__name__ == "_operator" else module.__name__
+    return f"{prefix}.{name.split('.')[-1]}"
+
+
 def _what(gm, node):
-    """What a traced node calls, for messages: ``torch.nn.Conv2d 'features.0'``, ``function
-    torch.sigmoid``, ``method .sigmoid()``."""
+    """What a traced node calls, for messages: ``torch.nn.modules.conv.Conv2d 'features.0'``,
+    ``function torch.sigmoid``, ``method .sigmoid()``."""
     if node.op == "call_module":
-        cls = type(gm.get_submodule(node.target))
-        return f"{cls.__module__}.{cls.__qualname__} {node.target!r}"
+        return f"{_dotted(type(gm.get_submodule(node.target)))} {node.target!r}"
     if node.op == "call_function":
-        t = node.target
-        mod = {"_operator": "operator"}.get(getattr(t, "__module__", None), getattr(t, "__module__", None))
-        return f"function {mod}.{getattr(t, '__name__', t)}" if mod else f"function {t!r}"
+        return f"function {_dotted(node.target)}"
     if node.op == "call_method":
         return f"method .{node.target}()"
     return f"{node.op} {node.target!r}"
@@ -431,6 +440,8 @@ class _Converter:
             raise _Unsupported(f"{op}: a parameter or buffer read directly in forward (only module calls)")
 
     def convert_module(self, node):
+        import torch
+
         m = self.gm.get_submodule(node.target)
         build = self.modules.get(type(m))
         _need(build is not None, f"the module type {type(m).__name__}", ", ".join(MODULES))
@@ -447,7 +458,9 @@ class _Converter:
             if id(tensor) in self.tensors:
                 raise _Unsupported(f"{full} is the tensor {self.tensors[id(tensor)]} (shared weights)")
             self.tensors[id(tensor)] = full
-            names[local], arrays[local] = full, tensor.detach().cpu().numpy().astype(self.dtype)
+            # through float64 (exact from float32, and NumPy has no bfloat16)
+            value = tensor.detach().to("cpu", torch.float64).numpy().astype(self.dtype)
+            names[local], arrays[local] = full, value
         self.add(node, layer, args, names, arrays)
 
     def convert_call(self, node):
