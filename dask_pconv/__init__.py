@@ -5,6 +5,7 @@ channel axes or the spatial axes (tiles with halos), in any mix, and the result 
 unsplit convolution.
 """
 
+from .models.pytorch import from_torch
 from .ops import (
     adaptive_avg_pool2d,
     adaptive_avg_pool2d_vjp,
@@ -37,6 +38,7 @@ __all__ = [
     "conv_transpose2d",
     "conv_transpose2d_vjp",
     "features_to_zarr",
+    "from_torch",
     "leaky_relu",
     "leaky_relu_vjp",
     "max_pool2d",

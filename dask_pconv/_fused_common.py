@@ -384,31 +384,33 @@ class StageGraph:
         """Momentum SGD per parameter (the velocity task sums the parts) and the running
         statistics per BatchNorm.
 
-        ``grad_parts``: parameter name -> per-chunk gradient parts (keys or inline tasks);
+        ``grad_parts``: parameter (full) name -> per-chunk gradient parts (keys or inline tasks);
         ``bn_sums``: BatchNorm node name -> per-chunk gradient sums (beta's row 0, gamma's row 1);
         ``bn_stats``: BatchNorm node name -> per-chunk partial statistics of its input."""
         o = self.opt
         new_p, new_v, new_s = {}, {}, {}
-        for name in self.model.program.param_specs():
-            node, local = name.rsplit(".", 1)
-            if node in bn_sums:
-                parts, row = list(bn_sums[node]), {"beta": 0, "gamma": 1}[local]
-            else:
-                parts, row = grad_parts[name], None
-            p, v = self.key("param", name), self.key("velocity", name)
-            like = self.inputs["param", name]
-            value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
-            new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
-            # a task of its own: computing the velocity again here costs more than the hop
-            value = (apply_velocity, p, new_v[name])
-            new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
-        layers = {n.name: n.layer for n in self.model.program.nodes}
-        for node, parts in bn_stats.items():
-            old = (self.key("state", f"{node}.avg_mean"), self.key("state", f"{node}.avg_var"))
+        nodes = {n.name: n for n in self.model.program.nodes}
+        for node in nodes.values():
+            for local in node.layer.params():
+                name = node.full_name(local)
+                if node.name in bn_sums:
+                    parts, row = list(bn_sums[node.name]), {"beta": 0, "gamma": 1}[local]
+                else:
+                    parts, row = grad_parts[name], None
+                p, v = self.key("param", name), self.key("velocity", name)
+                like = self.inputs["param", name]
+                value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
+                new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
+                # a task of its own: computing the velocity again here costs more than the hop
+                value = (apply_velocity, p, new_v[name])
+                new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
+        for node_name, parts in bn_stats.items():
+            node = nodes[node_name]
+            old = tuple(self.key("state", node.full_name(k)) for k in ("avg_mean", "avg_var"))
             for which, local in (("mean", "avg_mean"), ("var", "avg_var")):
-                name = f"{node}.{local}"
+                name = node.full_name(local)
                 like = self.inputs["state", name]
-                value = (running, list(parts), *old, layers[node].decay, which)
+                value = (running, list(parts), *old, node.layer.decay, which)
                 new_s[name] = self.output("running", name, like.shape, like.dtype, value)
         return new_p, new_v, new_s
 

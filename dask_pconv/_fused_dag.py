@@ -197,7 +197,7 @@ def _run_backward(spec, g_out, saved, params, ctx):
         else:
             grads = {}
             g_in = [layer_backward(i, layer, g, p, ctx, saved[node.name], grads)]
-            pgrads.update({f"{node.name}.{k}": v for k, v in grads.items()})
+            pgrads.update({node.full_name(k): v for k, v in grads.items()})
         for v, gv in zip(node.inputs, g_in):
             if v == INPUT:
                 continue
@@ -259,7 +259,7 @@ class DagStepGraph(StageGraph):
         self.fwd, self.stats, self.bwd, self.sums, self.pgrads = {}, {}, {}, {}, {}
 
     def params(self, spec):
-        return [self.key("param", f"{n.name}.{k}") for _, n in spec.nodes for k in n.layer.params()]
+        return [self.key("param", n.full_name(k)) for _, n in spec.nodes for k in n.layer.params()]
 
     def value(self, v, c):
         """Chunk ``c``'s value ``v`` of an earlier stage, read inside the task that needs it."""
@@ -309,7 +309,7 @@ class DagStepGraph(StageGraph):
     def finish(self, node, c):
         b = self.plan.stage[node.name]
         sums = [(pick, self.sums[b, k], node.name) for k in range(self.P)]
-        gamma = self.key("param", f"{node.name}.gamma")
+        gamma = self.key("param", node.full_name("gamma"))
         return [node, (pick, self.bwd[b, c], 1, node.name), sums, gamma]
 
     def exchange(self, s, c):
@@ -333,7 +333,7 @@ class DagStepGraph(StageGraph):
                 bn_stats[node.name] = [(pick, self.stats[stage[v], c], v) for c in range(self.P)]
                 continue
             for k in node.layer.params():
-                name = f"{node.name}.{k}"
+                name = node.full_name(k)
                 grad_parts[name] = [(pick, self.pgrads[s, c], name) for c in range(self.P)]
         losses = [
             self.task("loss-part", c, value=(operator.getitem, self.bwd[S, c], 4)) for c in range(self.P)

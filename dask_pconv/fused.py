@@ -185,7 +185,7 @@ class _StepGraph(StageGraph):
         self.segs = _segments(self.model.program.nodes)
 
     def flat(self, seg):
-        return [self.key("param", f"{node.name}.{k}") for _, node in seg for k in node.layer.params()]
+        return [self.key("param", node.full_name(k)) for _, node in seg for k in node.layer.params()]
 
     def stage_input(self, fwd, s, c):
         """The input of stage ``s`` on chunk ``c``: the batch's block or the output of the
@@ -254,7 +254,7 @@ class _StepGraph(StageGraph):
         bn_src = [(_pick, k, 4) for k in tails]
         for b in range(last, until, -1):
             seg_bn, seg_prev = self.segs[b], self.segs[b - 1]
-            gamma = self.key("param", f"{seg_bn[0][1].name}.gamma")
+            gamma = self.key("param", seg_bn[0][1].full_name("gamma"))
             outs = [
                 self.task(
                     "bwd",
@@ -288,7 +288,7 @@ class _StepGraph(StageGraph):
             if isinstance(node.layer, BatchNorm) or (skip_first and k_node == 0):
                 continue
             for pn in node.layer.params():
-                grad_parts[f"{node.name}.{pn}"] = [
+                grad_parts[node.full_name(pn)] = [
                     self.task("grad", node.name, pn, c, value=(_pick, k, index, k_node, pn))
                     for c, k in enumerate(outs)
                 ]
@@ -366,7 +366,7 @@ class _TiledStepGraph(_StepGraph):
         outs, strips = None, {}
         for b in range(g, 0, -1):
             seg_bn, seg_prev = self.segs[b], self.segs[b - 1]
-            gamma = self.key("param", f"{seg_bn[0][1].name}.gamma")
+            gamma = self.key("param", seg_bn[0][1].full_name("gamma"))
             new = []
             for c in range(self.P):
                 for ij in self.tiles:

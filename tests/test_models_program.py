@@ -261,31 +261,45 @@ def test_features_stop_at_a_node_in_evaluation_mode():
         model.forward(RNG.standard_normal((2, 3, 12, 16)))
 
 
-@pytest.mark.parametrize("channel_split", [1, 2])
-def test_linear_bias_trains_like_pytorch(channel_split):
-    """``Linear(bias=True)``: ``x @ W.T + b``, ``b`` chunked like ``W``'s rows under a split."""
-    program = sequential(
-        ("c", Conv2d(3, 4, 3, padding=1)),
-        ("bn", BatchNorm(4, relu=True)),
-        ("f", Flatten()),
-        ("fc", Linear(4 * 64, 6, bias=True)),
-        ("fc2", Linear(6, 5, bias=True, channel_split=False)),
+def test_nodes_may_name_their_arrays():
+    """``Node.names`` renames a layer's arrays everywhere: specs, init, the run, the new state,
+    and the checks of ``load_params`` (a running variance by its spec, not by its name)."""
+    prog = Program(
+        (
+            Node("c", Conv2d(3, 4, 3, padding=1), (INPUT,), {"W": "conv.weight"}),
+            Node("n", BatchNorm(4), ("c",), {"avg_var": "bn.var", "gamma": "bn.g"}),
+            Node("f", Flatten(), ("n",)),
+            Node("l", Linear(4 * 8 * 8, 5, bias=True), ("f",)),
+        )
     )
-    model = Model(program, seed=1, dtype=np.float64)
-    assert model.params["fc.b"].shape == (6,) and "fc2.b" in model.params
-    model.params = {k: v + 0.1 if k.endswith(".b") else v for k, v in model.params.items()}
-    loss, grads = dask.compute(
-        *model.forward_backward(dp.split(X, batch=2), T, dropout=False, channel_split=channel_split)
-    )
+    assert list(prog.param_specs()) == ["conv.weight", "bn.g", "n.beta", "l.W", "l.b"]
+    assert list(prog.state_specs()) == ["n.avg_mean", "bn.var"]
+    assert prog.nodes[1].names == (("avg_var", "bn.var"), ("gamma", "bn.g"))  # hashable pairs
+    hash(prog)
+    model = Model(prog, dtype=np.float64)
+    _, new_state = prog.run(da.from_array(X[:, :, :8, :8]), model.dask_params(), model.state)
+    assert set(new_state) == {"n.avg_mean", "bn.var"}
+    bad = {**model.state, "bn.var": -np.ones(4)}
+    with pytest.raises(ValueError, match=r"state\['bn.var'\] \(a BatchNorm running variance\)"):
+        model.load_params(model.params, bad)
+    with pytest.raises(ValueError, match="node 'b' names \\['V'\\]; its layer has \\['W'"):
+        Program((Node("b", Conv2d(3, 4), (INPUT,), {"V": "x"}),))
+    with pytest.raises(ValueError, match="nodes 'a' and 'b' both name an array 'a.W'"):
+        Program((Node("a", Conv2d(3, 3), (INPUT,)), Node("b", Conv2d(3, 3), ("a",), {"W": "a.W"})))
+
+
+def test_linear_bias_trains_like_pytorch():
     torch = optional.need_torch()
-    F = torch.nn.functional
+    import torch.nn.functional as F
+
+    model = Model(sequential(("f", Flatten()), ("l", Linear(3 * 8 * 8, 5, bias=True))), dtype=np.float64)
+    x = X[:, :, :8, :8]
+    loss, grads = dask.compute(*model.forward_backward(dp.split(x, batch=2), T, channel_split=2))
     p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
-    h = F.conv2d(torch.tensor(X), p["c.W"], padding=1)
-    h = F.relu(F.batch_norm(h, None, None, p["bn.gamma"], p["bn.beta"], True, eps=2e-5)).flatten(1)
-    want = F.cross_entropy(
-        F.linear(F.linear(h, p["fc.W"], p["fc.b"]), p["fc2.W"], p["fc2.b"]), torch.tensor(T)
-    )
+    want = F.cross_entropy(F.linear(torch.tensor(x).flatten(1), p["l.W"], p["l.b"]), torch.tensor(T))
     want.backward()
-    assert abs(loss - want.item()) <= 1e-12 * abs(want.item())
-    for k in grads:
+    assert_close(loss, want.item(), np.float64)
+    for k in p:
         assert_close(grads[k], p[k].grad.numpy(), np.float64)
+    with pytest.raises(ValueError, match=r"Linear\(192, 5\) needs input \(N, 192\), got shape \(6, 48\)"):
+        model.predict(X[:, :, :4, :4])

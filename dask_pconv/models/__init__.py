@@ -1,5 +1,6 @@
 """Models: a network is a :class:`Program` of layer nodes (:mod:`.layers`), a :class:`Model` its
-parameters and state, run by one interpreter; VGG16 is a config."""
+parameters and state, run by one interpreter; VGG16 is a config; :func:`from_torch` converts a
+PyTorch module."""
 
 from .layers import (
     AdaptiveAvgPool2d,
@@ -23,6 +24,7 @@ from .layers import (
 )
 from .model import Model
 from .program import INPUT, Node, Program, sequential
+from .pytorch import from_torch, to_torch_state_dict
 from .resnet import RESNET18_STAGES, ResNet18, resnet18_program
 from .unet import UNet, unet_program
 from .vgg import VGG16, VGG16_CONFIG, vgg16_program
@@ -51,7 +53,9 @@ __all__ = [
     "Program",
     "ReLU",
     "RunMode",
+    "from_torch",
     "sequential",
+    "to_torch_state_dict",
     "vgg16_program",
     "AdaptiveAvgPool2d",
     "AvgPool2d",

@@ -44,13 +44,15 @@ class ArraySpec(NamedTuple):
 
     ``init`` is ``"lecun_normal"`` (Chainer's default, N(0, 1/fan_in)), ``"ones"`` or
     ``"zeros"``.  ``channel_split``: axis 0 (the output channels) is chunked by a model's
-    channel split; False keeps the array whole.
+    channel split; False keeps the array whole.  ``nonnegative``: a value loaded into it must
+    be >= 0 (a running variance).
     """
 
     shape: tuple
     init: str
     fan_in: int = 1
     channel_split: bool = True
+    nonnegative: bool = False
 
     def initial(self, rng, dtype):
         """The initial value; ``lecun_normal`` draws from ``rng`` (in program order)."""
@@ -209,10 +211,15 @@ class BatchNorm(Layer):
 
     def state(self):
         c = (self.channels,)
-        return {"avg_mean": ArraySpec(c, "zeros"), "avg_var": ArraySpec(c, "ones")}
+        return {"avg_mean": ArraySpec(c, "zeros"), "avg_var": ArraySpec(c, "ones", nonnegative=True)}
 
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
+        if x.ndim not in (2, 4) or x.shape[1] != self.channels:
+            raise ValueError(
+                f"BatchNorm({self.channels}) needs input (N, {self.channels}) or (N, {self.channels}, H, W), "
+                f"got shape {tuple(x.shape)}"
+            )
         gamma, beta = params["gamma"], params["beta"]
         if not mode.train:
             mean, var = state["avg_mean"], state["avg_var"]
@@ -270,7 +277,7 @@ class Flatten(Layer):
 
 @dataclass(frozen=True)
 class Linear(Layer):
-    """``x @ W.T (+ b)`` (``W`` (out, in), PyTorch's layout; ``b`` (out,) with ``bias``).
+    """``x @ W.T`` (``W`` (out, in), PyTorch's layout), plus ``b`` (out,) if ``bias``.
     ``channel_split=False`` keeps ``W`` (and ``b``) whole under a model's channel split (a
     network's last layer: its outputs are the logits, which the loss reads whole)."""
 
@@ -288,9 +295,14 @@ class Linear(Layer):
 
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"Linear({self.in_features}, {self.out_features}) needs input (N, {self.in_features}), "
+                f"got shape {tuple(x.shape)}"
+            )
         y = ad.linear(x, params["W"])
-        if self.bias:
-            y = ad.add(y, params["b"])  # broadcast over the rows; its gradient sums them
+        if self.bias:  # (N, out) + (out,): b is chunked like W's rows, so like y's columns
+            y = ad.add(y, params["b"])
         return y, {}
 
 

@@ -42,7 +42,8 @@ class Model:
     params : dict
         Trainable parameters, name -> array, in program order, PyTorch layouts.
     state : dict
-        Running statistics (BatchNorm ``*.avg_mean``/``*.avg_var``), apart from ``params``.
+        Running statistics (BatchNorm ``*.avg_mean``/``*.avg_var``, or the names a program's
+        nodes give them), apart from ``params``.
     """
 
     def __init__(self, program, seed=0, dtype=np.float32, channel_split=1, input_shape=None):
@@ -67,13 +68,14 @@ class Model:
 
         Names and shapes must match exactly (``KeyError``/``ValueError`` otherwise); values must
         be real numbers (``TypeError``) and, for NumPy values, finite (``ValueError``: training
-        never starts from NaN or Inf), and NumPy BatchNorm running variances ``*.avg_var`` must
-        be >= 0.  Dask (and device) values are taken as they are, not checked for finiteness or
-        sign (that would compute them or copy them to the host).  Every value
-        is cast to the model's dtype.  Nothing is replaced unless everything checks out.
+        never starts from NaN or Inf), and NumPy BatchNorm running variances (the state arrays
+        whose spec says ``nonnegative``) must be >= 0.  Dask (and device) values are taken as
+        they are, not checked for finiteness or sign (that would compute them or copy them to
+        the host).  Every value is cast to the model's dtype.  Nothing is replaced unless
+        everything checks out.
         """
         checked = [
-            (target, _checked(target, new, what, self.dtype))
+            (target, _checked(target, new, what, self.dtype, self._specs))
             for target, new, what in ((self.params, mapping, "params"), (self.state, state, "state"))
             if new is not None
         ]
@@ -217,7 +219,7 @@ def _check_split(channel_split):
     return int(channel_split)
 
 
-def _checked(target, new, what, dtype):
+def _checked(target, new, what, dtype, specs):
     """``new`` checked against ``target`` (names, shapes, real finite values) and cast to
     ``dtype``; raises before anything is replaced."""
     if not isinstance(new, Mapping):
@@ -236,7 +238,7 @@ def _checked(target, new, what, dtype):
             raise TypeError(f"{what}[{k!r}] must hold real numbers, got dtype {v.dtype}")
         if isinstance(v, np.ndarray) and not np.isfinite(v).all():
             raise ValueError(f"{what}[{k!r}] holds NaN or Inf; refusing to load it")
-        if what == "state" and k.endswith(".avg_var") and isinstance(v, np.ndarray) and (v < 0).any():
+        if specs[k].nonnegative and isinstance(v, np.ndarray) and (v < 0).any():
             raise ValueError(f"{what}[{k!r}] (a BatchNorm running variance) has negative values")
         values[k] = v.astype(dtype, copy=False)  # lazy for Dask, on the device for CuPy
     return values

@@ -5,11 +5,14 @@ A :class:`Node` names a :class:`~dask_pconv.models.layers.Layer` and the nodes i
 (``inputs``; the program's input is ``"input"``).  A :class:`Program` is a tuple of nodes in
 an order where every node comes after its inputs (a directed acyclic graph: a chain for
 VGG16, a residual addition or a concatenation reads two nodes).  Parameter and state names are
-``"<node name>.<local name>"`` (``block1_1.conv.W``), in program order.
+``"<node name>.<local name>"`` (``block1_1.conv.W``), in program order, unless a node names
+them itself (``Node.names``: a model converted from PyTorch keeps PyTorch's names,
+``features.0.weight``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +27,28 @@ INPUT = "input"
 
 @dataclass(frozen=True)
 class Node:
-    """One step of a program: ``layer`` applied to the outputs of the nodes named ``inputs``."""
+    """One step of a program: ``layer`` applied to the outputs of the nodes named ``inputs``.
+
+    ``names`` (a mapping, or ``(local, full)`` pairs) gives some of the layer's parameters and
+    state arrays full names of their own (``{"W": "features.0.weight"}``); the others are
+    ``"<name>.<local>"``.  It is kept as sorted pairs, so that a node stays hashable.
+    """
 
     name: str
     layer: Layer
     inputs: tuple = ()
+    names: tuple = ()
+
+    def __post_init__(self):
+        pairs = self.names.items() if isinstance(self.names, Mapping) else self.names
+        object.__setattr__(self, "names", tuple(sorted((str(k), str(v)) for k, v in pairs)))
+
+    def full_name(self, local):
+        """The program-wide name of the layer's parameter or state array ``local``."""
+        for k, full in self.names:
+            if k == local:
+                return full
+        return f"{self.name}.{local}"
 
 
 def sequential(*pairs):
@@ -45,8 +65,9 @@ def sequential(*pairs):
 class Program:
     """Layer nodes in dependency order; the last node's output is the program's output.
 
-    Raises ``ValueError`` for a name used twice, an input that names no earlier node, or a
-    parameter name that two nodes would share.
+    Raises ``ValueError`` for a name used twice, an input that names no earlier node, a
+    parameter or state name that two arrays would share, or a ``Node.names`` entry for an array
+    the layer does not have.
     """
 
     nodes: tuple
@@ -62,8 +83,19 @@ class Program:
             if missing or not node.inputs:
                 raise ValueError(f"node {node.name!r} reads {missing or 'nothing'}: not an earlier node")
             seen.add(node.name)
+            arrays = {**node.layer.params(), **node.layer.state()}
+            unknown = sorted(k for k, _ in node.names if k not in arrays)
+            if unknown:
+                raise ValueError(f"node {node.name!r} names {unknown}; its layer has {sorted(arrays)}")
         if not self.nodes:
             raise ValueError("a program needs at least one node")
+        owner = {}
+        for node in self.nodes:
+            for local in (*node.layer.params(), *node.layer.state()):
+                full = node.full_name(local)
+                if full in owner:
+                    raise ValueError(f"nodes {owner[full]!r} and {node.name!r} both name an array {full!r}")
+                owner[full] = node.name
 
     def node(self, name):
         """The node called ``name`` (``KeyError`` naming the known ones otherwise)."""
@@ -75,11 +107,11 @@ class Program:
     def param_specs(self):
         """Every trainable parameter, full name -> :class:`~dask_pconv.models.layers.ArraySpec`,
         in program order."""
-        return {f"{n.name}.{k}": spec for n in self.nodes for k, spec in n.layer.params().items()}
+        return {n.full_name(k): spec for n in self.nodes for k, spec in n.layer.params().items()}
 
     def state_specs(self):
         """Every state array (running statistics), full name -> ``ArraySpec``."""
-        return {f"{n.name}.{k}": spec for n in self.nodes for k, spec in n.layer.state().items()}
+        return {n.full_name(k): spec for n in self.nodes for k, spec in n.layer.state().items()}
 
     def init(self, seed, dtype):
         """Initial ``(params, state)``, NumPy arrays of ``dtype``; random initializers draw from
@@ -117,16 +149,16 @@ class Program:
             self.node(until)  # KeyError naming the nodes
         values, new_state = {INPUT: x}, {}
         for index, node in enumerate(self.nodes):
-            local_p = _local(params, node.name, node.layer.params())
-            local_s = _local(state, node.name, node.layer.state())
+            local_p = _local(params, node, node.layer.params())
+            local_s = _local(state, node, node.layer.state())
             inputs = tuple(values[i] for i in node.inputs)
             out, updated = node.layer.apply(inputs, local_p, local_s, mode, index)
-            new_state.update({f"{node.name}.{k}": v for k, v in updated.items()})
+            new_state.update({node.full_name(k): v for k, v in updated.items()})
             values[node.name] = out
             if node.name == until:
                 return out, new_state
         return out, new_state
 
 
-def _local(arrays, prefix, specs):
-    return {k: arrays[f"{prefix}.{k}"] for k in specs}
+def _local(arrays, node, specs):
+    return {k: arrays[node.full_name(k)] for k in specs}

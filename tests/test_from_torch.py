@@ -1,0 +1,427 @@
+"""Converting PyTorch modules (dask_pconv/models/pytorch.py): names and dtypes kept, predictions
+equal to ``module.eval()(x)``, the training-mode loss, every gradient and the updated running
+statistics equal to PyTorch autograd's, in every split; a Trainer step on a converted model;
+what is refused, and how it is reported.  Skipped without PyTorch (except the check that the
+package works without it)."""
+
+import copy
+import io
+import subprocess
+import sys
+
+import dask
+import numpy as np
+import optional
+import pytest
+
+import dask_pconv as dp
+from dask_pconv.data import chunk_batch, synthetic
+from dask_pconv.fused import fusable
+from dask_pconv.optim import MomentumSGD
+from dask_pconv.step import training_step
+from dask_pconv.train import Trainer
+
+from strategies import assert_close, tolerance
+
+torch = pytest.importorskip("torch", reason=optional.TORCH)
+nn, F = torch.nn, torch.nn.functional
+
+
+# -- the modules ----------------------------------------------------------------------------------
+def sequential_cnn():
+    """(a) nn.Sequential: bias, in-place ReLU, 'same' padding, a pool, BatchNorm, Linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding="same", bias=False),
+        nn.BatchNorm2d(5, eps=1e-3, momentum=0.3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 6),
+    )
+
+
+class Functional(nn.Module):
+    """(b) functional calls in forward: F.relu, torch.relu, torch.flatten, x.relu(), a strided
+    conv, BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1, padding="valid")
+        self.fc1 = nn.Linear(4 * 4 * 4, 7, bias=False)
+        self.bn = nn.BatchNorm1d(7)
+        self.fc2 = nn.Linear(7, 6)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.flatten(x, 1)
+        return self.fc2(self.bn(self.fc1(x)).relu())
+
+
+class Residual(nn.Module):
+    """(c) conv-bn-relu-conv-bn plus the block's input, relu; ``x.view(x.size(0), -1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc = nn.Linear(3 * 4 * 4, 6)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        out += x
+        out = self.pool(torch.relu(out))
+        return self.fc(out.view(out.size(0), -1))
+
+
+class VGGLike(nn.Module):
+    """(d) a VGG-like chain: ``features`` and ``classifier`` Sequentials, dropout included."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for out in (4, 4, "M", 6, "M"):
+            if out == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+                c = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.5), nn.Linear(6 * 2 * 2, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU()
+        )
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.fc(self.classifier(self.features(x)))
+
+
+class _Forward(nn.Module):
+    """A module whose forward is ``forward(self, x)``, holding ``modules``."""
+
+    def __init__(self, forward, **modules):
+        super().__init__()
+        for k, v in modules.items():
+            setattr(self, k, v)
+        self.fn = forward
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+MODULES = {"sequential": sequential_cnn, "functional": Functional, "residual": Residual, "vgg-like": VGGLike}
+INPUT = {"sequential": (3, 8, 8), "functional": (3, 8, 8), "residual": (3, 8, 8), "vgg-like": (3, 8, 8)}
+
+
+def make(kind, dtype=torch.float64, seed=0):
+    """The module with random weights and non-trivial BatchNorm statistics and affine."""
+    torch.manual_seed(seed)
+    m = MODULES[kind]().to(dtype)
+    with torch.no_grad():
+        for sub in m.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.running_mean.uniform_(-0.5, 0.5)
+                sub.running_var.uniform_(0.5, 2.0)
+                sub.weight.uniform_(0.5, 1.5)
+                sub.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def data(kind, n=6, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, *INPUT[kind])), rng.integers(0, 6, n)
+
+
+def torch_train_step(module, x, t):
+    """Loss, gradients and running statistics after a training-mode pass, float64 (a copy of
+    the module: dropout off, BatchNorm on batch statistics)."""
+    m = copy.deepcopy(module).double().train()
+    for sub in m.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.eval()
+    loss = F.cross_entropy(m(torch.tensor(x)), torch.tensor(t))
+    loss.backward()
+    grads = {k: p.grad.numpy() for k, p in m.named_parameters()}
+    stats = {k: b.numpy() for k, b in m.named_buffers() if not k.endswith("num_batches_tracked")}
+    return loss.item(), grads, stats
+
+
+def torch_predict(module, x):
+    with torch.no_grad():
+        return copy.deepcopy(module).double().eval()(torch.tensor(x)).numpy()
+
+
+# every split of the batch: images, input channels, spatial tiles, a mix (and split weights)
+SPLITS = {
+    "batch": (dict(batch=4), 1),
+    "channel": (dict(in_channel=3), 2),
+    "spatial": (dict(spatial=(2, 3)), 1),
+    "mixed": (dict(batch=2, in_channel=2, spatial=(3, 2)), 2),
+}
+
+
+# -- names, dtypes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_names_values_and_dtype_are_the_modules(kind):
+    m = make(kind, torch.float32)
+    model = dp.from_torch(m)
+    assert model.dtype == np.float32
+    assert list(model.params) == [k for k, _ in m.named_parameters()]
+    buffers = [k for k, _ in m.named_buffers() if not k.endswith("num_batches_tracked")]
+    assert list(model.state) == buffers
+    sd = m.state_dict()
+    for k, v in {**model.params, **model.state}.items():
+        assert v.dtype == np.float32
+        np.testing.assert_array_equal(v, sd[k].numpy())
+    assert dp.from_torch(m.double()).dtype == np.float64
+    assert dp.from_torch(m, dtype=np.float32).dtype == np.float32
+
+
+def test_the_state_dict_goes_back_into_the_module():
+    m = make("residual")
+    back = dp.models.to_torch_state_dict(dp.from_torch(m))
+    fresh = Residual().double()
+    missing, unexpected = fresh.load_state_dict(back, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    for k, v in m.state_dict().items():
+        if k in back:
+            assert torch.equal(fresh.state_dict()[k], v)
+
+
+# -- against PyTorch, in every split --------------------------------------------------------------
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_predict_and_training_pass_equal_pytorch(kind, dtype, split):
+    """Evaluation: ``module.eval()(x)``; training: the loss, every gradient and the updated
+    running statistics (PyTorch's momentum, unbiased variance).  float32 is judged against the
+    float64 reference."""
+    m = make(kind, torch.float64 if dtype == np.float64 else torch.float32)
+    x, t = data(kind)
+    pieces, channel_split = SPLITS[split]
+    model = dp.from_torch(m, input_shape=INPUT[kind], channel_split=channel_split)
+    xd = dp.split(x.astype(dtype), **pieces)
+    loss, grads, aux = model.forward_backward_aux(xd, t, dropout=False)
+    y, loss, grads, state = dask.compute(model.predict(xd), loss, grads, aux["state"])
+    want_loss, want_grads, want_state = torch_train_step(m, x, t)
+    assert_close(y, torch_predict(m, x), dtype)
+    assert_close(loss, np.array(want_loss), dtype)
+    assert grads.keys() == want_grads.keys() and state.keys() == want_state.keys()
+    # a bias before a BatchNorm has a gradient of zero up to rounding: judged on the largest
+    scale = max(np.abs(g).max() for g in want_grads.values())
+    for k in want_grads:
+        assert grads[k].dtype == dtype
+        err = np.abs(grads[k] - want_grads[k]).max() / max(np.abs(want_grads[k]).max(), 1e-3 * scale)
+        assert err <= tolerance(dtype), f"{k}: relative error {err:.3g}"
+    for k in want_state:
+        assert_close(state[k], want_state[k], dtype)
+
+
+def test_forward_backward_returns_the_training_loss_and_grads():
+    m = make("sequential")
+    x, t = data("sequential")
+    loss, grads = dp.from_torch(m).forward_backward(dp.split(x, batch=2), t, dropout=False)
+    loss, grads = dask.compute(loss, grads)
+    want_loss, want_grads, _ = torch_train_step(m, x, t)
+    assert_close(loss, np.array(want_loss), np.float64)
+    assert list(grads) == list(want_grads)
+
+
+@pytest.mark.parametrize(
+    "flatten",
+    [
+        lambda x: x.view(x.size(0), -1),
+        lambda x: x.reshape(x.shape[0], -1),
+        lambda x: x.view(-1, 4 * 4 * 4),
+        lambda x: torch.reshape(x, (x.size(0), 64)),
+        lambda x: x.flatten(1),
+    ],
+    ids=["view size(0)", "reshape shape[0]", "view -1", "torch.reshape", "flatten method"],
+)
+def test_every_spelling_of_flatten(flatten):
+    conv, fc = nn.Conv2d(3, 4, 3, padding=1).double(), nn.Linear(64, 6).double()
+    x = data("residual", n=3)[0][:, :, :4, :4]
+    module = _Forward(lambda s, x: s.fc(flatten(s.conv(x))), conv=conv, fc=fc)
+    y = dp.from_torch(module, input_shape=(3, 4, 4)).predict(dp.split(x, batch=2)).compute()
+    assert_close(y, torch_predict(module, x), np.float64)
+
+
+def test_batch_norm_normalises_and_updates_as_pytorch():
+    """One BatchNorm2d alone: the output in training mode (batch statistics, biased variance)
+    and evaluation mode, and the running variance's update with the unbiased one."""
+    bn = make("sequential")[1]
+    x = np.random.default_rng(3).standard_normal((5, 4, 3, 3)) * 2 + 1
+    model = dp.from_torch(nn.Sequential(bn, nn.Flatten()), input_shape=(4, 3, 3))
+    z, state = model.forward(dp.split(x, batch=2, spatial=(2, 1)), dropout=False)
+    z, state = dask.compute(z.value, state)
+    evaluated = model.predict(x).compute()
+    trained = copy.deepcopy(bn).train()
+    want = trained(torch.tensor(x)).flatten(1).detach().numpy()
+    assert_close(z, want, np.float64)
+    assert_close(state["0.running_var"], trained.running_var.numpy(), np.float64)
+    assert_close(state["0.running_mean"], trained.running_mean.numpy(), np.float64)
+    assert_close(evaluated, bn.eval()(torch.tensor(x)).flatten(1).detach().numpy(), np.float64)
+
+
+# -- training ----------------------------------------------------------------------------------------
+def test_the_fused_step_of_a_converted_model_is_the_fine_grained_one():
+    """A converted chain (Linear biases, PyTorch names) takes the fused path, with the same
+    parameters, velocities and running statistics after a step as the fine-grained graph."""
+    model = dp.from_torch(make("sequential"), input_shape=(3, 8, 8))
+    x, t = data("sequential", n=7)
+    xd, td = chunk_batch(x, t, {"batch": 2})
+    opt = MomentumSGD(0.05, 0.9, 5e-4)
+    vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in model.params.items()}
+    outs = []
+    for fused in (False, True):
+        params = model.dask_params(like=xd)
+        with dask.config.set({"pconv.fused": fused}):
+            assert (fusable(model, opt, params, xd) is None) == fused
+            outs.append(dask.compute(training_step(model, opt, params, dict(model.state), vel, xd, td, 1))[0])
+    want, got = outs
+    assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss)
+    for g, w in zip(got[:3], want[:3]):
+        assert list(g) == list(w)
+        for k in g:
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-11, atol=1e-13, err_msg=k)
+
+
+def test_trainer_runs_steps_on_a_converted_model(tmp_path):
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 4),
+    )
+    train, val = synthetic(n=40, n_classes=4, seed=1, val_fraction=0.25)
+    model = dp.from_torch(module, input_shape=(3, 32, 32))
+    before = dict(model.params)
+    kw = dict(batch_size=10, split={"batch": 2}, progress=False, stream=io.StringIO(), out=tmp_path)
+    tr = Trainer(model, train, val, **kw)
+    losses = [float(tr.train_step(train.x[:10], train.t[:10])[0]) for _ in range(2)]
+    assert tr.step_graph.startswith("fused stages")
+    assert all(np.isfinite(losses)) and list(model.params) == list(before)
+    after = dask.compute(model.params)[0]
+    assert not np.array_equal(after["0.weight"], before["0.weight"])
+    tr.save()  # the checkpoint keeps PyTorch's names, and comes back under them
+    again = Trainer(dp.from_torch(module, input_shape=(3, 32, 32)), train, val, **kw)
+    assert again.resume()
+    want, got = dask.compute(
+        {**tr.model.params, **tr.model.state}, {**again.model.params, **again.model.state}
+    )
+    assert list(got) == list(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+# -- what is refused --------------------------------------------------------------------------------
+class Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return F.gelu(self.conv(x))  # the line the error names
+
+
+@pytest.mark.parametrize(
+    "module, match",
+    [
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid()),
+            r"node '_1' \(torch.nn.modules.activation.Sigmoid '1'",
+        ),
+        (Gelu(), r"node 'gelu' \(function torch._C._nn.gelu at .*test_from_torch.py:\d+ \(\"return F.gelu"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2)), r"'_0' .*dilation=\(2, 2\) is not supported"),
+        (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "groups=2 is not supported"),
+        (nn.Sequential(nn.Conv2d(3, 4, (3, 1))), r"kernel_size=\(3, 1\) is not supported"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3, padding_mode="reflect")), "padding_mode='reflect'"),
+        (nn.Sequential(nn.BatchNorm2d(3, momentum=None)), "momentum=None"),
+        (nn.Sequential(nn.BatchNorm2d(3, affine=False)), "affine=False"),
+        (nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), "track_running_stats=False"),
+        (nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)), "ceil_mode=True"),
+        (nn.Sequential(nn.MaxPool2d(3, padding=1)), "padding=1"),
+        (nn.Sequential(nn.Flatten(2)), "start_dim=2"),
+    ],
+)
+def test_unsupported_calls_are_refused_naming_the_node(module, match):
+    with pytest.raises(NotImplementedError, match=match):
+        dp.from_torch(module)
+
+
+@pytest.mark.parametrize(
+    "forward, modules, match",
+    [
+        (lambda s, x: s.c(s.c(x)), {"c": nn.Conv2d(3, 3, 1)}, "second call of a module with weights"),
+        (lambda s, x: x.relu_() + x, {}, "works in place on 'x', which 'add' reads afterwards"),
+        (lambda s, x: torch.flatten(x), {}, r"flatten\(0, -1\) is not supported"),
+        (lambda s, x: x + 1, {}, "adding 1 is not supported"),
+        (lambda s, x: x.view(-1, 3), {}, r"reshape to \(-1, 3\)"),
+        (lambda s, x: x[:, :2], {}, "function operator.getitem"),
+        (lambda s, x: (s.c(x), x), {"c": nn.Conv2d(3, 3, 1)}, "returning tuple"),
+        (lambda s, x: x * s.w, {"w": nn.Parameter(torch.ones(1))}, "get_attr"),
+    ],
+    ids=["shared", "in place", "flatten(0)", "constant", "view", "getitem", "tuple", "get_attr"],
+)
+def test_unsupported_forwards_are_refused(forward, modules, match):
+    with pytest.raises(NotImplementedError, match=match):
+        dp.from_torch(_Forward(forward, **modules), input_shape=(3, 4, 4))
+
+
+def test_untraceable_forward_and_bad_arguments():
+    def branch(s, x):
+        return x if x.sum() > 0 else -x
+
+    with pytest.raises(NotImplementedError, match="torch.fx cannot trace _Forward.forward"):
+        dp.from_torch(_Forward(branch))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        dp.from_torch(lambda x: x)
+    half = nn.Sequential(nn.Conv2d(3, 3, 1)).half()
+    with pytest.raises(ValueError, match="pass dtype="):
+        dp.from_torch(half)
+    np.testing.assert_array_equal(
+        dp.from_torch(half, dtype=np.float32).params["0.weight"], half[0].weight.detach().float().numpy()
+    )
+    with pytest.raises(ValueError, match="input_shape must be"):
+        dp.from_torch(nn.Sequential(nn.ReLU()), input_shape=(8, 8))
+    with pytest.raises(ValueError, match="returns its input"):
+        dp.from_torch(nn.Identity())
+
+
+def test_shape_mismatches_are_clear_errors():
+    m = make("sequential")
+    with pytest.raises(
+        ValueError, match=r"node '_8' \(torch.nn.modules.linear.Linear '8'.*\(N, 125\).*Linear\(80"
+    ):
+        dp.from_torch(m, input_shape=(3, 10, 10))  # 5x5 after the pool, not 4x4
+    with pytest.raises(ValueError, match=r"node '_0' .*channel mismatch"):
+        dp.from_torch(m, input_shape=(2, 8, 8))
+    model = dp.from_torch(m, input_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match=r"x must be \(N, 3, 8, 8\), got shape \(2, 3, 9, 9\)"):
+        model.predict(np.zeros((2, 3, 9, 9)))
+    with pytest.raises(ValueError, match=r"Linear\(80, 6\) needs input \(N, 80\), got shape \(2, 125\)"):
+        dp.from_torch(m).predict(np.zeros((2, 3, 10, 10)))  # no input_shape: found when run
+
+
+def test_the_package_imports_and_runs_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # `import torch` now raises ImportError
+        "import numpy as np, dask_pconv as dp\n"
+        "from dask_pconv.models import VGG16\n"
+        "m = VGG16(n_classes=2, width=1 / 32)\n"
+        "m.predict(np.zeros((1, 3, 32, 32), np.float32)).compute(scheduler='sync')\n"
+        "try:\n    dp.from_torch(object())\nexcept ImportError:\n    print('needs torch')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "needs torch"
