@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from dask_pconv.data import Dataset, chunk_batch
-from dask_pconv.models import VGG16
+from dask_pconv.models import VGG16, ResNet18
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
 
@@ -42,9 +42,12 @@ def _data():
     return Dataset(x, rng.integers(0, 10, 4), 10, "random")
 
 
-def _trainer(data, split, to_device=None):
+MODELS = {"vgg16": lambda: VGG16(width=0.125, seed=3), "resnet18": lambda: ResNet18(width=1 / 16, seed=3)}
+
+
+def _trainer(data, split, to_device=None, model="vgg16"):
     tr = Trainer(
-        VGG16(width=0.125, seed=3),
+        MODELS[model](),
         data,
         data,
         batch_size=4,
@@ -94,15 +97,15 @@ def _host(arrays):
     return {k: v.get() if isinstance(v, StandInArray) else v for k, v in arrays.items()}
 
 
-def _run(split, steps):
+def _run(split, steps, model="vgg16"):
     """``steps`` training steps on NumPy blocks and on stand-in blocks, checking every step on
     the stand-in; returns both trainers."""
     data = _data()
     x, t = data.x, data.t
     with dask.config.set({"pconv.conv-kernel": "numpy"}):
-        ref = _trainer(data, split)
+        ref = _trainer(data, split, model=model)
         expected = [ref.train_step(x, t) for _ in range(steps)]
-        tr = _trainer(data, split, to_device=standin.to_device)
+        tr = _trainer(data, split, to_device=standin.to_device, model=model)
         m = tr.model
         batch = _batch_uploads(tr, x, t)
         split = tr.split.get("out_channel")
@@ -155,6 +158,12 @@ def test_vgg16_training_steps_stay_on_the_device(tmp_path):
 @pytest.mark.parametrize("split", ["channel", "spatial 2x2"])
 def test_vgg16_training_step_on_the_device_in_other_splits(split):
     _run(SPLITS[split], steps=1)
+
+
+def test_resnet18_training_steps_stay_on_the_device():
+    """The fused stages of a program with branches (dask_pconv._fused_dag) on device blocks."""
+    _, tr, _ = _run({"batch": 2}, steps=2, model="resnet18")
+    assert tr.step_graph.startswith("fused")
 
 
 @pytest.mark.parametrize("choice", ["auto", "torch"])
