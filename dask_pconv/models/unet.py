@@ -2,7 +2,10 @@
 nodes: an encoder of (3x3 conv, BatchNorm, ReLU) x 2 blocks with 2x2 max-pools between them,
 a decoder of 2x2 stride-2 transposed convolutions, each concatenated with the encoder's block
 of the same size, and a 1x1 convolution to the class logits.  "Same" convolutions throughout,
-so the output has the input's height and width (which must be multiples of ``2**depth``).
+so the output has the input's height and width.  Those must be multiples of ``2**depth``
+(each pool halves them, flooring, and each transposed convolution doubles them back, so other
+sizes would not meet their skip connection): :class:`UNet` refuses other images with a
+``ValueError`` naming the size it needs, before building any graph.
 
 Node names follow the PyTorch module paths of the same network written as ``nn.Module``\\ s
 (``down0.conv1``, ``up1``, ``dec1.bn2``, ``head``).
@@ -63,6 +66,13 @@ class UNet(Model):
         As in :func:`unet_program`.
     seed, dtype, channel_split
         As in :class:`~dask_pconv.models.Model`.
+
+    Notes
+    -----
+    :meth:`forward`, :meth:`forward_backward` and :meth:`predict` (and so a training step)
+    take ``(N, in_channels, H, W)`` images with ``H`` and ``W`` multiples of ``2**depth``, and
+    raise ``ValueError`` for any other shape.  ``features`` of the encoder's nodes takes any
+    size its layers accept.  Labels are per pixel, ``(N, H, W)``.
     """
 
     def __init__(
@@ -71,3 +81,15 @@ class UNet(Model):
         program = unet_program(in_channels, n_classes, width, depth)
         super().__init__(program, seed=seed, dtype=dtype, channel_split=channel_split)
         self.in_channels, self.n_classes, self.width, self.depth = in_channels, n_classes, width, depth
+
+    def _input(self, x):
+        x = super()._input(x)
+        n, c, h, w = x.shape
+        size = 2**self.depth
+        if c != self.in_channels or h % size or w % size:
+            raise ValueError(
+                f"x must be (N, {self.in_channels}, H, W) with H and W multiples of 2**depth = {size} "
+                f"(the U-Net of depth {self.depth} pools {self.depth} times and its skip connections "
+                f"need every pooled size exact), got shape {x.shape}"
+            )
+        return x
