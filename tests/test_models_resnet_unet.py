@@ -23,9 +23,9 @@ SPLITS = {
     "none": (dict(), 1),
     "batch": (dict(batch=3), 1),
     "spatial 3x3 (tiles not aligned with the strides and pools)": (dict(spatial=(3, 3)), 1),
-    "input channels": (dict(channel=2), 1),
+    "input channels": (dict(in_channel=2), 1),
     "output channels": (dict(), 2),
-    "mixed": (dict(batch=2, spatial=(2, 3)), 2),
+    "mixed": (dict(batch=2, in_channel=2, spatial=(2, 3)), 2),
 }
 MODELS = ("resnet18", "unet")
 

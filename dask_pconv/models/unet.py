@@ -35,8 +35,27 @@ def _double_conv(nodes, prefix, source, c_in, c_out):
 
 
 def unet_program(in_channels=1, n_classes=2, width=8, depth=2):
-    """The U-Net as a :class:`~dask_pconv.models.program.Program`: ``depth`` poolings, level
-    ``l`` with ``width * 2**l`` channels; output ``(N, n_classes, H, W)`` logits."""
+    """The U-Net as a :class:`~dask_pconv.models.program.Program`.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input images.
+    n_classes : int
+        Output channels of ``head``: the classes of each pixel.
+    width : int
+        Channels of the first level; level ``l`` has ``width * 2**l`` (``bottom`` has
+        ``width * 2**depth``).
+    depth : int
+        Number of 2x2 max-pools (and of transposed convolutions back up), at least 1.
+
+    Returns
+    -------
+    Program
+        Input ``(N, in_channels, H, W)``, ``H`` and ``W`` multiples of ``2**depth`` (the
+        program itself does not check it; :class:`UNet` does); output
+        ``(N, n_classes, H, W)`` logits.
+    """
     if depth < 1 or width < 1:
         raise ValueError(f"depth and width must be >= 1, got depth {depth}, width {width}")
     nodes, skips, source, c_in = [], [], INPUT, in_channels
@@ -69,10 +88,11 @@ class UNet(Model):
 
     Notes
     -----
-    :meth:`forward`, :meth:`forward_backward` and :meth:`predict` (and so a training step)
-    take ``(N, in_channels, H, W)`` images with ``H`` and ``W`` multiples of ``2**depth``, and
-    raise ``ValueError`` for any other shape.  ``features`` of the encoder's nodes takes any
-    size its layers accept.  Labels are per pixel, ``(N, H, W)``.
+    :meth:`~dask_pconv.models.Model.forward`, :meth:`~dask_pconv.models.Model.forward_backward`
+    and :meth:`~dask_pconv.models.Model.predict` (and so a training step) take
+    ``(N, in_channels, H, W)`` images with ``H`` and ``W`` multiples of ``2**depth`` and raise
+    ``ValueError`` for any other shape; ``features`` of the encoder's nodes takes any size their
+    layers accept.  Labels are per pixel, ``(N, H, W)``; the logits are ``(N, n_classes, H, W)``.
     """
 
     def __init__(
