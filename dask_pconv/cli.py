@@ -1,7 +1,8 @@
 """The ``dask-pconv`` command.
 
 ``dask-pconv`` with no arguments is ``dask-pconv train``: VGG16 at width 0.25 on the bundled
-digits, split by batch over a 2-worker LocalCluster on 127.0.0.1.
+digits, split by batch over a 2-worker LocalCluster on 127.0.0.1.  ``--model resnet18`` trains
+the CIFAR ResNet-18 instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from .data import DATASETS, check_split, format_split, load_dataset, parse_split
 
 __all__ = ["SetupError", "main", "train_command"]
 
+
+#: ``--model`` -> (the class in :mod:`dask_pconv.models`, the network's name in the run's first line)
+MODELS = {"vgg16": ("VGG16", "VGG16"), "resnet18": ("ResNet18", "ResNet-18")}
 
 #: per-dataset defaults for --lr and --dropout: Chainer's CIFAR recipe for cifar10; for the small
 #: sets at width 0.25 its dropout keeps VGG16 near chance for 10 epochs and lr 0.05 leaves the
@@ -80,8 +84,8 @@ def build_parser():
     sub = ap.add_subparsers(dest="command")
     tr = sub.add_parser(
         "train",
-        help="train VGG16 (the default command)",
-        description="Train VGG16 with one Dask graph per step on a new or an existing cluster.",
+        help="train VGG16 or ResNet-18 (the default command)",
+        description="Train VGG16 or ResNet-18 with one Dask graph per step on a new or an existing cluster.",
         formatter_class=_HelpFormatter,
     )
     _train_options(tr)
@@ -98,8 +102,15 @@ def _train_options(tr):
 
 def _network_and_data_options(tr):
     """The network and the images it trains on."""
-    tr.add_argument("--model", choices=["vgg16"], default="vgg16", help="the network")
-    tr.add_argument("--width", type=_positive_float, default=0.25, help="channel width multiplier")
+    tr.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="vgg16",
+        help="the network: vgg16 (Chainer's CIFAR VGG16-BN) or resnet18 (the CIFAR ResNet-18)",
+    )
+    tr.add_argument(
+        "--width", type=_positive_float, default=0.25, help="channel width multiplier of either network"
+    )
     tr.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -188,8 +199,9 @@ def _run_options(tr):
         "--dropout",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Chainer's dropout layers (default: on for cifar10, off for the small digits and "
-        "synthetic sets, where at width 0.25 they keep VGG16 near chance for 10 epochs)",
+        help="VGG16's dropout layers, Chainer's (default: on for cifar10, off for the small digits "
+        "and synthetic sets, where at width 0.25 they keep VGG16 near chance for 10 epochs); "
+        "ResNet-18 has none",
     )
     tr.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter dtype")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -308,9 +320,10 @@ def _recipe_value(args, name):
 
 def _model(args, train_set):
     """The ``--model`` network for ``train_set``'s images and classes."""
-    from .models import VGG16
+    from . import models
 
-    return VGG16(
+    network = getattr(models, MODELS[args.model][0])
+    return network(
         n_classes=train_set.n_classes,
         in_channels=train_set.x.shape[1],
         width=args.width,
@@ -370,7 +383,7 @@ def _summary(args, model, train_set, val_set, client):
     """The line that opens a run: network, data, split, recipe, workers and dashboard."""
     dashboard = client.dashboard_link if args.scheduler or args.dashboard else "off"
     return (
-        f"VGG16 width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
+        f"{MODELS[args.model][1]} width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
         f"{len(train_set)} train / {len(val_set)} validation; split {format_split(args.split)}; "
         f"lr {_recipe_value(args, 'lr')}, dropout {'on' if _recipe_value(args, 'dropout') else 'off'}; "
         f"{len(client.scheduler_info()['workers'])} workers; dashboard {dashboard}"

@@ -62,6 +62,7 @@ def training_step(model, optimizer, params, state, velocities, x, t, step, dropo
         All lazy.  The running statistics not updated by the step (none for VGG16) keep their
         values from ``state``.
     """
+    x = model.check_input(x)  # the fused path reads the batch's blocks directly
     if fusable(model, optimizer, params, x) is None:
         outs = fused_training_step(model, optimizer, params, state, velocities, x, t, step, dropout)
         return StepOutputs(*outs)

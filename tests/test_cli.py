@@ -5,15 +5,18 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import json
 import pathlib
 import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
 from clusters import local_cluster
 
 from dask_pconv import cli, profiling
+from dask_pconv.models import ResNet18
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -105,6 +108,7 @@ def test_the_old_channel_spelling_warns_on_one_line_and_means_output_channels(ca
         ["--epochs", "7", "--out", "my run", "--split", "out_channel:2,spatial:2", "--lr", "0.01"],
         ["--no-dropout", "--replicate", "--dashboard", "", "--seed", "3", "--width", "0.125"],
         ["--dropout", "--resume", "--batch-size", "32", "--dataset", "cifar10", "--data-dir", "/d"],
+        ["--model", "resnet18", "--width", "0.5"],
     ],
 )
 def test_the_command_line_of_a_run_gives_the_same_run(argv):
@@ -199,6 +203,11 @@ _SCHEDULER = dict(
     trainer=dict(_DEFAULTS["trainer"], split={"batch": 4}),
     summary="split batch:4; lr 0.02, dropout off; 2 workers; dashboard http://127.0.0.1:8787/status",
 )
+_RESNET = dict(
+    _DEFAULTS,
+    model=dict(width=0.125, seed=0, dtype="float32"),
+    network=("ResNet18", "ResNet-18"),
+)
 _GIVEN_ARGV = (
     "--width 0.125 --epochs 3 --batch-size 32 --lr 0.01 --momentum 0.5 --weight-decay 0 --split spatial:2 "
     "--workers 3 --threads-per-worker 2 --dashboard= --replicate --tls --out run --seed 4 --dropout "
@@ -217,8 +226,9 @@ _GIVEN_ARGV = (
             "--dataset synthetic --split batch:4 --scheduler tcp://10.0.0.1:8786",
             _SCHEDULER,
         ),
+        ("train --model resnet18 --width 0.125", _RESNET),
     ],
-    ids=["defaults", "every option given", "scheduler"],
+    ids=["defaults", "every option given", "scheduler", "resnet18"],
 )
 def test_each_option_reaches_the_cluster_the_model_and_the_trainer(argv, want, recorded, capsys):
     """Every option's value, given or its default, arrives where it acts, and the run's first
@@ -234,8 +244,10 @@ def test_each_option_reaches_the_cluster_the_model_and_the_trainer(argv, want, r
     assert dict(width=model.width, seed=model.seed, dtype=str(model.dtype)) == want["model"]
     assert (model.n_classes, model.in_channels) == (images.n_classes, images.x.shape[1])
     assert recorded["epochs"] == want["epochs"]
+    cls, network = want.get("network", ("VGG16", "VGG16"))
+    assert type(model).__name__ == cls
     out = capsys.readouterr().out
-    assert out.startswith(f"VGG16 width {model.width}: {model.n_params:,} parameters; ")
+    assert out.startswith(f"{network} width {model.width}: {model.n_params:,} parameters; ")
     assert out.endswith(f"{want['summary']}\n") and out.count("\n") == 1
 
 
@@ -286,6 +298,26 @@ def test_resume_messages_header_and_tasks_per_step(tmp_path, monkeypatch):
     assert command[0] == "dask-pconv"
     continued = cli.build_parser().parse_args(command[1:])
     assert (continued.epochs, continued.lr, continued.out, continued.resume) == (9, 0.01, str(out), True)
+
+
+@pytest.mark.cluster
+def test_resnet18_trains_from_the_command_line(tmp_path):
+    """``--model resnet18``: a short real run on an in-process cluster, its first line naming
+    the network, a validation row in the log and a checkpoint of ResNet-18's parameters."""
+    with local_cluster(n_workers=1, processes=False) as cluster:
+        rc, out, err = _run(
+            *("train", "--model", "resnet18", "--dataset", "synthetic", "--width", "0.0625"),
+            *("--batch-size", "256", "--epochs", "1", "--scheduler", cluster.scheduler_address),
+            *("--out", str(tmp_path), "--no-progress"),
+        )
+    assert rc == 0, err
+    first = out.splitlines()[0]
+    n_params = ResNet18(width=0.0625).n_params
+    assert first.startswith(f"ResNet-18 width 0.0625: {n_params:,} parameters; synthetic: 412 train / 100 ")
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [e["epoch"] for e in log] == [1] and 0 <= log[0]["validation/main/accuracy"] <= 1
+    with np.load(tmp_path / "checkpoint_epoch_1.npz") as saved:
+        assert any("layer4.1.conv2.W" in k for k in saved.files)
 
 
 def test_report_paths_are_the_files_profile_writes():

@@ -259,3 +259,11 @@ def test_fused_unet_step_with_per_pixel_labels_is_the_fine_grained_step(chunks):
     for g, w in zip(got[:3], want[:3]):
         for name in g:
             np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
+
+
+def test_a_fused_unet_step_checks_the_image_size_first():
+    m = UNet(in_channels=1, n_classes=2, width=2, depth=2)
+    xd, td = chunk_batch(RNG.random((2, 1, 10, 8)), RNG.integers(0, 2, (2, 10, 8)), {"batch": 2})
+    vel = {k: np.zeros_like(v) for k, v in m.params.items()}
+    with pytest.raises(ValueError, match="multiples of 2\\*\\*depth = 4"):
+        training_step(m, MomentumSGD(), m.dask_params(like=xd), dict(m.state), vel, xd, td, 0, True)

@@ -114,7 +114,10 @@ class Model:
         return self.chunked(self.params, like, channel_split)
 
     # -- running the program ---------------------------------------------------------------
-    def _input(self, x):
+    def check_input(self, x):
+        """``x`` as a Dask array of the model's dtype, or ``ValueError`` if the model cannot
+        take its shape (4-D, and ``input_shape`` where set; a subclass may check more).  Every
+        forward call and training step checks its batch with this."""
         x = to_dask_array(x, x.shape)
         if x.ndim != 4 or (self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape):
             want = ", ".join(map(str, self.input_shape or ("C", "H", "W")))
@@ -127,7 +130,7 @@ class Model:
 
         ``params`` (name -> tensor or Dask array) and ``state`` (name -> array) replace the
         model's own; ``channel_split`` chunks the model's own parameters (:meth:`chunked`)."""
-        x = self._input(x)
+        x = self.check_input(x)
         if params is None:
             params = self._tensors(self.dask_params(x, channel_split))
         state = self.state if state is None else state
@@ -150,7 +153,7 @@ class Model:
         so that an optimizer update built from the same arrays shares their graph keys (and a
         parameter copied to the device is copied once); ``state`` likewise replaces the
         running statistics."""
-        x = self._input(x)
+        x = self.check_input(x)
         p = self._tensors(self.dask_params(x, channel_split) if params is None else params)
         z, state = self.forward(x, train=train, dropout=dropout, step=step, params=p, state=state)
         zc = z.value.chunks

@@ -48,9 +48,25 @@ def _basic_block(nodes, prefix, source, c_in, c_out, stride):
 def resnet18_program(n_classes=10, in_channels=3, width=1.0, stages=RESNET18_STAGES, blocks=2):
     """The CIFAR ResNet-18 as a :class:`~dask_pconv.models.program.Program`.
 
-    ``width`` scales every channel count (at least 1 each); ``stages`` and ``blocks`` (per
-    stage) give other depths of the same family.  Any image size: the global average pool
-    before the classifier makes the logits ``(N, n_classes)``.
+    Parameters
+    ----------
+    n_classes : int
+        Outputs of the last layer, ``linear``.
+    in_channels : int
+        Channels of the input images.
+    width : float
+        Scales every channel count (at least 1 each).
+    stages : tuple of (int, int)
+        ``(output channels, stride of the first block)`` per stage, before ``width``; other
+        values give other members of the family.
+    blocks : int
+        Basic blocks per stage.
+
+    Returns
+    -------
+    Program
+        Input ``(N, in_channels, H, W)`` of any size (the global average pool before the
+        classifier makes the logits ``(N, n_classes)``); node names the PyTorch module paths.
     """
     ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
     c_in = ch(stages[0][0])

@@ -2,7 +2,10 @@
 nodes: an encoder of (3x3 conv, BatchNorm, ReLU) x 2 blocks with 2x2 max-pools between them,
 a decoder of 2x2 stride-2 transposed convolutions, each concatenated with the encoder's block
 of the same size, and a 1x1 convolution to the class logits.  "Same" convolutions throughout,
-so the output has the input's height and width (which must be multiples of ``2**depth``).
+so the output has the input's height and width.  Those must be multiples of ``2**depth``
+(each pool halves them, flooring, and each transposed convolution doubles them back, so other
+sizes would not meet their skip connection): :class:`UNet` refuses other images with a
+``ValueError`` naming the size it needs, before building any graph.
 
 Node names follow the PyTorch module paths of the same network written as ``nn.Module``\\ s
 (``down0.conv1``, ``up1``, ``dec1.bn2``, ``head``).
@@ -32,8 +35,27 @@ def _double_conv(nodes, prefix, source, c_in, c_out):
 
 
 def unet_program(in_channels=1, n_classes=2, width=8, depth=2):
-    """The U-Net as a :class:`~dask_pconv.models.program.Program`: ``depth`` poolings, level
-    ``l`` with ``width * 2**l`` channels; output ``(N, n_classes, H, W)`` logits."""
+    """The U-Net as a :class:`~dask_pconv.models.program.Program`.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input images.
+    n_classes : int
+        Output channels of ``head``: the classes of each pixel.
+    width : int
+        Channels of the first level; level ``l`` has ``width * 2**l`` (``bottom`` has
+        ``width * 2**depth``).
+    depth : int
+        Number of 2x2 max-pools (and of transposed convolutions back up), at least 1.
+
+    Returns
+    -------
+    Program
+        Input ``(N, in_channels, H, W)``, ``H`` and ``W`` multiples of ``2**depth`` (the
+        program itself does not check it; :class:`UNet` does); output
+        ``(N, n_classes, H, W)`` logits.
+    """
     if depth < 1 or width < 1:
         raise ValueError(f"depth and width must be >= 1, got depth {depth}, width {width}")
     nodes, skips, source, c_in = [], [], INPUT, in_channels
@@ -63,6 +85,14 @@ class UNet(Model):
         As in :func:`unet_program`.
     seed, dtype, channel_split
         As in :class:`~dask_pconv.models.Model`.
+
+    Notes
+    -----
+    :meth:`~dask_pconv.models.Model.forward`, :meth:`~dask_pconv.models.Model.forward_backward`
+    and :meth:`~dask_pconv.models.Model.predict` (and so a training step) take
+    ``(N, in_channels, H, W)`` images with ``H`` and ``W`` multiples of ``2**depth`` and raise
+    ``ValueError`` for any other shape; ``features`` of the encoder's nodes takes any size their
+    layers accept.  Labels are per pixel, ``(N, H, W)``; the logits are ``(N, n_classes, H, W)``.
     """
 
     def __init__(
@@ -71,3 +101,15 @@ class UNet(Model):
         program = unet_program(in_channels, n_classes, width, depth)
         super().__init__(program, seed=seed, dtype=dtype, channel_split=channel_split)
         self.in_channels, self.n_classes, self.width, self.depth = in_channels, n_classes, width, depth
+
+    def check_input(self, x):
+        x = super().check_input(x)
+        n, c, h, w = x.shape
+        size = 2**self.depth
+        if c != self.in_channels or h % size or w % size:
+            raise ValueError(
+                f"x must be (N, {self.in_channels}, H, W) with H and W multiples of 2**depth = {size} "
+                f"(the U-Net of depth {self.depth} pools {self.depth} times and its skip connections "
+                f"need every pooled size exact), got shape {x.shape}"
+            )
+        return x
