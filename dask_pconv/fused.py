@@ -25,9 +25,12 @@ split into chunks, spatial tiles or both (channels whole in each block, paramete
 momentum SGD.  On tiles, the convolutions before the ``Flatten`` must be "same" ones (kernel
 ``2p+1``, padding ``p``), the pools there must not cross a tile and a halo must not be wider
 than a neighbouring tile (:mod:`dask_pconv._fused_tiles` describes the tiled stages: the same
-two tasks per BatchNorm forward and backward).  Every other step runs the fine-grained graph,
-with the same result to rounding.  The config key ``pconv.fused`` (default True) turns the
-path off.
+two tasks per BatchNorm forward and backward).  On batch chunks, any other program of the
+layer kinds :mod:`dask_pconv._fused_dag` runs (residual additions, concatenations, strided,
+dilated, grouped and transposed convolutions, average pooling, upsampling; at least one
+``BatchNorm``, every node leading to the output, logits ``(N, K)`` or per pixel) takes the
+stages of that module.  Every other step runs the fine-grained graph, with the same result to
+rounding.  The config key ``pconv.fused`` (default True) turns the path off.
 
 Results: the same mathematics as the fine-grained step, so equal to rounding; bitwise the same
 for the same split on any number of workers (every kernel is layout invariant and every sum

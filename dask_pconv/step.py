@@ -42,8 +42,8 @@ def training_step(model, optimizer, params, state, velocities, x, t, step, dropo
         velocities before the step.
     x : dask.array.Array, shape (N, C, H, W)
         The batch, chunked as the step is split.
-    t : dask.array.Array, shape (N,)
-        Its labels.
+    t : dask.array.Array, shape (N,) or (N, H, W)
+        Its labels (per pixel for a segmentation network).
     step : int
         The step's index: dropout masks are a function of (seed, step, layer, element).
     dropout : bool
@@ -51,9 +51,10 @@ def training_step(model, optimizer, params, state, velocities, x, t, step, dropo
     Notes
     -----
     A chain of the layers VGG16 is made of, split into batch chunks, spatial tiles or both,
-    with momentum SGD, runs as coarse stages (:mod:`dask_pconv.fused`: one task per block
-    between two BatchNorm synchronisations; :func:`~dask_pconv.fused.fusable` says why a step
-    does not); any other step as the fine-grained graph of the tape.  Both give the
+    and any program with branches on batch chunks, with momentum SGD, runs as coarse stages
+    (:mod:`dask_pconv.fused`: one task per block between two BatchNorm synchronisations;
+    :func:`~dask_pconv.fused.fusable` says why a step does not); any other step as the
+    fine-grained graph of the tape.  Both give the
     same result to rounding; ``dask.config.set({"pconv.fused": False})`` forces the second.
 
     Returns
