@@ -5,11 +5,11 @@ PyTorch is needed only here, and imported only when :func:`from_torch` runs.  Wh
 converted is three tables: ``MODULES`` (a ``torch.nn`` module class -> a function building our
 layer from the module), ``FUNCTIONS`` (a function such as ``torch.relu`` or ``operator.add``)
 and ``METHODS`` (a tensor method such as ``x.flatten``), the last two mapping to a function
-building our layer (or a chain of layers) and its inputs from the call.  A layer that :mod:`.layers` gains is one
-entry.  Anything else (a module, function or method not in a table, an attribute value our
-layer does not have, a tensor read by an in-place operation's later users, a module whose
-weights two calls share) is refused at conversion, naming the traced node, what it calls and
-where in the source, never approximated.
+building our layer (or a chain of layers) and its inputs from the call.  A layer that
+:mod:`.layers` gains is one entry.  Anything else (a module, function or method not in a
+table, an attribute value our layer does not have, a tensor read by an in-place operation's
+later users, a module whose weights two calls share) is refused at conversion, naming the
+traced node, what it calls and where in the source, never approximated.
 
 Names: a parameter keeps its ``module.named_parameters()`` name (``features.0.weight``), a
 BatchNorm's running statistics their buffer names (``bn1.running_mean``, ``bn1.running_var``;
