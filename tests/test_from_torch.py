@@ -619,6 +619,7 @@ def test_unsupported_calls_are_refused_naming_the_node(module, match):
         (lambda s, x: x.mean(1, keepdim=True), {}, "a mean over dim=1 is not supported"),
         (lambda s, x: x.mean((2, 3), dtype=torch.float64), {}, "dtype=torch.float64 is not supported"),
         (lambda s, x: F.relu6(x), {}, "function torch.nn.functional.relu6"),
+        (lambda s, x: F.avg_pool2d(x, (2, 2, 2)), {}, r"kernel_size=\(2, 2, 2\) is not supported"),
     ],
     ids=[
         "shared",
@@ -636,6 +637,7 @@ def test_unsupported_calls_are_refused_naming_the_node(module, match):
         "mean channels",
         "mean dtype",
         "relu6",
+        "avg_pool2d kernel",
     ],
 )
 def test_unsupported_forwards_are_refused(forward, modules, match):

@@ -88,10 +88,13 @@ def _square(name, value):
     return int(a)
 
 
-def _compact(value):
+def _compact(name, value):
     """An int from an int or an equal pair, else the pair: the layers take both, and an int
     keeps a convolution in the fused chain's stages (which take one int per attribute)."""
-    a, b = (int(v) for v in _pair(value))
+    pair = _pair(value)
+    ints = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
+    _need(len(pair) == 2 and ints, f"{name}={value!r}", f"an int or a pair of ints as {name}")
+    a, b = int(pair[0]), int(pair[1])
     return a if a == b else (a, b)
 
 
@@ -108,16 +111,20 @@ def conv2d_options(m):
     itself (the extra row and column at the end, as PyTorch pads); any ``groups``; only
     ``padding_mode='zeros'``."""
     _zeros_padding(m)
-    k, stride, dilation = _compact(m.kernel_size), _compact(m.stride), _compact(m.dilation)
+    k, stride, dilation = (
+        _compact("kernel_size", m.kernel_size),
+        _compact("stride", m.stride),
+        _compact("dilation", m.dilation),
+    )
     padding = m.padding
     if padding == "valid":
         padding = 0
     elif padding == "same":
         (top, bottom), (left, right) = resolve_padding("same", _pair(k), _pair(stride), _pair(dilation))
         if top == bottom and left == right:
-            padding = _compact((top, left))
+            padding = _compact("padding", (top, left))
     else:
-        padding = _compact(padding)
+        padding = _compact("padding", padding)
     return dict(kernel_size=k, stride=stride, padding=padding, dilation=dilation, groups=int(m.groups))
 
 
@@ -130,12 +137,12 @@ def _conv_transpose2d(m):
     return ConvTranspose2d(
         m.in_channels,
         m.out_channels,
-        kernel_size=_compact(m.kernel_size),
-        stride=_compact(m.stride),
-        padding=_compact(m.padding),
-        output_padding=_compact(m.output_padding),
+        kernel_size=_compact("kernel_size", m.kernel_size),
+        stride=_compact("stride", m.stride),
+        padding=_compact("padding", m.padding),
+        output_padding=_compact("output_padding", m.output_padding),
         groups=int(m.groups),
-        dilation=_compact(m.dilation),
+        dilation=_compact("dilation", m.dilation),
         bias=m.bias is not None,
     )
 
@@ -167,8 +174,8 @@ def _max_pool2d(m):
 
 def _avg_pool(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     """``AvgPool2d`` from ``nn.AvgPool2d``'s or ``F.avg_pool2d``'s arguments (all of them)."""
-    k = _compact(kernel_size)
-    stride = k if stride is None or stride == () else _compact(stride)
+    k = _compact("kernel_size", kernel_size)
+    stride = k if stride is None or stride == () else _compact("stride", stride)
     _need(
         divisor_override is None or (isinstance(divisor_override, int) and divisor_override > 0),
         f"divisor_override={divisor_override!r}",
@@ -177,7 +184,7 @@ def _avg_pool(kernel_size, stride, padding, ceil_mode, count_include_pad, diviso
     return AvgPool2d(
         k,
         stride,
-        _compact(padding),
+        _compact("padding", padding),
         count_include_pad=bool(count_include_pad),
         ceil_mode=bool(ceil_mode),
         divisor_override=divisor_override,
@@ -213,7 +220,7 @@ def _upsample(size=None, scale_factor=None, mode="nearest", align_corners=None, 
         f"scale_factor={scale_factor!r}",
         "integers >= 1",
     )
-    return Upsample(_compact(tuple(int(v) for v in pair)))
+    return Upsample(_compact("scale_factor", tuple(int(v) for v in pair)))
 
 
 def _upsample_module(m):
