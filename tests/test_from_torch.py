@@ -22,6 +22,8 @@ from dask_pconv.step import training_step
 from dask_pconv.train import Trainer
 
 from strategies import assert_close, tolerance
+from torch_models import modules as torch_model_classes
+from torch_models import torch_name
 
 torch = pytest.importorskip("torch", reason=optional.TORCH)
 nn, F = torch.nn, torch.nn.functional
@@ -124,7 +126,11 @@ INPUT = {"sequential": (3, 8, 8), "functional": (3, 8, 8), "residual": (3, 8, 8)
 def make(kind, dtype=torch.float64, seed=0):
     """The module with random weights and non-trivial BatchNorm statistics and affine."""
     torch.manual_seed(seed)
-    m = MODULES[kind]().to(dtype)
+    return with_batch_norm_values(MODULES[kind]().to(dtype))
+
+
+def with_batch_norm_values(m):
+    """``m`` with non-trivial BatchNorm statistics and affine parameters."""
     with torch.no_grad():
         for sub in m.modules():
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
@@ -271,6 +277,224 @@ def test_batch_norm_normalises_and_updates_as_pytorch():
     assert_close(evaluated, bn.eval()(torch.tensor(x)).flatten(1).detach().numpy(), np.float64)
 
 
+# -- residual and encoder-decoder networks ------------------------------------------------------------
+class EncoderDecoder(nn.Module):
+    """Per-pixel logits of 10x10 images: a (3, 5) kernel, BatchNorm, LeakyReLU, an average pool
+    whose windows cross the border (count_include_pad=False), a dilated grouped 'same' conv, a
+    transposed conv with output_padding back to 10x10, F.interpolate, torch.cat of three and an
+    even-kernel 'same' conv (PyTorch pads its extra row and column at the end)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, (3, 5), padding=(1, 2))
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.LeakyReLU(0.1)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)  # 10 -> 5
+        self.mid = nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=2, bias=False)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)  # 5 -> 10
+        self.same = nn.Identity()
+        self.fuse = nn.Conv2d(12, 5, 2, padding="same")
+        self.head = nn.Conv2d(5, 3, 1)
+
+    def forward(self, x):
+        skip = self.act(self.bn(self.enc(x)))
+        h = self.mid(self.pool(skip))
+        h = torch.cat([self.up(h), F.interpolate(h, scale_factor=2, mode="nearest"), self.same(skip)], dim=1)
+        return self.head(F.leaky_relu(self.fuse(h), negative_slope=0.2, inplace=True))
+
+
+TorchResNet18, TorchUNet = torch_model_classes()
+NETS = {  # the module, its input (C, H, W), the labels' shape after N, the classes
+    "resnet18": (lambda: TorchResNet18(n_classes=5, width=1 / 16), (3, 8, 8), (), 5),
+    "unet": (lambda: TorchUNet(in_channels=2, n_classes=3, width=2, depth=2), (2, 8, 8), (8, 8), 3),
+    "encoder-decoder": (EncoderDecoder, (3, 10, 10), (10, 10), 3),
+}
+
+
+def make_net(kind):
+    torch.manual_seed(0)
+    return with_batch_norm_values(NETS[kind][0]().double())
+
+
+# PyTorch pads a copy of the input for an even kernel's 'same' padding, and says so
+EVEN_SAME = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+
+NET_SPLITS = {
+    "batch": (dict(batch=3), 1),
+    "spatial": (dict(spatial=(2, 3)), 1),
+    "mixed": (dict(batch=2, in_channel=2, spatial=(3, 2)), 2),
+}
+
+
+@EVEN_SAME
+@pytest.mark.parametrize("split", list(NET_SPLITS))
+@pytest.mark.parametrize("kind", list(NETS))
+def test_residual_and_encoder_decoder_networks_equal_pytorch(kind, split):
+    """The ResNet-18 and U-Net of tests/torch_models.py and an encoder-decoder, float64:
+    ``module.eval()(x)``, and the training pass's loss (per pixel for (N, K, H, W) logits and
+    (N, H, W) labels), every gradient and the running statistics."""
+    _, shape, label_shape, k = NETS[kind]
+    m = make_net(kind)
+    rng = np.random.default_rng(2)
+    x, t = rng.standard_normal((5, *shape)), rng.integers(0, k, (5, *label_shape))
+    pieces, channel_split = NET_SPLITS[split]
+    model = dp.from_torch(m, input_shape=shape, channel_split=channel_split)
+    assert list(model.params) == [n for n, _ in m.named_parameters()]
+    xd = dp.split(x, **pieces)
+    loss, grads, aux = model.forward_backward_aux(xd, t)
+    y, loss, grads, state = dask.compute(model.predict(xd), loss, grads, aux["state"])
+    want_loss, want_grads, want_state = torch_train_step(m, x, t)
+    assert_close(y, torch_predict(m, x), np.float64)
+    assert_close(loss, np.array(want_loss), np.float64)
+    assert grads.keys() == want_grads.keys() and state.keys() == want_state.keys()
+    scale = max(np.abs(g).max() for g in want_grads.values())  # biases before a BatchNorm: ~0
+    for name in want_grads:
+        err = np.abs(grads[name] - want_grads[name]).max() / max(np.abs(want_grads[name]).max(), 1e-3 * scale)
+        assert err <= tolerance(np.float64), f"{name}: relative error {err:.3g}"
+    for name in want_state:
+        assert_close(state[name], want_state[name], np.float64)
+
+
+def test_converted_resnet18_steps_as_the_native_one():
+    """The same weights loaded into the converted module and into ``dp.models.ResNet18`` (its
+    names are ours: ``W``, ``gamma``, ``avg_var``): one momentum-SGD step gives the same loss,
+    parameters, velocities and running statistics."""
+    module = make_net("resnet18")
+    converted = dp.from_torch(module, input_shape=(3, 8, 8))
+    native = dp.models.ResNet18(n_classes=5, width=1 / 16, dtype=np.float64)
+    assert [torch_name(k) for k in native.params] == list(converted.params)
+    assert [torch_name(k) for k in native.state] == list(converted.state)
+    sd = {k: v.numpy() for k, v in module.state_dict().items()}
+    native.load_params(
+        {k: sd[torch_name(k)] for k in native.params}, {k: sd[torch_name(k)] for k in native.state}
+    )
+    rng = np.random.default_rng(4)
+    x, t = rng.standard_normal((6, 3, 8, 8)), rng.integers(0, 5, 6)
+    xd, td = chunk_batch(x, t, {"batch": 2})
+    opt = MomentumSGD(0.05, 0.9, 5e-4)
+    outs = []
+    for model in (native, converted):
+        vel = {k: np.full(v.shape, 0.01) for k, v in model.params.items()}
+        assert fusable(model, opt, model.dask_params(like=xd), xd) is None  # both run the fused stages
+        step = training_step(model, opt, model.dask_params(like=xd), dict(model.state), vel, xd, td, 1)
+        outs.append(dask.compute(step)[0])
+    want, got = outs
+    assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
+    for g, w in zip(got[:3], want[:3]):  # parameters, velocities, state
+        assert list(g) == [torch_name(k) for k in w]
+        for k in w:
+            np.testing.assert_allclose(g[torch_name(k)], w[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+class Spellings(nn.Module):
+    """The functional and method forms: F.leaky_relu in place, F.max_pool2d, nn.Upsample,
+    F.avg_pool2d, torch.concat, x.mean((2, 3)) (flattened), torch.mean(keepdim=True),
+    nn.AdaptiveAvgPool2d((1, 1)), F.adaptive_avg_pool2d, F.dropout(training=self.training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.gap = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv(x), 0.3, inplace=True)
+        a = self.up(F.max_pool2d(h, 2))
+        b = F.avg_pool2d(h, 3, stride=1, padding=1)
+        c = torch.concat((a, b), 1)
+        m1 = c.mean((2, 3))  # (N, 8)
+        m2 = torch.flatten(torch.mean(h, dim=(-1, -2), keepdim=True), 1)
+        m3 = self.gap(h).flatten(1) + F.adaptive_avg_pool2d(b, 1).flatten(1)
+        h = torch.cat([m1, m2, m3], dim=-1)
+        return self.fc(F.dropout(h, 0.25, self.training))
+
+
+def test_every_spelling_of_the_new_layers():
+    torch.manual_seed(0)
+    module = Spellings().double()
+    x, t = data("residual", n=4)
+    t = t % 5
+    model = dp.from_torch(module, input_shape=(3, 8, 8))
+    kinds = [type(n.layer).__name__ for n in model.program.nodes]
+    assert kinds.count("AdaptiveAvgPool2d") == 4 and kinds.count("Dropout") == 1
+    assert dp.from_torch(module.eval()).program.nodes[-2].layer == dp.models.Identity()  # training=False
+    xd = dp.split(x, batch=2, spatial=(2, 2))
+    loss, grads = model.forward_backward(xd, t, dropout=False)
+    y, loss, grads = dask.compute(model.predict(xd), loss, grads)
+    # no BatchNorm: the training pass without dropout is evaluation mode's
+    want = F.cross_entropy(module.eval()(torch.tensor(x)), torch.tensor(t))
+    want.backward()
+    assert_close(y, torch_predict(module, x), np.float64)
+    assert_close(loss, np.array(want.item()), np.float64)
+    for name, p in module.named_parameters():
+        assert_close(grads[name], p.grad.numpy(), np.float64)
+
+
+@EVEN_SAME
+@pytest.mark.parametrize(
+    "conv, options",
+    [
+        (nn.Conv2d(4, 6, 3, dilation=2, groups=2), dict(kernel_size=3, padding=0, dilation=2, groups=2)),
+        (nn.Conv2d(4, 4, (3, 5), stride=(2, 1), padding=(1, 2)), dict(kernel_size=(3, 5), stride=(2, 1))),
+        (nn.Conv2d(4, 4, 3, padding="same", dilation=(1, 2)), dict(padding=(1, 2), dilation=(1, 2))),
+        (nn.Conv2d(4, 4, (2, 3), padding="same"), dict(padding="same")),
+        (nn.Conv2d(4, 2, 3, padding="valid", groups=2, bias=False), dict(padding=0, groups=2)),
+        (nn.Conv2d(4, 4, 3, groups=4, padding=1), dict(groups=4)),
+        (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), {}),
+        (nn.ConvTranspose2d(4, 4, (2, 3), stride=(2, 1), dilation=(1, 2), bias=False), {}),
+    ],
+    ids=[
+        "dilated grouped",
+        "pairs",
+        "same dilated",
+        "same even",
+        "valid",
+        "depthwise",
+        "transposed",
+        "tr pairs",
+    ],
+)
+def test_convolution_attributes_convert_exactly(conv, options):
+    """Per-pixel logits straight from one convolution, split into batch chunks, channel
+    chunks and tiles: predictions and gradients equal PyTorch's.  An equal pair becomes an
+    int and 'same' a symmetric padding where there is one (what the fused chain runs)."""
+    torch.manual_seed(0)
+    module = nn.Sequential(conv).double()
+    layer = dp.from_torch(module).program.nodes[0].layer
+    assert all(getattr(layer, k) == v for k, v in options.items()), layer
+    x = data("residual", n=4)[0][:, :, :7, :7].copy()
+    x = np.concatenate([x, x[:, :1]], axis=1)  # 4 channels
+    out = torch_predict(module, x)
+    t = np.random.default_rng(5).integers(0, out.shape[1], (4, *out.shape[2:]))
+    model = dp.from_torch(module, input_shape=(4, 7, 7), channel_split=2)
+    xd = dp.split(x, batch=2, in_channel=2, spatial=(2, 3))
+    y, (loss, grads) = dask.compute(model.predict(xd), model.forward_backward(xd, t))
+    want_loss, want_grads, _ = torch_train_step(module, x, t)
+    assert_close(y, out, np.float64)
+    assert_close(loss, np.array(want_loss), np.float64)
+    for name in want_grads:
+        assert_close(grads[name], want_grads[name], np.float64)
+
+
+def test_cat_dims_and_a_lone_tensor():
+    """torch.cat along a spatial axis (negative dims resolved with input_shape), of one tensor
+    (an identity)."""
+    torch.manual_seed(0)
+    convs = dict(c=nn.Conv2d(3, 2, 3, padding=1).double(), d=nn.Conv2d(3, 2, 1).double())
+    x = data("residual", n=2)[0]
+    for fn, kind in [
+        (lambda s, x: torch.cat([s.c(x), s.d(x)], dim=3), "Concat"),
+        (lambda s, x: torch.cat((s.c(x), s.d(x)), -2), "Concat"),
+        (lambda s, x: torch.cat([s.c(x)], 1), "Identity"),
+    ]:
+        module = _Forward(fn, **convs)
+        model = dp.from_torch(module, input_shape=(3, 8, 8))
+        assert type(model.program.nodes[-1].layer).__name__ == kind
+        y = model.predict(dp.split(x, spatial=(2, 2))).compute()
+        assert_close(y, torch_predict(module, x), np.float64)
+
+
 # -- training ----------------------------------------------------------------------------------------
 def test_the_fused_step_of_a_converted_model_is_the_fine_grained_one():
     """A converted chain (Linear biases, PyTorch names) takes the fused path, with the same
@@ -343,10 +567,19 @@ class Gelu(nn.Module):
             r"node '_1' \(torch.nn.modules.activation.Sigmoid '1'",
         ),
         (Gelu(), r"node 'gelu' \(function torch._C._nn.gelu at .*test_from_torch.py:\d+ \(\"return F.gelu"),
-        (nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2)), r"'_0' .*dilation=\(2, 2\) is not supported"),
-        (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "groups=2 is not supported"),
-        (nn.Sequential(nn.Conv2d(3, 4, (3, 1))), r"kernel_size=\(3, 1\) is not supported"),
-        (nn.Sequential(nn.Conv2d(3, 4, 3, padding_mode="reflect")), "padding_mode='reflect'"),
+        (nn.Sequential(nn.MaxPool2d(3, dilation=2)), r"'_0' .*dilation=2 is not supported"),
+        (nn.Sequential(nn.MaxPool2d((3, 1))), r"kernel_size=\(3, 1\) is not supported"),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3, padding_mode="reflect")),
+            "padding_mode='reflect' is not supported",
+        ),
+        (nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear")), "mode='bilinear' is not supported"),
+        (nn.Sequential(nn.Upsample(size=8)), "size=8 is not supported"),
+        (nn.Sequential(nn.Upsample(scale_factor=1.5)), "scale_factor=1.5 is not supported"),
+        (nn.Sequential(nn.ReLU6()), r"node '_0' \(torch.nn.modules.activation.ReLU6 .*module type ReLU6"),
+        (nn.Sequential(nn.AdaptiveAvgPool2d(2)), "output_size=2 is not supported"),
+        (nn.Sequential(nn.AdaptiveAvgPool2d((1, None))), r"output_size=\(1, None\) is not supported"),
+        (nn.Sequential(nn.AvgPool2d(2, divisor_override=0)), "divisor_override=0"),
         (nn.Sequential(nn.BatchNorm2d(3, momentum=None)), "momentum=None"),
         (nn.Sequential(nn.BatchNorm2d(3, affine=False)), "affine=False"),
         (nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), "track_running_stats=False"),
@@ -371,8 +604,41 @@ def test_unsupported_calls_are_refused_naming_the_node(module, match):
         (lambda s, x: x[:, :2], {}, "function operator.getitem"),
         (lambda s, x: (s.c(x), x), {"c": nn.Conv2d(3, 3, 1)}, "returning tuple"),
         (lambda s, x: x * s.w, {"w": nn.Parameter(torch.ones(1))}, "get_attr"),
+        (lambda s, x: F.interpolate(x, size=(8, 8)), {}, r"size=\(8, 8\) is not supported"),
+        (
+            lambda s, x: F.interpolate(x, scale_factor=2, mode="bicubic"),
+            {},
+            "mode='bicubic' is not supported",
+        ),
+        (
+            lambda s, x: s.up(x, output_size=(8, 8)),
+            {"up": nn.ConvTranspose2d(3, 3, 2, stride=2)},
+            r"calling it with output_size=\(8, 8\) is not supported",
+        ),
+        (lambda s, x: torch.cat([x, x]), {}, r"dim=0 \(the batch axis\) is not supported"),
+        (lambda s, x: x.mean(1, keepdim=True), {}, "a mean over dim=1 is not supported"),
+        (lambda s, x: x.mean((2, 3), dtype=torch.float64), {}, "dtype=torch.float64 is not supported"),
+        (lambda s, x: F.relu6(x), {}, "function torch.nn.functional.relu6"),
+        (lambda s, x: F.avg_pool2d(x, (2, 2, 2)), {}, r"kernel_size=\(2, 2, 2\) is not supported"),
     ],
-    ids=["shared", "in place", "flatten(0)", "constant", "view", "getitem", "tuple", "get_attr"],
+    ids=[
+        "shared",
+        "in place",
+        "flatten(0)",
+        "constant",
+        "view",
+        "getitem",
+        "tuple",
+        "get_attr",
+        "interpolate size",
+        "interpolate bicubic",
+        "output_size",
+        "cat batch",
+        "mean channels",
+        "mean dtype",
+        "relu6",
+        "avg_pool2d kernel",
+    ],
 )
 def test_unsupported_forwards_are_refused(forward, modules, match):
     with pytest.raises(NotImplementedError, match=match):
@@ -396,7 +662,7 @@ def test_untraceable_forward_and_bad_arguments():
     with pytest.raises(ValueError, match="input_shape must be"):
         dp.from_torch(nn.Sequential(nn.ReLU()), input_shape=(8, 8))
     with pytest.raises(ValueError, match="returns its input"):
-        dp.from_torch(nn.Identity())
+        dp.from_torch(_Forward(lambda s, x: x))
 
 
 def test_shape_mismatches_are_clear_errors():

@@ -5,11 +5,11 @@ PyTorch is needed only here, and imported only when :func:`from_torch` runs.  Wh
 converted is three tables: ``MODULES`` (a ``torch.nn`` module class -> a function building our
 layer from the module), ``FUNCTIONS`` (a function such as ``torch.relu`` or ``operator.add``)
 and ``METHODS`` (a tensor method such as ``x.flatten``), the last two mapping to a function
-building our layer and its inputs from the call.  A layer that :mod:`.layers` gains is one
-entry.  Anything else (a module, function or method not in a table, an attribute value our
-layer does not have, a tensor read by an in-place operation's later users, a module whose
-weights two calls share) is refused at conversion, naming the traced node, what it calls and
-where in the source, never approximated.
+building our layer (or a chain of layers) and its inputs from the call.  A layer that
+:mod:`.layers` gains is one entry.  Anything else (a module, function or method not in a
+table, an attribute value our layer does not have, a tensor read by an in-place operation's
+later users, a module whose weights two calls share) is refused at conversion, naming the
+traced node, what it calls and where in the source, never approximated.
 
 Names: a parameter keeps its ``module.named_parameters()`` name (``features.0.weight``), a
 BatchNorm's running statistics their buffer names (``bn1.running_mean``, ``bn1.running_var``;
@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import inspect
 import math
+import numbers
 import operator
 import os
 import re
@@ -29,7 +30,25 @@ import re
 import dask.array as da
 import numpy as np
 
-from .layers import Add, BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, RunMode
+from ..geometry import resolve_padding
+from .layers import (
+    AdaptiveAvgPool2d,
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Concat,
+    Conv2d,
+    ConvTranspose2d,
+    Dropout,
+    Flatten,
+    Identity,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    RunMode,
+    Upsample,
+)
 from .model import Model
 from .program import INPUT, Node, Program
 
@@ -56,38 +75,76 @@ def _need(ok, what, supported):
 
 
 def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    """A pair from a value, a pair or a one-element sequence (PyTorch's reading of each)."""
+    if isinstance(v, (tuple, list)):
+        return (v[0], v[0]) if len(v) == 1 else tuple(v)
+    return (v, v)
 
 
 def _square(name, value):
-    """An int from an int or an equal pair (our layers take one value for both axes)."""
+    """An int from an int or an equal pair (for layers that take one value for both axes)."""
     a, b = _pair(value)
     _need(a == b, f"{name}={value}", f"one {name} for both axes")
     return int(a)
 
 
+def _compact(name, value):
+    """An int from an int or an equal pair, else the pair: the layers take both, and an int
+    keeps a convolution in the fused chain's stages (which take one int per attribute)."""
+    pair = _pair(value)
+    ints = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
+    _need(len(pair) == 2 and ints, f"{name}={value!r}", f"an int or a pair of ints as {name}")
+    a, b = int(pair[0]), int(pair[1])
+    return a if a == b else (a, b)
+
+
+def _zeros_padding(m):
+    _need(m.padding_mode == "zeros", f"padding_mode={m.padding_mode!r}", "'zeros'")
+
+
 # -- torch.nn modules -> layers ----------------------------------------------------------------
 def conv2d_options(m):
     """``Conv2d`` keyword arguments from a ``torch.nn.Conv2d``'s attributes: the one place that
-    says which of them our layer takes (kernel, stride and zero padding, one value for both
-    axes; ``padding='same'`` with an odd kernel is padding ``(k - 1) / 2``)."""
-    k = _square("kernel_size", m.kernel_size)
-    stride = _square("stride", m.stride)
-    _need(_pair(m.dilation) == (1, 1), f"dilation={m.dilation}", "dilation 1")
-    _need(m.groups == 1, f"groups={m.groups}", "groups 1")
-    _need(m.padding_mode == "zeros", f"padding_mode={m.padding_mode!r}", "'zeros'")
-    if m.padding == "valid":
+    says which of them our layer takes.  Kernel size, stride, padding and dilation are ints or
+    pairs (an equal pair becomes an int); ``padding`` ``'valid'`` is 0 and ``'same'`` the
+    symmetric padding where there is one (``d * (k - 1)`` even on both axes), else ``'same'``
+    itself (the extra row and column at the end, as PyTorch pads); any ``groups``; only
+    ``padding_mode='zeros'``."""
+    _zeros_padding(m)
+    k, stride, dilation = (
+        _compact("kernel_size", m.kernel_size),
+        _compact("stride", m.stride),
+        _compact("dilation", m.dilation),
+    )
+    padding = m.padding
+    if padding == "valid":
         padding = 0
-    elif m.padding == "same":
-        _need(k % 2 == 1, f"padding='same' with kernel_size {k}", "'same' with an odd kernel")
-        padding = (k - 1) // 2
+    elif padding == "same":
+        (top, bottom), (left, right) = resolve_padding("same", _pair(k), _pair(stride), _pair(dilation))
+        if top == bottom and left == right:
+            padding = _compact("padding", (top, left))
     else:
-        padding = _square("padding", m.padding)
-    return dict(kernel_size=k, stride=stride, padding=padding)
+        padding = _compact("padding", padding)
+    return dict(kernel_size=k, stride=stride, padding=padding, dilation=dilation, groups=int(m.groups))
 
 
 def _conv2d(m):
     return Conv2d(m.in_channels, m.out_channels, bias=m.bias is not None, **conv2d_options(m))
+
+
+def _conv_transpose2d(m):
+    _zeros_padding(m)
+    return ConvTranspose2d(
+        m.in_channels,
+        m.out_channels,
+        kernel_size=_compact("kernel_size", m.kernel_size),
+        stride=_compact("stride", m.stride),
+        padding=_compact("padding", m.padding),
+        output_padding=_compact("output_padding", m.output_padding),
+        groups=int(m.groups),
+        dilation=_compact("dilation", m.dilation),
+        bias=m.bias is not None,
+    )
 
 
 def _batch_norm(m):
@@ -99,19 +156,89 @@ def _batch_norm(m):
     return BatchNorm(m.num_features, eps=float(m.eps), decay=1.0 - float(m.momentum))
 
 
-def _max_pool2d(m):
-    k = _square("kernel_size", m.kernel_size)
-    stride = _square("stride", m.stride if m.stride is not None else k)
-    _need(_pair(m.padding) == (0, 0), f"padding={m.padding}", "padding 0")
-    _need(_pair(m.dilation) == (1, 1), f"dilation={m.dilation}", "dilation 1")
-    _need(not m.ceil_mode, "ceil_mode=True", "ceil_mode=False")
-    _need(not m.return_indices, "return_indices=True", "return_indices=False")
+def _max_pool(kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    """``MaxPool2d`` from ``nn.MaxPool2d``'s or ``F.max_pool2d``'s arguments: our layer takes
+    one kernel size and stride and no padding, dilation or ceil mode."""
+    k = _square("kernel_size", kernel_size)
+    stride = _square("stride", k if stride is None or stride == () else stride)
+    _need(_pair(padding) == (0, 0), f"padding={padding}", "padding 0")
+    _need(_pair(dilation) == (1, 1), f"dilation={dilation}", "dilation 1")
+    _need(not ceil_mode, "ceil_mode=True", "ceil_mode=False")
+    _need(not return_indices, "return_indices=True", "return_indices=False")
     return MaxPool2d(k, stride)
 
 
+def _max_pool2d(m):
+    return _max_pool(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+
+
+def _avg_pool(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """``AvgPool2d`` from ``nn.AvgPool2d``'s or ``F.avg_pool2d``'s arguments (all of them)."""
+    k = _compact("kernel_size", kernel_size)
+    stride = k if stride is None or stride == () else _compact("stride", stride)
+    _need(
+        divisor_override is None or (isinstance(divisor_override, int) and divisor_override > 0),
+        f"divisor_override={divisor_override!r}",
+        "None or a positive int",
+    )
+    return AvgPool2d(
+        k,
+        stride,
+        _compact("padding", padding),
+        count_include_pad=bool(count_include_pad),
+        ceil_mode=bool(ceil_mode),
+        divisor_override=divisor_override,
+    )
+
+
+def _avg_pool2d(m):
+    args = (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+    return _avg_pool(*args)
+
+
+def _adaptive_avg_pool(output_size):
+    """``AdaptiveAvgPool2d(1)``: only the global mean (output size 1 or (1, 1))."""
+    pair = _pair(output_size)
+    _need(len(pair) == 2 and all(v == 1 for v in pair), f"output_size={output_size!r}", "1 or (1, 1)")
+    return AdaptiveAvgPool2d(1)
+
+
+def _upsample(size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None):
+    """``Upsample`` from ``nn.Upsample``'s or ``F.interpolate``'s arguments: nearest, by integer
+    factors (``recompute_scale_factor`` changes nothing then: the output is the input times the
+    factor, exactly)."""
+    _need(mode == "nearest", f"mode={mode!r}", "mode='nearest'")
+    _need(size is None, f"size={size!r}", "an integer scale_factor= instead of size=")
+    _need(align_corners is None, f"align_corners={align_corners!r}", "align_corners=None")
+    pair = _pair(scale_factor)
+    whole = all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer() and v >= 1
+        for v in pair
+    )
+    _need(
+        scale_factor is not None and len(pair) == 2 and whole,
+        f"scale_factor={scale_factor!r}",
+        "integers >= 1",
+    )
+    return Upsample(_compact("scale_factor", tuple(int(v) for v in pair)))
+
+
+def _upsample_module(m):
+    return _upsample(m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor)
+
+
+def _dropout_layer(p):
+    _need(isinstance(p, numbers.Real) and 0 <= p < 1, f"p={p!r}", "0 <= p < 1")
+    return Dropout(float(p))
+
+
 def _dropout(m):
-    _need(0 <= m.p < 1, f"p={m.p}", "0 <= p < 1")
-    return Dropout(float(m.p))
+    return _dropout_layer(m.p)
+
+
+def _leaky_relu(negative_slope):
+    _need(isinstance(negative_slope, numbers.Real), f"negative_slope={negative_slope!r}", "a number")
+    return LeakyReLU(float(negative_slope))
 
 
 def _flatten(m):
@@ -126,11 +253,18 @@ def _linear(m):
 #: ``torch.nn`` class (dotted path) -> a function of the module returning our layer.
 MODULES = {
     "torch.nn.Conv2d": _conv2d,
+    "torch.nn.ConvTranspose2d": _conv_transpose2d,
     "torch.nn.BatchNorm1d": _batch_norm,
     "torch.nn.BatchNorm2d": _batch_norm,
     "torch.nn.ReLU": lambda m: ReLU(),
+    "torch.nn.LeakyReLU": lambda m: _leaky_relu(m.negative_slope),
     "torch.nn.MaxPool2d": _max_pool2d,
+    "torch.nn.AvgPool2d": _avg_pool2d,
+    "torch.nn.AdaptiveAvgPool2d": lambda m: _adaptive_avg_pool(m.output_size),
+    "torch.nn.Upsample": _upsample_module,
+    "torch.nn.UpsamplingNearest2d": _upsample_module,
     "torch.nn.Dropout": _dropout,
+    "torch.nn.Identity": lambda m: Identity(),
     "torch.nn.Flatten": _flatten,
     "torch.nn.Linear": _linear,
 }
@@ -211,7 +345,116 @@ def _reshape_call(call):
     return Flatten(), [x]
 
 
-#: Function (dotted path) -> a function of the :class:`Call` returning ``(layer, inputs)``.
+def _leaky_relu_call(call):
+    a = _bind(call, "input", negative_slope=0.01, inplace=False)
+    return _leaky_relu(a["negative_slope"]), [a["input"]]
+
+
+def _max_pool2d_call(call):
+    a = _bind(
+        call,
+        "input",
+        "kernel_size",
+        stride=None,
+        padding=0,
+        dilation=1,
+        ceil_mode=False,
+        return_indices=False,
+    )
+    args = (a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], a["return_indices"])
+    return _max_pool(*args), [a["input"]]
+
+
+def _avg_pool2d_call(call):
+    a = _bind(
+        call,
+        "input",
+        "kernel_size",
+        stride=None,
+        padding=0,
+        ceil_mode=False,
+        count_include_pad=True,
+        divisor_override=None,
+    )
+    args = (a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"])
+    return _avg_pool(*args, a["divisor_override"]), [a["input"]]
+
+
+def _adaptive_avg_pool2d_call(call):
+    a = _bind(call, "input", "output_size")
+    return _adaptive_avg_pool(a["output_size"]), [a["input"]]
+
+
+def _mean_call(call):
+    """``x.mean((2, 3), keepdim=True)``: the global average pool; without ``keepdim`` it is
+    followed by a flatten, (N, C, 1, 1) -> (N, C)."""
+    a = _bind(call, "input", dim=None, keepdim=False, dtype=None)
+    dims = a["dim"] if isinstance(a["dim"], tuple) else (a["dim"],)
+    # a 4-D input (an AdaptiveAvgPool2d refuses any other), so -1 is 3
+    plane = all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]
+    _need(
+        plane and len(dims) == 2, f"a mean over dim={a['dim']!r}", "the mean over dim=(2, 3) of (N, C, H, W)"
+    )
+    _need(a["dtype"] is None, f"dtype={a['dtype']!r}", "the input's dtype")
+    if a["keepdim"]:
+        return AdaptiveAvgPool2d(1), [a["input"]]
+    return [AdaptiveAvgPool2d(1), Flatten()], [a["input"]]
+
+
+def _interpolate_call(call):
+    names = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor")
+    a = _bind(
+        call,
+        "input",
+        size=None,
+        scale_factor=None,
+        mode="nearest",
+        align_corners=None,
+        recompute_scale_factor=None,
+        antialias=False,
+    )
+    _need(not a["antialias"], "antialias=True", "antialias=False")
+    return _upsample(*(a[n] for n in names)), [a["input"]]
+
+
+def _dropout_call(call):
+    """``F.dropout(x, p, training)``: ``training`` is a constant once traced (``self.training``
+    is read at tracing).  False: nothing is dropped, an identity.  True: our ``Dropout``, on in
+    :meth:`~Model.forward_backward` and off in :meth:`~Model.predict`, which is what
+    ``training=self.training`` means (PyTorch's ``F.dropout(x, p)``, whose ``training``
+    defaults to True, drops in evaluation mode too: random, which no prediction reproduces)."""
+    a = _bind(call, "input", p=0.5, training=True, inplace=False)
+    _need(isinstance(a["training"], bool), f"training={a['training']!r}", "True or False")
+    layer = _dropout_layer(a["p"]) if a["training"] else Identity()
+    return layer, [a["input"]]
+
+
+def _cat_call(call):
+    """``torch.cat(tensors, dim)`` (``axis=`` too) along a channel or spatial axis."""
+    _need(len(call.args) <= 2, f"{len(call.args)} positional arguments", "at most 2")
+    a = dict(zip(("tensors", "dim"), call.args))
+    for k, v in call.kwargs.items():
+        key = "dim" if k == "axis" else k
+        _need(key in ("tensors", "dim") and key not in a, f"argument {k}=", "tensors, dim (or axis)")
+        a[key] = v
+    tensors, dim = a.get("tensors"), a.get("dim", 0)
+    ok = isinstance(tensors, tuple) and len(tensors) > 0 and all(isinstance(t, Ref) for t in tensors)
+    _need(ok, "concatenating something other than a list of tensors", "torch.cat([a, b], dim=1)")
+    _need(isinstance(dim, int) and not isinstance(dim, bool), f"dim={dim!r}", "an int")
+    if dim < 0:
+        shape = call.shape(tensors[0])
+        _need(shape is not None or dim == -1, f"dim={dim}", "a dim >= 1, or a negative one with input_shape")
+        dim = dim + len(shape) if shape is not None else dim
+    # the batch axis would pair the output's images with other labels (and the chunks of the
+    # batch are concatenated chunk by chunk in the fused stages)
+    _need(dim != 0, "dim=0 (the batch axis)", "a channel or spatial axis, dim >= 1")
+    if len(tensors) == 1:
+        return Identity(), list(tensors)
+    return Concat(dim), list(tensors)
+
+
+#: Function (dotted path) -> a function of the :class:`Call` returning ``(layer, inputs)``
+#: (or ``([layer, ...], inputs)``: a chain of layers, the first reading ``inputs``).
 FUNCTIONS = {
     "operator.add": _add_call,
     "operator.iadd": _add_call,
@@ -219,6 +462,17 @@ FUNCTIONS = {
     "torch.relu": _relu_call,
     "torch.relu_": _relu_call,
     "torch.nn.functional.relu": _relu_call,
+    "torch.nn.functional.leaky_relu": _leaky_relu_call,
+    "torch.nn.functional.leaky_relu_": _leaky_relu_call,
+    "torch.nn.functional.max_pool2d": _max_pool2d_call,
+    "torch.nn.functional.avg_pool2d": _avg_pool2d_call,
+    "torch.nn.functional.adaptive_avg_pool2d": _adaptive_avg_pool2d_call,
+    "torch.mean": _mean_call,
+    "torch.nn.functional.interpolate": _interpolate_call,
+    "torch.nn.functional.dropout": _dropout_call,
+    "torch.cat": _cat_call,
+    "torch.concat": _cat_call,
+    "torch.concatenate": _cat_call,
     "torch.flatten": _flatten_call,
     "torch.reshape": _reshape_call,
 }
@@ -229,6 +483,7 @@ METHODS = {
     "add_": _add_call,
     "relu": _relu_call,
     "relu_": _relu_call,
+    "mean": _mean_call,
     "flatten": _flatten_call,
     "view": _reshape_call,
     "reshape": _reshape_call,
@@ -446,7 +701,9 @@ class _Converter:
         build = self.modules.get(type(m))
         _need(build is not None, f"the module type {type(m).__name__}", ", ".join(MODULES))
         args = [self.arg(a) for a in node.args]
-        _need(len(args) == 1 and isinstance(args[0], Ref) and not node.kwargs, "this call", "module(x)")
+        _need(args and isinstance(args[0], Ref), "this call", "module(x)")
+        extra = [repr(a) for a in args[1:]] + [f"{k}={self.arg(v)!r}" for k, v in node.kwargs.items()]
+        _need(not extra, f"calling it with {', '.join(extra)}", "module(x)")
         own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         _need(not (own and node.target in self.called), "a second call of a module with weights", "one")
         self.called.add(node.target)
@@ -477,6 +734,10 @@ class _Converter:
             known = FUNCTIONS if node.op == "call_function" else [f".{m}()" for m in METHODS]
             _need(False, _what(self.gm, node), ", ".join(known))
         layer, inputs = build(Call(args, kwargs, self.shape))
+        if isinstance(layer, list):  # a chain: each but the last named after the layer kind
+            *first, layer = layer
+            for step in first:
+                inputs = [self.add(node, step, inputs, {}, {}, f"{node.name}_{type(step).__name__}")]
         self.add(node, layer, inputs, {}, {})
 
     def size(self, args, kwargs, attribute):
@@ -506,10 +767,11 @@ class _Converter:
             return tuple(self.arg(v) for v in a)
         return self.values[a] if hasattr(a, "op") and hasattr(a, "users") else a
 
-    def add(self, node, layer, inputs, names, arrays):
-        """Append the program node for ``node`` (its arrays, its dry run)."""
+    def add(self, node, layer, inputs, names, arrays, name=None):
+        """Append the program node for ``node`` (its arrays, its dry run), named ``name``
+        (default the fx node's); returns its :class:`Ref`."""
         _need(all(isinstance(r, Ref) for r in inputs), "a non-tensor input", "tensors")
-        name = node.name
+        name = name or node.name
         while name == INPUT or any(n.name == name for n in self.nodes):
             name += "_"
         index = len(self.nodes)
@@ -518,7 +780,7 @@ class _Converter:
             (self.params if local in layer.params() else self.state)[names[local]] = value
         self.values[node] = Ref(name)
         if self.input_shape is None:
-            return
+            return Ref(name)
         ins = tuple(self.lazy[r.name] for r in inputs)
         p = {k: da.zeros(s.shape, dtype=self.dtype) for k, s in layer.params().items()}
         st = {k: da.ones(s.shape, dtype=self.dtype) for k, s in layer.state().items()}
@@ -529,6 +791,7 @@ class _Converter:
             raise ValueError(
                 f"{self.describe(node)} does not fit its input {shapes} (checked on a batch of 2): {e}"
             ) from None
+        return Ref(name)
 
 
 def _live(graph):
