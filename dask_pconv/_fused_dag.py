@@ -130,6 +130,9 @@ def dag_unfit(program):
             return f"node {node.name!r} is a {type(node.layer).__name__}"
         if isinstance(node.layer, AvgPool2d) and node.layer.ceil_mode:
             return f"node {node.name!r} pools in ceil mode"
+        if isinstance(node.layer, Concat) and (node.layer.axis == 0 or node.layer.axis < -1):
+            # a chunk holds some of the images: it cannot concatenate along the batch
+            return f"node {node.name!r} concatenates along axis {node.layer.axis}, not 1 or later"
     if not any(isinstance(n.layer, BatchNorm) for n in program.nodes):
         return "the program has no BatchNorm"
     unreached = DagPlan(program.nodes).unreached()

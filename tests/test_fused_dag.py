@@ -267,3 +267,38 @@ def test_a_fused_unet_step_checks_the_image_size_first():
     vel = {k: np.zeros_like(v) for k, v in m.params.items()}
     with pytest.raises(ValueError, match="multiples of 2\\*\\*depth = 4"):
         training_step(m, MomentumSGD(), m.dask_params(like=xd), dict(m.state), vel, xd, td, 0, True)
+
+
+def test_steps_the_branch_stages_cannot_run_say_why():
+    opt, x = MomentumSGD(), RNG.random((4, 3, 8, 8))
+    batch = chunk_batch(x, np.zeros(4, int), {"batch": 2})[0]
+
+    def program(*extra):
+        return Model(
+            Program(
+                (
+                    Node("a", Conv2d(3, 3, 3, padding=1), (INPUT,)),
+                    Node("bn", BatchNorm(3), ("a",)),
+                    *extra,
+                    Node("f", Flatten(), (extra[-1].name if extra else "bn",)),
+                    Node("fc", Linear(192, 2), ("f",)),
+                )
+            )
+        )
+
+    m = program(Node("cat", Concat(axis=0), ("bn", INPUT)))
+    assert "concatenates along axis 0" in fusable(m, opt, m.dask_params(), batch)
+    m = program(Node("p", AvgPool2d(3, 1, padding=1, ceil_mode=True), ("bn",)))
+    assert "pools in ceil mode" in fusable(m, opt, m.dask_params(), batch)
+    dead = Model(
+        Program(
+            (
+                Node("a", Conv2d(3, 3, 3, padding=1), (INPUT,)),
+                Node("unused", BatchNorm(3), ("a",)),
+                Node("bn", BatchNorm(3), ("a",)),
+                Node("f", Flatten(), ("bn",)),
+                Node("fc", Linear(192, 2), ("f",)),
+            )
+        )
+    )
+    assert "do not lead to the program's output" in fusable(dead, opt, dead.dask_params(), batch)

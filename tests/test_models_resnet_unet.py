@@ -8,7 +8,6 @@ import dask
 import numpy as np
 import optional
 import pytest
-from torch_models import load_into, modules, torch_loss_and_grads, torch_name
 
 import dask_pconv as dp
 from dask_pconv.data import Dataset, synthetic
@@ -17,6 +16,7 @@ from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
 
 from strategies import assert_close
+from torch_models import load_into, modules, torch_loss_and_grads, torch_name
 
 #: split name -> (dp.split arguments, forward_backward's channel_split)
 SPLITS = {
