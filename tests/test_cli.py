@@ -12,6 +12,7 @@ import shlex
 import sys
 
 import numpy as np
+import optional
 import pytest
 from clusters import local_cluster
 
@@ -359,3 +360,22 @@ def test_the_large_image_example_says_what_its_error_is_relative_to():
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     assert example.difference_line(1.2e-6, 1.79) == "max |difference| 1.2e-06, relative to max |y|: 6.7e-07"
+
+
+def test_the_unet_example_is_exact_where_naive_tiles_are_not(tmp_path, capsys):
+    """examples/unet_tiles.py at a small size: our tiles equal the module on the whole image,
+    the naive tiles do not, and the figure is written."""
+    optional.need_torch()
+    pytest.importorskip("skimage", reason="needs scikit-image: pip install -e '.[examples]'")
+    path = ROOT / "examples" / "unet_tiles.py"
+    if not path.exists():
+        pytest.skip("no examples/ folder: not a source checkout")
+    spec = importlib.util.spec_from_file_location("unet_tiles", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--scale", "1", "--tile", "128", "--steps", "2", "--out", str(tmp_path / "u.png")])
+    out = capsys.readouterr().out
+    ours = float(out.split("max |ours - whole module|:")[1].split()[0])
+    naive = float(out.split("max |naive - whole module|:")[1].split()[0])
+    assert ours < 1e-4 < 1e-2 < naive, out
+    assert (tmp_path / "u.png").stat().st_size > 10_000
