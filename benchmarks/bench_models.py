@@ -22,6 +22,7 @@ PyTorch's (max abs difference).
 """
 
 import argparse
+import os
 import time
 
 import dask
@@ -216,7 +217,6 @@ def run_unet(cases, steps, torch_ok):
             row["tiled / torch"] = secs["tiled"] / secs["torch"]
             ref = whole().numpy()
             row["max abs diff"] = float(np.abs(ours(xd).compute() - ref).max())
-        del xd, x1
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -231,19 +231,25 @@ def main(argv=None):
     torch_ok = _have_torch()
     if not torch_ok:
         print("PyTorch is not installed: no PyTorch baselines (pip install torch==2.13.0)", flush=True)
+    load = [os.getloadavg()[0]]  # the machine's 1-minute load average, before and after
     resnet_cases, unet_cases = (RESNET_QUICK, UNET_QUICK) if args.quick else (RESNET_CASES, UNET_CASES)
     # the library's own cluster (dask_pconv.cluster.connect): its workers' malloc settings;
     # no spilling, so that a large image's times are compute, not disk
     with (
-        dask.config.set({"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}),
+        dask.config.set(
+            {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
+        ),
         connect(n_workers=2, threads_per_worker=1, dashboard_address=None),
     ):
         resnet = run_resnet(resnet_cases, args.steps, torch_ok)
         unet = run_unet(unet_cases, args.steps, torch_ok)
+    load.append(os.getloadavg()[0])
     table(resnet, RESNET_COLUMNS)
     print()
     table(unet, UNET_COLUMNS)
-    write_json(args.json, "models", resnet + unet, quick=args.quick, steps=args.steps, torch=torch_ok)
+    print(f"load average (1 min) before and after: {load[0]:.2f}, {load[1]:.2f}")
+    extra = {"quick": args.quick, "steps": args.steps, "torch": torch_ok, "load_average": load}
+    write_json(args.json, "models", resnet + unet, **extra)
     return resnet + unet
 
 
