@@ -1,4 +1,4 @@
-"""5. The shipped ResNet-18 and U-Net on a LocalCluster of 2 workers x 1 thread against
+"""7. The shipped ResNet-18 and U-Net on a LocalCluster of 2 workers x 1 thread against
 PyTorch on the same network (2 threads) in the same run, float32.
 
 ResNet-18 training step (:class:`dask_pconv.models.ResNet18`, CIFAR-sized images, momentum
