@@ -45,7 +45,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 #: (label, width, batch, image size, split)
 RESNET_CASES = [("ResNet-18 width 1, batch 64, 32x32, batch:2", 1.0, 64, 32, {"batch": 2})]
 RESNET_QUICK = [("ResNet-18 width 1/16, batch 8, 32x32, batch:2", 1 / 16, 8, 32, {"batch": 2})]
-#: (width, depth, image size, spatial tiles per axis); PyTorch takes about 1.6 s on 2 threads
+#: (width, depth, image size, spatial tiles per axis); PyTorch takes about 2.4 s on 2 threads
 #: for the 2048x2048 image on the machine of docs/benchmarks.md
 UNET_CASES = [(8, 2, 2048, (2, 2)), (8, 2, 2048, (4, 4))]
 UNET_QUICK = [(4, 2, 128, (2, 2))]
