@@ -9,6 +9,7 @@ import pathlib
 import bench_chunked
 import bench_filter
 import bench_kernels
+import bench_models
 import bench_vgg_step
 import bench_zarr
 from _common import machine
@@ -25,6 +26,7 @@ def main(argv=None):
         ("kernels", bench_kernels),
         ("chunked", bench_chunked),
         ("vgg_step", bench_vgg_step),
+        ("models", bench_models),
         ("filter", bench_filter),
         ("zarr", bench_zarr),
     ]:
