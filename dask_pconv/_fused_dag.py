@@ -35,7 +35,7 @@ from ._fused_common import BLOCK_LAYERS, StageGraph, layer_backward, layer_forwa
 from ._fused_tiles import named, sum_parts
 from .backend import array_namespace
 from .kernels import bn_backward, bn_backward_partial, bn_partial_stats
-from .models.layers import Add, AvgPool2d, BatchNorm, Concat
+from .models.layers import Add, AvgPool2d, BatchNorm, Concat, MaxPool2d
 from .models.program import INPUT
 
 __all__ = ["DagPlan", "DagStepGraph", "dag_unfit"]
@@ -130,6 +130,8 @@ def dag_unfit(program):
             return f"node {node.name!r} is a {type(node.layer).__name__}"
         if isinstance(node.layer, AvgPool2d) and node.layer.ceil_mode:
             return f"node {node.name!r} pools in ceil mode"
+        if isinstance(node.layer, MaxPool2d) and not node.layer.plain():
+            return f"node {node.name!r} pools with padding, dilation or ceil mode"
         if isinstance(node.layer, Concat) and (node.layer.axis == 0 or node.layer.axis < -1):
             # a chunk holds some of the images: it cannot concatenate along the batch
             return f"node {node.name!r} concatenates along axis {node.layer.axis}, not 1 or later"

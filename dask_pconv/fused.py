@@ -57,7 +57,7 @@ from ._fused_tiles import named as _named
 from ._fused_tiles import segments as _segments
 from ._fused_tiles import sum_parts as _sum_parts
 from .kernels import bn_backward, bn_backward_partial, bn_partial_stats
-from .models.layers import BatchNorm, Conv2d, Linear
+from .models.layers import BatchNorm, Conv2d, Linear, MaxPool2d
 from .optim import MomentumSGD
 
 __all__ = ["fusable", "fused_training_step"]
@@ -97,6 +97,8 @@ def _chain_unfit(nodes, x):
             return f"node {node.name!r} is a {type(node.layer).__name__}"
         if isinstance(node.layer, Conv2d) and node.layer.stride != 1:
             return f"node {node.name!r} has stride {node.layer.stride}"
+        if isinstance(node.layer, MaxPool2d) and not node.layer.plain():
+            return f"node {node.name!r} pools with padding, dilation or ceil mode"
         if isinstance(node.layer, Conv2d) and not _plain_conv(node.layer):
             return f"node {node.name!r} is dilated, grouped, or has a padding or kernel_size not one int"
         previous = node.name

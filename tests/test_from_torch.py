@@ -477,6 +477,38 @@ def test_convolution_attributes_convert_exactly(conv, options):
         assert_close(grads[name], want_grads[name], np.float64)
 
 
+def test_max_pooling_with_padding_dilation_and_ceil_mode_converts_exactly():
+    """-inf padding, dilated windows and a last window started in ceil mode, in every split of
+    the batch (the fused stages do not pool so: the step is the fine-grained graph)."""
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.MaxPool2d(3, 2, padding=1, dilation=2, ceil_mode=True),
+    ).double()
+    layer = dp.from_torch(module).program.nodes[-1].layer
+    assert (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode) == (
+        3,
+        2,
+        1,
+        2,
+        True,
+    )
+    x = np.random.default_rng(3).standard_normal((4, 3, 10, 9))
+    out = torch_predict(module, x)
+    t = np.random.default_rng(4).integers(0, 4, (4, *out.shape[2:]))
+    want_loss, want_grads, _ = torch_train_step(module, x, t)
+    model = dp.from_torch(module)
+    for pieces in (dict(batch=2), dict(spatial=(2, 3)), dict(batch=2, spatial=(3, 2))):
+        xd = dp.split(x, **pieces)
+        y, (loss, grads) = dask.compute(model.predict(xd), model.forward_backward(xd, t, dropout=False))
+        assert_close(y, out, np.float64)
+        assert_close(loss, np.array(want_loss), np.float64)
+        for name in want_grads:
+            assert_close(grads[name], want_grads[name], np.float64)
+    batch = dp.split(x, batch=2)
+    assert "pools with padding" in fusable(model, MomentumSGD(), model.dask_params(), batch)
+
+
 def test_cat_dims_and_a_lone_tensor():
     """torch.cat along a spatial axis (negative dims resolved with input_shape), of one tensor
     (an identity)."""
@@ -567,7 +599,8 @@ class Gelu(nn.Module):
             r"node '_1' \(torch.nn.modules.activation.Sigmoid '1'",
         ),
         (Gelu(), r"node 'gelu' \(function torch._C._nn.gelu at .*test_from_torch.py:\d+ \(\"return F.gelu"),
-        (nn.Sequential(nn.MaxPool2d(3, dilation=2)), r"'_0' .*dilation=2 is not supported"),
+        (nn.Sequential(nn.MaxPool2d(3, dilation=(2, 1))), r"'_0' .*dilation=\(2, 1\) is not supported"),
+        (nn.Sequential(nn.MaxPool2d(2, return_indices=True)), "return_indices=True"),
         (nn.Sequential(nn.MaxPool2d((3, 1))), r"kernel_size=\(3, 1\) is not supported"),
         (
             nn.Sequential(nn.Conv2d(3, 4, 3, padding_mode="reflect")),
@@ -583,8 +616,6 @@ class Gelu(nn.Module):
         (nn.Sequential(nn.BatchNorm2d(3, momentum=None)), "momentum=None"),
         (nn.Sequential(nn.BatchNorm2d(3, affine=False)), "affine=False"),
         (nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), "track_running_stats=False"),
-        (nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)), "ceil_mode=True"),
-        (nn.Sequential(nn.MaxPool2d(3, padding=1)), "padding=1"),
         (nn.Sequential(nn.Flatten(2)), "start_dim=2"),
     ],
 )

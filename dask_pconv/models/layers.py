@@ -242,14 +242,23 @@ class ReLU(Layer):
 
 @dataclass(frozen=True)
 class MaxPool2d(Layer):
-    """``torch.nn.MaxPool2d(kernel_size, stride)`` (stride defaults to the kernel size)."""
+    """``torch.nn.MaxPool2d(kernel_size, stride, padding, dilation, ceil_mode)`` (stride
+    defaults to the kernel size; -inf padding; :func:`dask_pconv.max_pool2d`)."""
 
     kernel_size: int = 2
     stride: int | None = None
+    padding: int = 0
+    dilation: int = 1
+    ceil_mode: bool = False
+
+    def plain(self):
+        """No padding, dilation or ceil mode (what the fused stages pool)."""
+        return self.padding == 0 and self.dilation == 1 and not self.ceil_mode
 
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
-        return ad.max_pool2d(x, self.kernel_size, self.stride or self.kernel_size), {}
+        s = self.stride or self.kernel_size
+        return ad.max_pool2d(x, self.kernel_size, s, self.padding, self.dilation, self.ceil_mode), {}
 
 
 @dataclass(frozen=True)

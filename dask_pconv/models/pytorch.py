@@ -158,14 +158,11 @@ def _batch_norm(m):
 
 def _max_pool(kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     """``MaxPool2d`` from ``nn.MaxPool2d``'s or ``F.max_pool2d``'s arguments: our layer takes
-    one kernel size and stride and no padding, dilation or ceil mode."""
+    one kernel size, stride, padding and dilation for both axes, and no indices."""
     k = _square("kernel_size", kernel_size)
     stride = _square("stride", k if stride is None or stride == () else stride)
-    _need(_pair(padding) == (0, 0), f"padding={padding}", "padding 0")
-    _need(_pair(dilation) == (1, 1), f"dilation={dilation}", "dilation 1")
-    _need(not ceil_mode, "ceil_mode=True", "ceil_mode=False")
     _need(not return_indices, "return_indices=True", "return_indices=False")
-    return MaxPool2d(k, stride)
+    return MaxPool2d(k, stride, _square("padding", padding), _square("dilation", dilation), bool(ceil_mode))
 
 
 def _max_pool2d(m):
