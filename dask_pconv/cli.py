@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
+import pathlib
 import shlex
 import sys
 import time
@@ -30,6 +33,18 @@ RECIPES = {
     "digits": {"lr": 0.02, "dropout": False},
     "synthetic": {"lr": 0.02, "dropout": False},
 }
+
+
+def _model_spec(text):
+    """``--model``: a shipped network's name or ``torch:MODULE:CALLABLE``."""
+    if text in MODELS:
+        return text
+    parts = text.split(":")
+    if parts[0] == "torch" and len(parts) == 3 and all(parts[1:]):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r}: choose {', '.join(MODELS)} or torch:MODULE:CALLABLE"
+    )
 
 
 def _positive_int(text):
@@ -104,9 +119,11 @@ def _network_and_data_options(tr):
     """The network and the images it trains on."""
     tr.add_argument(
         "--model",
-        choices=list(MODELS),
+        type=_model_spec,
         default="vgg16",
-        help="the network: vgg16 (Chainer's CIFAR VGG16-BN) or resnet18 (the CIFAR ResNet-18)",
+        help="the network: vgg16 (Chainer's CIFAR VGG16-BN), resnet18 (the CIFAR ResNet-18), or "
+        "torch:MODULE:CALLABLE, a PyTorch module made by CALLABLE() from MODULE (an importable "
+        "name or a .py file) and converted with dask_pconv.from_torch (needs PyTorch)",
     )
     tr.add_argument(
         "--width", type=_positive_float, default=0.25, help="channel width multiplier of either network"
@@ -238,7 +255,7 @@ class SetupError(Exception):
 def _setup(what):
     try:
         yield
-    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
+    except (ValueError, TypeError, KeyError, OSError, ImportError, NotImplementedError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise SetupError(f"{what}: {msg}") from e
 
@@ -322,6 +339,8 @@ def _model(args, train_set):
     """The ``--model`` network for ``train_set``'s images and classes."""
     from . import models
 
+    if args.model not in MODELS:
+        return _torch_model(args, train_set)
     network = getattr(models, MODELS[args.model][0])
     return network(
         n_classes=train_set.n_classes,
@@ -330,6 +349,42 @@ def _model(args, train_set):
         seed=args.seed,
         dtype=args.dtype,
     )
+
+
+def _torch_model(args, train_set):
+    """``torch:MODULE:CALLABLE``: ``CALLABLE()`` from ``MODULE``, converted for the dataset's
+    images; its output must be one logit per class."""
+    import dask.array as da
+
+    from .models import from_torch
+
+    _, where, name = args.model.split(":")
+    with _setup(f"loading the PyTorch model {name} from {where}"):
+        if where.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(pathlib.Path(where).stem, where)
+            if spec is None or not pathlib.Path(where).is_file():
+                raise FileNotFoundError(f"no Python file {where!r}")
+            source = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(source)
+        else:
+            source = importlib.import_module(where)
+        factory = getattr(source, name, None)
+        if not callable(factory):
+            raise ValueError(f"{where} has no callable {name!r}")
+        model = from_torch(factory(), input_shape=train_set.x.shape[1:], dtype=args.dtype, seed=args.seed)
+        out = model.predict(da.zeros((1, *train_set.x.shape[1:]), dtype=model.dtype)).shape
+        if out != (1, train_set.n_classes):
+            raise ValueError(
+                f"{name}() gives outputs of shape {out[1:]} for one image; {args.dataset} has "
+                f"{train_set.n_classes} classes, so it must give ({train_set.n_classes},)"
+            )
+    return model
+
+
+def _model_name(args):
+    if args.model in MODELS:
+        return f"{MODELS[args.model][1]} width {args.width}"
+    return f"{args.model.split(':')[2]} (PyTorch, {args.model.split(':')[1]})"
 
 
 def _connect(args):
@@ -383,7 +438,7 @@ def _summary(args, model, train_set, val_set, client):
     """The line that opens a run: network, data, split, recipe, workers and dashboard."""
     dashboard = client.dashboard_link if args.scheduler or args.dashboard else "off"
     return (
-        f"{MODELS[args.model][1]} width {args.width}: {model.n_params:,} parameters; {args.dataset}: "
+        f"{_model_name(args)}: {model.n_params:,} parameters; {args.dataset}: "
         f"{len(train_set)} train / {len(val_set)} validation; split {format_split(args.split)}; "
         f"lr {_recipe_value(args, 'lr')}, dropout {'on' if _recipe_value(args, 'dropout') else 'off'}; "
         f"{len(client.scheduler_info()['workers'])} workers; dashboard {dashboard}"

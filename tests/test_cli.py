@@ -379,3 +379,61 @@ def test_the_unet_example_is_exact_where_naive_tiles_are_not(tmp_path, capsys):
     naive = float(out.split("max |naive - whole module|:")[1].split()[0])
     assert ours < 1e-4 < 1e-2 < naive, out
     assert (tmp_path / "u.png").stat().st_size > 10_000
+
+
+NET_PY = """
+from torch import nn
+
+
+def net():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10),
+    )
+
+
+def wide():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))
+
+
+def gelu():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU())
+"""
+
+
+@pytest.mark.cluster
+def test_a_pytorch_module_trains_from_the_command_line(tmp_path):
+    """``--model torch:FILE:CALLABLE``: the module converted for the dataset's images, trained
+    for an epoch; a module whose logits do not fit the classes, or that does not convert, is a
+    setup error naming it."""
+    optional.need_torch()
+    (tmp_path / "nets.py").write_text(NET_PY)
+    common = ("--dataset", "synthetic", "--batch-size", "256", "--epochs", "1", "--no-progress")
+    with local_cluster(n_workers=1, processes=False) as cluster:
+        rc, out, err = _run(
+            "train",
+            "--model",
+            f"torch:{tmp_path / 'nets.py'}:net",
+            *common,
+            *("--scheduler", cluster.scheduler_address, "--out", str(tmp_path / "run")),
+        )
+        assert rc == 0, err
+        assert out.splitlines()[0].startswith(f"net (PyTorch, {tmp_path / 'nets.py'}): ")
+        log = json.loads((tmp_path / "run" / "log.json").read_text())
+        assert [e["epoch"] for e in log] == [1]
+        for name, message in (
+            ("wide", "wide() gives outputs of shape (7,) for one image; synthetic has 10 classes"),
+            ("gelu", "GELU"),
+            ("nothing", "has no callable 'nothing'"),
+        ):
+            rc, out, err = _run(
+                "train",
+                "--model",
+                f"torch:{tmp_path / 'nets.py'}:{name}",
+                *common,
+                *("--scheduler", cluster.scheduler_address, "--out", str(tmp_path / name)),
+            )
+            assert rc != 0 and message in err, err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--model", "torch:nets"])
