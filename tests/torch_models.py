@@ -3,12 +3,17 @@
 
 import numpy as np
 
-from dask_pconv.models.torch_reference import torch_modules, torch_name
+from dask_pconv.models.pytorch import torch_name
 
 __all__ = ["load_into", "modules", "torch_loss_and_grads", "torch_name"]
 
-#: ``(ResNet18, UNet)`` module classes
-modules = torch_modules
+
+def modules():
+    """``(ResNet18, UNet)`` module classes (PyTorch is imported here, not when the tests are
+    collected)."""
+    from dask_pconv.models.torch_reference import torch_modules
+
+    return torch_modules()
 
 
 def load_into(module, model):

@@ -52,7 +52,7 @@ from .layers import (
 from .model import Model
 from .program import INPUT, Node, Program
 
-__all__ = ["FUNCTIONS", "METHODS", "MODULES", "from_torch", "to_torch_state_dict"]
+__all__ = ["FUNCTIONS", "METHODS", "MODULES", "from_torch", "to_torch_state_dict", "torch_name"]
 
 #: Our layers' local array names -> the PyTorch module attribute each is copied from.
 TORCH_ARRAYS = {
@@ -63,6 +63,15 @@ TORCH_ARRAYS = {
     "avg_mean": "running_mean",
     "avg_var": "running_var",
 }
+
+
+def torch_name(name):
+    """A program's array name as PyTorch's module attribute path: ``layer1.0.conv1.W`` ->
+    ``layer1.0.conv1.weight``, ``bn1.gamma`` -> ``bn1.weight``, ``bn1.avg_var`` ->
+    ``bn1.running_var`` (:data:`TORCH_ARRAYS`).  The names of the shipped networks' programs
+    map so onto their PyTorch definitions (:mod:`dask_pconv.models.torch_reference`)."""
+    node, local = name.rsplit(".", 1)
+    return f"{node}.{TORCH_ARRAYS.get(local, local)}"
 
 
 class _Unsupported(Exception):

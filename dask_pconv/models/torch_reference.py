@@ -9,16 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .pytorch import torch_name
+
 __all__ = ["BasicBlock", "DoubleConv", "ResNet18", "UNet", "torch_modules", "torch_name"]
-
-
-def torch_name(name):
-    """``layer1.0.conv1.W`` -> ``layer1.0.conv1.weight``, ``bn1.gamma`` -> ``bn1.weight``,
-    ``bn1.avg_var`` -> ``bn1.running_var``, ...: a program's array name as PyTorch's."""
-    node, local = name.rsplit(".", 1)
-    local = {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}.get(local, local)
-    local = {"avg_mean": "running_mean", "avg_var": "running_var"}.get(local, local)
-    return f"{node}.{local}"
 
 
 class BasicBlock(nn.Module):
