@@ -116,13 +116,7 @@ def torch_resnet_step(model, x, t, steps):
         opt.step()
         return loss.item()
 
-    step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return interleaved({"torch": step}, repeat=steps)["torch"]  # the median after a warm-up step
 
 
 def run_resnet(cases, steps, torch_ok):

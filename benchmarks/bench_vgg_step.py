@@ -34,7 +34,7 @@ from dask_pconv.models import VGG16
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
 
-from _common import kernel_share, non_conv_share, step_graphs, table, write_json
+from _common import interleaved, kernel_share, non_conv_share, step_graphs, table, write_json
 
 CASES = [
     ("batch 64, 32x32, batch:2", 64, 32, {"batch": 2}),
@@ -119,13 +119,7 @@ def torch_step_time(model, x, t, steps, device="cpu"):
                 v.add_(vel[k])
         return loss.item()
 
-    step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return interleaved({"torch": step}, repeat=steps)["torch"]  # the median after a warm-up step
 
 
 def _profiled_share(width, size, x, t, split):
