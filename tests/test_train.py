@@ -144,7 +144,7 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
         (["--epochs", "0"], "positive integer"),
         (["--width", "-1"], "positive number"),
         (["--dataset", "mnist"], "invalid choice"),
-        (["--model", "resnet"], "invalid choice"),
+        (["--model", "resnet"], "unknown model 'resnet': choose vgg16, resnet18 or torch:MODULE:CALLABLE"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):
