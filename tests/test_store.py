@@ -186,6 +186,38 @@ def test_predict_to_zarr_equals_predict_on_the_whole_image(tmp_path):
     assert_close(z[...], expected, np.float32)
 
 
+def test_predict_to_zarr_runs_a_converted_pytorch_module(tmp_path):
+    """A PyTorch U-Net-like module through ``from_torch``, zarr to zarr on tiles, equals the
+    module on the whole image."""
+    torch = optional.need_torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+            self.down = nn.MaxPool2d(2)
+            self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            e = self.enc(x)
+            return self.head(torch.cat([self.up(self.down(e)), e], dim=1))
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    with torch.no_grad():
+        module.enc[1].running_mean.uniform_(-0.5, 0.5)
+        module.enc[1].running_var.uniform_(0.5, 1.5)
+    x = np.random.default_rng(4).standard_normal((1, 1, 48, 40)).astype("f4")
+    zarr.create_array(str(tmp_path / "x.zarr"), data=x, chunks=(1, 1, 16, 16))
+    z = dp.predict_to_zarr(dp.from_torch(module), tmp_path / "x.zarr", tmp_path / "y.zarr", tile=(16, 8))
+    with torch.no_grad():
+        want = module(torch.tensor(x)).numpy()
+    assert z.shape == want.shape == (1, 2, 48, 40)
+    assert_close(z[...], want, np.float32)
+
+
 def test_predict_to_zarr_refuses_a_model_whose_output_is_not_an_image(tmp_path):
     dp.to_zarr(da.zeros((1, 3, 32, 32), chunks=(1, 3, 16, 16), dtype="f4"), tmp_path / "x.zarr")
     with pytest.raises(ValueError, match="for a classifier's logits use dp.to_zarr"):
