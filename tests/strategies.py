@@ -99,3 +99,26 @@ def assert_blocks_have_dtype(*arrays):
         blocks = dask.compute(*a.to_delayed().ravel())
         got = {np.asarray(b).dtype for b in blocks}
         assert got == {a.dtype}, f"reported {a.dtype}, computed {sorted(map(str, got))}"
+
+
+def assert_trains_like_unsplit(model, x, t, pieces, channel_split, reference=None):
+    """``model.forward_backward`` on ``x`` split by ``dp.split(x, **pieces)``, its parameters
+    split ``channel_split`` ways (float64, dropout off): the loss and every gradient equal
+    the unsplit run's, and ``reference(model, x, t)``'s ``(loss, grads)`` (PyTorch's) if given."""
+    import dask
+
+    import dask_pconv as dp
+
+    ref_loss, ref_grads = dask.compute(*model.forward_backward(x, t, dropout=False))
+    loss, grads = dask.compute(
+        *model.forward_backward(dp.split(x, **pieces), t, dropout=False, channel_split=channel_split)
+    )
+    assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
+    assert grads.keys() == model.params.keys()
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], np.float64)
+    if reference is not None:
+        want_loss, want_grads = reference(model, x, t)
+        assert abs(loss - want_loss) <= 1e-10 * abs(want_loss)
+        for k in grads:
+            assert_close(grads[k], want_grads[k], np.float64)

@@ -2,7 +2,8 @@
 in programs: a chain and an encoder-decoder DAG with a concatenation, trained through
 ``Model.forward_backward`` against the unsplit run in every split and against PyTorch."""
 
-import dask
+import functools
+
 import numpy as np
 import optional
 import pytest
@@ -26,7 +27,7 @@ from dask_pconv.models import (
     sequential,
 )
 
-from strategies import assert_close
+from strategies import assert_trains_like_unsplit
 
 RNG = np.random.default_rng(7)
 X = RNG.standard_normal((6, 3, 8, 8))
@@ -105,20 +106,8 @@ def test_a_cnn_program_trains_like_pytorch_in_every_split(split, unet):
     """Loss and every gradient (float64) equal the unsplit run's in every split, and
     PyTorch's where installed."""
     model = Model(unet_program() if unet else chain_program(), seed=2, dtype=np.float64)
-    ref = dask.compute(*model.forward_backward(X, T, dropout=False))
-    spec, cs = SPLITS[split]
-    loss, grads = dask.compute(
-        *model.forward_backward(dp.split(X, **spec), T, dropout=False, channel_split=cs)
-    )
-    assert abs(loss - ref[0]) <= 1e-12 * abs(ref[0])
-    assert grads.keys() == model.params.keys()
-    for k in grads:
-        assert_close(grads[k], ref[1][k], np.float64)
-    if optional.HAVE_TORCH:
-        lt, gt = _torch_reference(model, X, T, unet)
-        assert abs(loss - lt) <= 1e-10 * abs(lt)
-        for k in grads:
-            assert_close(grads[k], gt[k], np.float64)
+    reference = functools.partial(_torch_reference, unet=unet) if optional.HAVE_TORCH else None
+    assert_trains_like_unsplit(model, X, T, *SPLITS[split], reference)
 
 
 def test_predict_and_features_run_the_new_layers_without_the_tape():

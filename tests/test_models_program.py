@@ -3,6 +3,8 @@ its parameter names and initial values, the interpreter in training and evaluati
 residual (DAG) program, and the channel-split chunking, against PyTorch where installed and
 against the unsplit run in every split."""
 
+import functools
+
 import dask
 import dask.array as da
 import numpy as np
@@ -29,7 +31,7 @@ from dask_pconv.models import (
     sequential,
 )
 
-from strategies import assert_close
+from strategies import assert_close, assert_trains_like_unsplit
 
 RNG = np.random.default_rng(5)
 X = RNG.standard_normal((6, 3, 8, 8))
@@ -135,20 +137,8 @@ def test_a_program_trains_like_pytorch_in_every_split(split, residual):
     """Loss and every gradient (float64, dropout off) equal the unsplit run's in every split,
     and PyTorch's where installed."""
     model = Model(residual_program() if residual else small_program(), seed=1, dtype=np.float64)
-    ref = dask.compute(*model.forward_backward(X, T, dropout=False))
-    spec, cs = SPLITS[split]
-    loss, grads = dask.compute(
-        *model.forward_backward(dp.split(X, **spec), T, dropout=False, channel_split=cs)
-    )
-    assert abs(loss - ref[0]) <= 1e-12 * abs(ref[0])
-    assert grads.keys() == model.params.keys()
-    for k in grads:
-        assert_close(grads[k], ref[1][k], np.float64)
-    if optional.HAVE_TORCH:
-        lt, gt = _torch_reference(model, X, T, residual)
-        assert abs(loss - lt) <= 1e-10 * abs(lt)
-        for k in grads:
-            assert_close(grads[k], gt[k], np.float64)
+    reference = functools.partial(_torch_reference, residual=residual) if optional.HAVE_TORCH else None
+    assert_trains_like_unsplit(model, X, T, *SPLITS[split], reference)
 
 
 def segmentation_program():
@@ -166,26 +156,21 @@ def test_per_pixel_logits_train_with_per_pixel_labels_in_every_split(split):
     ``F.cross_entropy``, and the gradients equal the unsplit run's (and PyTorch's)."""
     t = np.random.default_rng(9).integers(0, 5, (6, 8, 8))
     model = Model(segmentation_program(), seed=1, dtype=np.float64)
-    ref = dask.compute(*model.forward_backward(X, t, dropout=False))
-    spec, cs = SPLITS[split]
-    loss, grads = dask.compute(
-        *model.forward_backward(dp.split(X, **spec), t, dropout=False, channel_split=cs)
+    assert_trains_like_unsplit(
+        model, X, t, *SPLITS[split], _torch_segmentation if optional.HAVE_TORCH else None
     )
-    assert abs(loss - ref[0]) <= 1e-12 * abs(ref[0])
-    for k in grads:
-        assert_close(grads[k], ref[1][k], np.float64)
-    if optional.HAVE_TORCH:
-        import torch
-        import torch.nn.functional as F
 
-        p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
-        h = F.conv2d(torch.tensor(X), p["conv.W"], padding=1)
-        h = F.relu(F.batch_norm(h, None, None, p["bn.gamma"], p["bn.beta"], True, eps=2e-5))
-        lt = F.cross_entropy(F.conv2d(h, p["head.W"], p["head.b"]), torch.tensor(t))
-        lt.backward()
-        assert abs(loss - lt.item()) <= 1e-10 * abs(lt.item())
-        for k in grads:
-            assert_close(grads[k], p[k].grad.numpy(), np.float64)
+
+def _torch_segmentation(model, x, t):
+    import torch
+    import torch.nn.functional as F
+
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    h = F.conv2d(torch.tensor(x), p["conv.W"], padding=1)
+    h = F.relu(F.batch_norm(h, None, None, p["bn.gamma"], p["bn.beta"], True, eps=2e-5))
+    loss = F.cross_entropy(F.conv2d(h, p["head.W"], p["head.b"]), torch.tensor(t))
+    loss.backward()
+    return loss.item(), {k: v.grad.numpy() for k, v in p.items()}
 
 
 def test_training_mode_updates_every_running_statistic_and_evaluation_none():
