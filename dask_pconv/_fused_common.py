@@ -259,7 +259,7 @@ def layer_forward(i, layer, h, p, ctx, saved, stats_parts=None):
         return h
     saved.append(h)  # Linear
     y = linear_forward(h, p["W"])
-    return y + p["b"] if getattr(layer, "bias", False) else y
+    return y + p["b"] if layer.bias else y
 
 
 def layer_backward(i, layer, g, p, ctx, saved, grads):
@@ -299,7 +299,7 @@ def layer_backward(i, layer, g, p, ctx, saved, grads):
         return g
     h = saved.pop()  # Linear
     grads["W"] = linear_grad_w(g, h)
-    if getattr(layer, "bias", False):
+    if layer.bias:
         grads["b"] = g.sum(axis=0)
     return linear_grad_x(g, p["W"])
 

@@ -60,6 +60,7 @@ class DagPlan:
 
     def __init__(self, nodes):
         self.nodes = nodes
+        self.position = {INPUT: -1, **{n.name: i for i, n in enumerate(nodes)}}
         stage = {INPUT: 0}
         for node in nodes:
             s = max(stage[i] for i in node.inputs)
@@ -86,7 +87,7 @@ class DagPlan:
             )
 
     def order(self, name):
-        return -1 if name == INPUT else [n.name for n in self.nodes].index(name)
+        return self.position[name]
 
     def unreached(self):
         """Nodes whose output does not reach the program's output (no gradient flows there)."""
