@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = [
     "AxisPlan",
     "ChannelSegment",
+    "Reach",
     "block_output_hw",
     "block_window_hw",
     "channel_segments",
@@ -303,3 +305,63 @@ def channel_segments(o_range, c_range, out_channels, in_channels, groups):
         if oa < ob and ca < cb:
             segs.append(ChannelSegment(g, (oa - o0, ob - o0), (ca - c0, cb - c0), (ca - g * cg, cb - g * cg)))
     return tuple(segs)
+
+
+@dataclass(frozen=True)
+class Reach:
+    """How one spatial axis of a layer's output reads its input, for a tile that runs a whole
+    network on a window of the image (:mod:`dask_pconv.models.tiling`).
+
+    ``kind`` is ``"local"`` (output ``o`` reads input ``o``: pointwise layers, additions,
+    channel concatenations), ``"window"`` (a convolution or pooling: output ``o`` reads
+    ``[o*s - p_lo, o*s - p_lo + d*(k-1)]``; ``ceil_mode`` as in PyTorch's pools), ``"transposed"``
+    (a transposed convolution: input ``i`` adds into outputs ``i*s - p + d*j``, ``j < k``, and
+    ``extra`` is its ``output_padding``) or ``"upscale"`` (nearest upsampling by ``stride``: output
+    ``o`` reads input ``floor(o / s)``).
+    """
+
+    kind: str = "local"
+    kernel: int = 1
+    stride: int = 1
+    pad: tuple = (0, 0)
+    dilation: int = 1
+    ceil_mode: bool = False
+    extra: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("local", "window", "transposed", "upscale"):
+            raise ValueError(f"unknown reach kind {self.kind!r}")
+
+    @property
+    def scale(self):
+        """Output length per input length, as a fraction (``1/s`` for a window)."""
+        if self.kind == "window":
+            return Fraction(1, self.stride)
+        if self.kind in ("transposed", "upscale"):
+            return Fraction(self.stride)
+        return Fraction(1)
+
+    def length(self, n):
+        """The output length for an input of length ``n`` (may be <= 0: too short)."""
+        k, s, d = self.kernel, self.stride, self.dilation
+        if self.kind == "window":
+            pad = pool_pads(n, k, s, self.pad[0], d, True) if self.ceil_mode else self.pad
+            return output_length(n, k, s, pad, d)
+        if self.kind == "transposed":
+            return (n - 1) * s - 2 * self.pad[0] + d * (k - 1) + self.extra + 1
+        if self.kind == "upscale":
+            return n * s
+        return n
+
+    def needs(self, o0, o1):
+        """The input range ``[i0, i1)`` that outputs ``[o0, o1)`` read (not clipped to the
+        input: indices outside it are the layer's padding)."""
+        k, s, d = self.kernel, self.stride, self.dilation
+        if self.kind == "window":
+            return window(o0, o1, k, s, self.pad, d)
+        if self.kind == "transposed":
+            p = self.pad[0]
+            return -((d * (k - 1) - o0 - p) // s), (o1 - 1 + p) // s + 1
+        if self.kind == "upscale":
+            return o0 // s, (o1 - 1) // s + 1
+        return o0, o1

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import autodiff as ad
-from ..geometry import normalize_pair
+from ..geometry import Reach, normalize_pair, resolve_padding
 from ..ops.nn import batch_norm_running_update, batch_norm_stats
 from ..ops.upsample import _scale_pair
 
@@ -98,6 +98,29 @@ class Layer:
         position in its program (what makes dropout masks of two layers differ)."""
         raise NotImplementedError
 
+    def reach(self):
+        """What the layer reads across a tile's border in evaluation mode: ``(rh, rw)``, a
+        :class:`~dask_pconv.geometry.Reach` per spatial axis, or None when an output needs its
+        whole input (a global pooling, Flatten, Linear), so that no tile can run it alone."""
+        raise NotImplementedError(
+            f"layer {type(self).__name__} declares no reach (what it reads across tiles)"
+        )
+
+
+#: The reach of a layer whose output ``(y, x)`` reads its input's ``(y, x)`` only.
+LOCAL = (Reach(), Reach())
+
+
+def _window_reach(kernel, stride, padding, dilation, ceil_mode=False):
+    """Per-axis reaches of a convolution or pooling (``padding`` as :func:`resolve_padding`)."""
+    k, s, d = (
+        normalize_pair(kernel, "kernel_size"),
+        normalize_pair(stride, "stride"),
+        normalize_pair(dilation, "dilation"),
+    )
+    pads = resolve_padding(padding, k, s, d)
+    return tuple(Reach("window", k[a], s[a], pads[a], d[a], ceil_mode) for a in range(2))
+
 
 @dataclass(frozen=True)
 class Conv2d(Layer):
@@ -134,6 +157,9 @@ class Conv2d(Layer):
         (x,) = inputs
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
         return ad.conv2d(x, params["W"], params.get("b"), **kw), {}
+
+    def reach(self):
+        return _window_reach(self.kernel_size, self.stride, self.padding, self.dilation)
 
 
 @dataclass(frozen=True)
@@ -181,6 +207,12 @@ class ConvTranspose2d(Layer):
             dilation=self.dilation,
         )
         return ad.conv_transpose2d(x, params["W"], params.get("b"), **kw), {}
+
+    def reach(self):
+        k, s, d = (normalize_pair(getattr(self, n), n) for n in ("kernel_size", "stride", "dilation"))
+        p = normalize_pair(self.padding, "padding", minimum=0)
+        op = normalize_pair(self.output_padding, "output_padding", minimum=0)
+        return tuple(Reach("transposed", k[a], s[a], (p[a], p[a]), d[a], extra=op[a]) for a in range(2))
 
 
 def _check_conv_layer(layer):
@@ -230,6 +262,9 @@ class BatchNorm(Layer):
         y = ad.batch_norm(x, gamma, beta, eps=self.eps, relu=self.relu, stats=stats)
         return y, {"avg_mean": mean, "avg_var": var}
 
+    def reach(self):
+        return LOCAL  # evaluation mode: the running statistics, per pixel
+
 
 @dataclass(frozen=True)
 class ReLU(Layer):
@@ -238,6 +273,9 @@ class ReLU(Layer):
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
         return ad.relu(x), {}
+
+    def reach(self):
+        return LOCAL
 
 
 @dataclass(frozen=True)
@@ -260,6 +298,10 @@ class MaxPool2d(Layer):
         s = self.stride or self.kernel_size
         return ad.max_pool2d(x, self.kernel_size, s, self.padding, self.dilation, self.ceil_mode), {}
 
+    def reach(self):
+        s = self.stride or self.kernel_size
+        return _window_reach(self.kernel_size, s, self.padding, self.dilation, self.ceil_mode)
+
 
 @dataclass(frozen=True)
 class Dropout(Layer):
@@ -274,6 +316,9 @@ class Dropout(Layer):
             x = ad.dropout(x, self.ratio, mode.seed, mode.step, index)
         return x, {}
 
+    def reach(self):
+        return LOCAL  # evaluation mode: the identity
+
 
 @dataclass(frozen=True)
 class Flatten(Layer):
@@ -282,6 +327,9 @@ class Flatten(Layer):
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
         return ad.flatten(x), {}
+
+    def reach(self):
+        return None
 
 
 @dataclass(frozen=True)
@@ -314,6 +362,9 @@ class Linear(Layer):
             y = ad.add(y, params["b"])
         return y, {}
 
+    def reach(self):
+        return None
+
 
 @dataclass(frozen=True)
 class Add(Layer):
@@ -330,6 +381,9 @@ class Add(Layer):
         for a in inputs[1:]:
             out = ad.add(out, _rechunked_like(a, out))
         return out, {}
+
+    def reach(self):
+        return LOCAL
 
 
 def _rechunked_like(a, like):
@@ -367,6 +421,11 @@ class AvgPool2d(Layer):
         )
         return y, {}
 
+    def reach(self):
+        return _window_reach(
+            self.kernel_size, self.stride or self.kernel_size, self.padding, 1, self.ceil_mode
+        )
+
 
 @dataclass(frozen=True)
 class AdaptiveAvgPool2d(Layer):
@@ -386,6 +445,9 @@ class AdaptiveAvgPool2d(Layer):
         (x,) = inputs
         return ad.adaptive_avg_pool2d(x, self.output_size), {}
 
+    def reach(self):
+        return None
+
 
 @dataclass(frozen=True)
 class Upsample(Layer):
@@ -404,6 +466,9 @@ class Upsample(Layer):
         (x,) = inputs
         return ad.upsample_nearest(x, self.scale_factor), {}
 
+    def reach(self):
+        return tuple(Reach("upscale", stride=f) for f in _scale_pair(self.scale_factor))
+
 
 @dataclass(frozen=True)
 class LeakyReLU(Layer):
@@ -414,6 +479,9 @@ class LeakyReLU(Layer):
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
         return ad.leaky_relu(x, self.negative_slope), {}
+
+    def reach(self):
+        return LOCAL
 
 
 @dataclass(frozen=True)
@@ -445,6 +513,9 @@ class Concat(Layer):
             out.append(_rechunked_to(a, target))
         return ad.concatenate(out, axis=axis), {}
 
+    def reach(self):
+        return LOCAL if self.axis in (1, -3) else None  # channels: pixel by pixel
+
 
 @dataclass(frozen=True)
 class Identity(Layer):
@@ -453,6 +524,9 @@ class Identity(Layer):
     def apply(self, inputs, params, state, mode, index):
         (x,) = inputs
         return x, {}
+
+    def reach(self):
+        return LOCAL
 
 
 def _rechunked_to(a, chunks):

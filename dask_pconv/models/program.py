@@ -121,7 +121,7 @@ class Program:
         state = {k: spec.initial(rng, dtype) for k, spec in self.state_specs().items()}
         return params, state
 
-    def run(self, x, params, state, mode=None, until=None):
+    def run(self, x, params, state, mode=None, until=None, outputs=None):
         """Interpret the program on ``x``: ``(output, new_state)``.
 
         Parameters
@@ -135,6 +135,9 @@ class Program:
             (training, dropout on, seed 0, step 0).
         until : str, optional
             Stop after this node and return its output (feature extraction).
+        outputs : dict, optional
+            Filled with every node's output, by node name (the input as ``"input"``): what a
+            pass that needs the intermediate shapes reads.
 
         Returns
         -------
@@ -147,7 +150,8 @@ class Program:
         mode = RunMode() if mode is None else mode
         if until is not None:
             self.node(until)  # KeyError naming the nodes
-        values, new_state = {INPUT: x}, {}
+        values, new_state = {INPUT: x} if outputs is None else outputs, {}
+        values[INPUT] = x
         for index, node in enumerate(self.nodes):
             local_p = _local(params, node, node.layer.params())
             local_s = _local(state, node, node.layer.state())

@@ -135,10 +135,16 @@ class VGG16(Model):
             ``C_b`` the channels of block ``blocks``; ``H_b = floor(H / 2**blocks)`` (each pool
             floors) and likewise ``W_b``.
         """
-        if not (isinstance(blocks, int) and 1 <= blocks <= len(VGG16_CONFIG)):
-            raise ValueError(f"blocks must be an int from 1 to {len(VGG16_CONFIG)}, got {blocks!r}")
+        until = self.feature_node(blocks)
         if getattr(x, "ndim", None) == 4 and min(x.shape[2:]) < 2**blocks:
             raise ValueError(
                 f"x must be (N, {self.in_channels}, H, W) with H, W >= {2**blocks}, got shape {x.shape}"
             )
-        return super().features(x, until=f"pool{blocks}")
+        return super().features(x, until=until)
+
+    def feature_node(self, blocks=5):
+        """The node whose output is the feature stack of the first ``blocks`` blocks (1 to 5):
+        ``"pool<blocks>"``."""
+        if not (isinstance(blocks, int) and 1 <= blocks <= len(VGG16_CONFIG)):
+            raise ValueError(f"blocks must be an int from 1 to {len(VGG16_CONFIG)}, got {blocks!r}")
+        return f"pool{blocks}"
