@@ -311,7 +311,11 @@ def _check_not_in_place(src, component, dst, dst_component):
     (s_store, s_path), (d_store, d_path) = _location(src, component), _location(dst, dst_component)
     n = min(len(s_path), len(d_path))
     if s_store == d_store and s_path[:n] == d_path[:n]:
-        what = "is the input array" if s_path == d_path else ("holds the input" if n == len(d_path) else "lies inside the input")
+        what = (
+            "is the input array"
+            if s_path == d_path
+            else ("holds the input" if n == len(d_path) else "lies inside the input")
+        )
         where = "/" + "/".join(d_path) if d_store == "file://" else f"{d_store}, path {'/'.join(d_path)!r}"
         raise ValueError(
             f"dst {what} ({where}): writing it would erase the input (or change it); write to "
@@ -361,7 +365,7 @@ def _run_tiles(model, until, src, component, dst, dst_component, tile, overwrite
     tile = geo.normalize_pair(tile, "tile") if tile is not None else tuple(store_chunks[2:])
     plan = tiled.plan(model, shape, tile, until)
     n_chunks = da.core.normalize_chunks(store_chunks[0], (shape[0],))[0]
-    _check_fits(model, until, shape, store_chunks[0], plan, tile, z_in.dtype.itemsize)
+    _check_fits(model, until, shape, store_chunks[0], store_chunks[2:], plan, tile, z_in.dtype.itemsize)
     out_chunks = (store_chunks[0], y.shape[1]) + tuple(
         axis.outputs[0][1] - axis.outputs[0][0] for axis in plan[:2]
     )
@@ -409,10 +413,12 @@ def _output(dst, dst_component, shape, dtype, chunks, overwrite, resume, job, za
             if mark.get("complete"):
                 return None, ()
             return z, tiled.written_tiles(z)
-    return _create(dst, dst_component, shape, dtype, chunks, overwrite, job, dict(zarr_kwargs), True), frozenset()
+    return _create(
+        dst, dst_component, shape, dtype, chunks, overwrite, job, dict(zarr_kwargs), True
+    ), frozenset()
 
 
-def _check_fits(model, until, shape, n_chunk, plan, tile, src_itemsize):
+def _check_fits(model, until, shape, n_chunk, store_hw, plan, tile, src_itemsize):
     """Refuse, before anything runs, a tile whose working set does not fit the memory a worker
     of the active client has free for each of its threads (below the pause threshold)."""
     client = active_client()
@@ -422,16 +428,23 @@ def _check_fits(model, until, shape, n_chunk, plan, tile, src_itemsize):
     if room is None:
         return
     batch = max(da.core.normalize_chunks(n_chunk, (shape[0],))[0])
-    need = tiled.tile_working_set(model, shape[1], batch, plan.largest_window(), src_itemsize, until)
+    grid = tuple((c, -(-n // c)) for c, n in zip(store_hw, shape[2:]))
+    need = tiled.tile_working_set(model, shape[1], batch, plan.largest_window(), src_itemsize, until, grid)
     if need <= room:
         return
-    fits = tiled.fitting_tile(model, until, shape, batch, tile, src_itemsize, room)
+    fits = tiled.fitting_tile(model, until, shape, batch, tile, src_itemsize, room, grid)
     MiB = 2**20
-    hint = f"tile={fits} fits" if fits else "no tile fits: give the workers more memory or fewer threads"
+    if fits:
+        hint = f"tile={fits} fits"
+    else:
+        hint = (
+            f"no tile fits: the store's chunks {tuple(store_hw)} take too much to decode (rechunk "
+            "the input), or give the workers more memory or fewer threads"
+        )
     raise MemoryError(
         f"tile={tuple(tile)} needs about {need / MiB:.0f} MiB per task (its input window "
-        f"{plan.largest_window()} and every layer's output on it), more than the {room / MiB:.0f} MiB "
-        f"a worker has free per thread; {hint}"
+        f"{plan.largest_window()}, the store chunks it decodes and every layer's output on it), "
+        f"more than the {room / MiB:.0f} MiB a worker has free per thread; {hint}"
     )
 
 

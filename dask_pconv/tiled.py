@@ -18,9 +18,9 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
-from dask.utils import parse_bytes
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
+from dask.utils import parse_bytes
 
 from .kernels.conv import COL_BYTES
 from .models.layers import RunMode
@@ -90,11 +90,12 @@ def tile_graph(job, src, dst, plan, n_chunks, job_token, skip=frozenset()):
     return Delayed(final, HighLevelGraph.from_collections(final, dsk, dependencies=()))
 
 
-def tile_working_set(model, channels, batch, window_hw, src_itemsize, until=None):
-    """Bytes one tile task holds at its peak: the window read (in the source's dtype and in
-    the model's), every node output alive at once while the program runs on the window
-    (each node's output is freed after its last reader), plus per node a padded copy of its
-    inputs and the kernels' scratch (the im2col bands, ``2 * COL_BYTES``).
+def tile_working_set(model, channels, batch, window_hw, src_itemsize, until=None, store_chunks=None):
+    """Bytes one tile task holds at its peak: the window read (in the source's dtype, and
+    every store chunk it touches, which zarr decodes whole: ``store_chunks`` gives per axis
+    ``(chunk length, number of chunks)``), every node output alive at once while the program runs on the
+    window (each node's output is freed after its last reader), plus per node a padded copy
+    of its inputs and the kernels' scratch (the im2col bands, ``2 * COL_BYTES``).
 
     Shapes come from running the program lazily on a window-sized placeholder (nothing is
     computed)."""
@@ -116,6 +117,16 @@ def tile_working_set(model, channels, batch, window_hw, src_itemsize, until=None
         alive.add(node.name)
         alive -= {k for k in alive if last.get(k, len(nodes)) <= t and k != nodes[-1].name}
     read = batch * channels * int(np.prod(window_hw)) * src_itemsize
+    if store_chunks is not None:
+        # a window of w pixels touches at most (w - 1) // c + 2 chunks of c pixels
+        touched = [min(n, (w - 1) // c + 2) for w, (c, n) in zip(window_hw, store_chunks)]
+        read += (
+            int(np.prod(touched))
+            * batch
+            * channels
+            * int(np.prod([c for c, _ in store_chunks]))
+            * src_itemsize
+        )
     return read + peak
 
 
@@ -156,29 +167,38 @@ def written_tiles(z):
     )
 
 
+#: what a worker's memory grows by beyond the tiles' working sets: the libraries the first
+#: tile loads, the allocator's retained pages and distributed's bookkeeping of the tasks
+#: (measured: 25-35 MiB on a 2-worker LocalCluster with NumPy kernels, tests/test_store.py)
+WORKER_OVERHEAD = 32 * 2**20
+
+
 def worker_room(client):
     """The fewest bytes any worker of ``client`` has free per thread below the memory
-    threshold at which distributed pauses it (or, with pausing off, restarts it), or None
-    when no worker has a memory limit."""
+    threshold at which distributed pauses it (or, with pausing off, restarts it), less
+    :data:`WORKER_OVERHEAD`, or None when no worker has a memory limit."""
     fraction = next(
         (f for f in (dask.config.get(f"distributed.worker.memory.{k}") for k in ("pause", "terminate")) if f),
         1.0,
     )
     rooms = [
-        (fraction * w["memory_limit"] - w["metrics"]["memory"]) / w["nthreads"]
+        (fraction * w["memory_limit"] - w["metrics"]["memory"] - WORKER_OVERHEAD) / w["nthreads"]
         for w in client.scheduler_info(n_workers=-1)["workers"].values()
         if w.get("memory_limit")
     ]
     return min(rooms) if rooms else None
 
 
-def fitting_tile(model, until, image_shape, batch, tile, src_itemsize, room):
+def fitting_tile(model, until, image_shape, batch, tile, src_itemsize, room, store_chunks=None):
     """The largest tile, from halving the longer side of ``tile`` (on multiples of the
     network's alignment), whose working set fits ``room``; None if none does."""
     th, tw = tile
     while True:
         p = plan(model, image_shape, (th, tw), until)
-        if tile_working_set(model, image_shape[1], batch, p.largest_window(), src_itemsize, until) <= room:
+        need = tile_working_set(
+            model, image_shape[1], batch, p.largest_window(), src_itemsize, until, store_chunks
+        )
+        if need <= room:
             return (th, tw)
         fh, fw = p.align
         if th >= tw and th > fh:

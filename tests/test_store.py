@@ -373,10 +373,12 @@ def test_predict_to_zarr_within_memory(client, tmp_path):
     assert_close(z[:, :, 508:544, 258:294], inner[:, :, 8:44, 8:44], np.float32)
 
 
-def test_features_to_zarr_sends_the_weights_once_not_in_the_graph(tmp_path):
-    """On a distributed cluster the model's NumPy weights are scattered to the workers instead
-    of travelling in the graph (width 1/2: 15 MB, over distributed's large-graph warning, an
-    error here); the model itself is left unchanged and the features are the in-memory ones."""
+def test_features_to_zarr_sends_the_weights_once_not_per_tile(tmp_path):
+    """On a distributed cluster the model's weights travel in the graph once, as one key every
+    tile reads (recomputable after a lost worker, unlike scattered data), not once per tile:
+    at width 1/2 they are 15 MB, and distributed's large-graph warning (an error here) fires
+    only beyond its threshold plus the model's size, which four copies would pass.  The model
+    itself is left unchanged and the features are the in-memory ones."""
     from distributed import Client
 
     m = VGG16(width=0.5, seed=5)
@@ -414,3 +416,242 @@ def test_to_zarr_refuses_an_in_memory_store_under_distributed(processes):
         np.testing.assert_array_equal(zarr.open_array(kept, mode="r")[:], 7)
     with dask.config.set(scheduler="threads"):
         np.testing.assert_array_equal(dp.to_zarr(x, MemoryStore())[:], a)
+
+
+# -- nothing lost: the input, an interrupted or faulted run, the workers' memory ----------------
+
+
+def _store(path, shape=(1, 1, 16, 16), chunks=(1, 1, 8, 8), component=None):
+    """A float32 array of ones at ``path`` (inside a group when ``component`` is given)."""
+    if component is None:
+        z = zarr.create_array(str(path), shape=shape, dtype="f4", chunks=chunks)
+    else:
+        z = zarr.open_group(str(path), mode="w").create_array(
+            component, shape=shape, dtype="f4", chunks=chunks
+        )
+    z[...] = 1
+    return z
+
+
+W3 = np.ones((1, 1, 3, 3), "f4")
+
+
+def test_no_call_writes_over_its_input_however_it_is_named(tmp_path):
+    """Issue 18.1: an opened array of the destination's path, a group holding the input, an
+    array inside the input's path, a store object, a MemoryStore, and to_zarr of a graph that
+    reads the destination: each refused before anything is written, the input intact."""
+    from zarr.storage import LocalStore, MemoryStore
+
+    a = tmp_path / "a.zarr"
+    _store(a)
+    g = tmp_path / "g.zarr"
+    _store(g, component="img")
+    cases = [
+        lambda: dp.conv2d_to_zarr(zarr.open_array(str(a), mode="r"), a, W3, padding=1, overwrite=True),
+        lambda: dp.conv2d_to_zarr(a, LocalStore(str(a)), W3, padding=1, overwrite=True),
+        lambda: dp.conv2d_to_zarr(a, str(a) + "/", W3, padding=1, overwrite=True),
+        lambda: dp.conv2d_to_zarr(a, a, W3, padding=1, dst_component="sub", overwrite=True),
+        lambda: dp.conv2d_to_zarr(g, g, W3, padding=1, component="img", overwrite=True),
+        lambda: dp.conv2d_to_zarr(zarr.open_group(str(g), mode="r")["img"], g, W3, padding=1, overwrite=True),
+        lambda: dp.predict_to_zarr(_segmenter(1), zarr.open_array(str(a), mode="r"), a, overwrite=True),
+        lambda: dp.to_zarr(dp.open_image(a) + 1, a, overwrite=True),
+        lambda: dp.to_zarr(dp.open_image(g, "img") * 2, g, overwrite=True),
+        lambda: dp.features_to_zarr(_vgg(1, 0), a, a, blocks=1, resume=True),
+    ]
+    for case in cases:
+        with pytest.raises(
+            ValueError, match="dst (is the input array|holds the input|lies inside the input)"
+        ):
+            case()
+    np.testing.assert_array_equal(zarr.open_array(str(a), mode="r")[...], 1)
+    np.testing.assert_array_equal(zarr.open_group(str(g), mode="r")["img"][...], 1)
+    # an in-memory store: the same store and component is refused, another component is fine
+    mem = MemoryStore()
+    zarr.create_array(mem, name="x", shape=(1, 1, 8, 8), dtype="f4", chunks=(1, 1, 4, 4))[...] = 1
+    with pytest.raises(ValueError, match="dst is the input array"):
+        dp.conv2d_to_zarr(mem, mem, W3, padding=1, component="x", dst_component="x", overwrite=True)
+    with dask.config.set(scheduler="synchronous"):
+        y = dp.conv2d_to_zarr(mem, mem, W3, padding=1, component="x", dst_component="y")
+    assert y[0, 0, 1, 1] == 9 and zarr.open_array(mem, path="x", mode="r")[0, 0, 0, 0] == 1
+
+
+def test_a_rerun_onto_an_existing_output_says_what_to_pass(tmp_path):
+    _store(tmp_path / "a.zarr")
+    dp.conv2d_to_zarr(tmp_path / "a.zarr", tmp_path / "b.zarr", W3, padding=1)
+    with pytest.raises(FileExistsError, match="overwrite=True .* or resume=True"):
+        dp.conv2d_to_zarr(tmp_path / "a.zarr", tmp_path / "b.zarr", W3, padding=1)
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace it$"):
+        dp.to_zarr(dp.open_image(tmp_path / "a.zarr"), tmp_path / "b.zarr")
+
+
+@pytest.mark.parametrize(
+    "dtype, ok", [("u1", True), ("u2", True), ("i2", True), ("i4", False), ("u8", False), ("?", False)]
+)
+def test_one_dtype_rule_for_every_tiled_call(tmp_path, dtype, ok):
+    """Issue 18.7: integer images are cast only where float32 holds them exactly, for
+    conv2d_to_zarr and predict_to_zarr alike; a float64 model takes 32-bit integers."""
+    x = np.arange(256).reshape(1, 1, 16, 16).astype(dtype)
+    zarr.create_array(str(tmp_path / "x.zarr"), data=x, chunks=(1, 1, 8, 8))
+    calls = [
+        lambda out: dp.conv2d_to_zarr(tmp_path / "x.zarr", out, W3, padding=1),
+        lambda out: dp.predict_to_zarr(_segmenter(1), tmp_path / "x.zarr", out),
+    ]
+    for i, call in enumerate(calls):
+        out = tmp_path / f"y{i}.zarr"
+        if ok:
+            z = call(out)
+            assert z.dtype == np.float32
+        else:
+            with pytest.raises(TypeError, match="does not convert exactly|must hold real numbers"):
+                call(out)
+            assert not out.exists()
+    if dtype == "i4":
+        z = dp.conv2d_to_zarr(tmp_path / "x.zarr", tmp_path / "y64.zarr", W3.astype("f8"), padding=1)
+        assert z.dtype == np.float64 and z[0, 0, 5, 5] == 9 * x[0, 0, 5, 5]
+
+
+def test_an_interrupted_run_is_marked_incomplete_and_resumes_without_recomputing(tmp_path, monkeypatch):
+    """Issue 18.2/3: a run that stops part way leaves its output marked incomplete; this
+    package's readers refuse it, a plain rerun says how to finish it, and ``resume=True``
+    computes only the tiles not yet written, giving the bits of an uninterrupted run."""
+    from dask_pconv import tiled
+
+    m = _segmenter(in_channels=2, seed=3)
+    x = np.random.default_rng(2).standard_normal((2, 2, 40, 56)).astype("f4")
+    zarr.create_array(str(tmp_path / "x.zarr"), data=x, chunks=(1, 2, 20, 28))
+    src, out = tmp_path / "x.zarr", tmp_path / "y.zarr"
+    with dask.config.set(scheduler="synchronous"):
+        want = dp.predict_to_zarr(m, src, tmp_path / "want.zarr", tile=(8, 16))[...]
+        assert zarr.open_array(str(tmp_path / "want.zarr")).attrs["dask_pconv"]["complete"] is True
+        calls, real = [], tiled._tile
+
+        def failing(*args):
+            calls.append(args)
+            if len(calls) == 7:
+                raise KeyboardInterrupt  # as a Ctrl-C would
+            return real(*args)
+
+        monkeypatch.setattr(tiled, "_tile", failing)
+        with pytest.raises(KeyboardInterrupt):
+            dp.predict_to_zarr(m, src, out, tile=(8, 16))
+        assert zarr.open_array(str(out)).attrs["dask_pconv"]["complete"] is False
+        with pytest.raises(ValueError, match="incomplete.*resume=True"):
+            dp.open_image(out)
+        with pytest.raises(FileExistsError, match="resume=True"):
+            dp.predict_to_zarr(m, src, out, tile=(8, 16))
+        with pytest.raises(ValueError, match="cannot resume"):
+            dp.predict_to_zarr(_segmenter(in_channels=2, seed=4), src, out, tile=(8, 16), resume=True)
+        with pytest.raises(ValueError, match="cannot resume"):
+            dp.predict_to_zarr(m, src, out, tile=(16, 16), resume=True)
+        calls.clear()
+        monkeypatch.setattr(tiled, "_tile", lambda *a: (calls.append(a), real(*a))[1])
+        z = dp.predict_to_zarr(m, src, out, tile=(8, 16), resume=True)
+        n_tiles = 2 * 6 * 4  # 2 images x 22/4 rows x 30/8 columns of the output (half size)
+        assert len(calls) == n_tiles - 6  # the six written before the interruption are kept
+        np.testing.assert_array_equal(z[...], want)
+        assert z.attrs["dask_pconv"]["complete"] is True
+        calls.clear()
+        dp.predict_to_zarr(m, src, out, tile=(8, 16), resume=True)  # finished: nothing to do
+        assert calls == []
+        np.testing.assert_array_equal(dp.open_image(out).compute(), want)
+
+
+@pytest.mark.cluster
+def test_predict_to_zarr_survives_a_lost_worker_bitwise(tmp_path):
+    """Issue 18.2: a worker SIGKILLed in the middle of predict_to_zarr: the call completes and
+    the output is bitwise the unfaulted run's (the model is in the graph, so the lost worker's
+    tiles are recomputed)."""
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+
+    m = _segmenter(in_channels=1, seed=6)
+    with dask.config.set(scheduler="threads"):
+        dp.to_zarr(_image((1024, 1024), (128, 1024)), tmp_path / "x.zarr")
+    with local_cluster() as cluster, Client(cluster) as client:
+        want = dp.predict_to_zarr(m, tmp_path / "x.zarr", tmp_path / "want.zarr", tile=(64, 64))[...]
+        out = tmp_path / "y.zarr"
+        result = {}
+        run = threading.Thread(
+            target=lambda: result.update(z=dp.predict_to_zarr(m, tmp_path / "x.zarr", out, tile=(64, 64)))
+        )
+        run.start()
+        deadline = time.monotonic() + 60
+        while not (out / "c").exists() or sum(len(f) for _, _, f in os.walk(out / "c")) < 20:
+            assert time.monotonic() < deadline and run.is_alive(), "the run ended before the kill"
+            time.sleep(0.005)
+        pids = client.run(os.getpid)
+        os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
+        run.join(120)
+        written = sum(len(f) for _, _, f in os.walk(out / "c"))
+    assert "z" in result, "predict_to_zarr did not complete"
+    assert written == result["z"].nchunks == 17 * 17  # (1024 / 2 + 2) / 32, rounded up
+    np.testing.assert_array_equal(result["z"][...], want)
+    assert result["z"].attrs["dask_pconv"]["complete"] is True
+
+
+@pytest.mark.cluster
+def test_unet_over_an_image_larger_than_all_workers_memory(tmp_path):
+    """Issue 18.3: a U-Net over a 1 GiB image, twice the two workers' 256 MiB together: no
+    worker restarted, each below the threshold where distributed would pause it, and each
+    worker's growth within one tile's working set plus the 96 MiB that a worker was measured
+    to grow by beyond it over a run (docs/tiled.rst)."""
+    from distributed import Client
+
+    from dask_pconv import tiled
+    from dask_pconv.models.unet import UNet
+
+    limit = 256 * MiB
+    H = W = 16384
+    assert H * W * 4 >= 2 * 2 * limit
+    with dask.config.set(scheduler="threads"):
+        dp.to_zarr(_image((H, W), (512, 512)), tmp_path / "x.zarr", compressors=None)
+    m = UNet(in_channels=1, n_classes=2, width=1, depth=1, seed=1)
+    tile = (1024, 1024)
+    with (
+        dask.config.set({**NO_SPILL, "pconv.conv-kernel": "numpy"}),
+        local_cluster(memory_limit=limit) as cluster,
+        Client(cluster) as client,
+        peak_memory(client) as mem,
+    ):
+        z = dp.predict_to_zarr(m, tmp_path / "x.zarr", tmp_path / "y.zarr", tile=tile, compressors=None)
+    assert mem["lost"] == [], f"workers restarted during the run: {mem['lost']}"
+    plan = tiled.plan(m, (1, 1, H, W), tile)
+    bound = 96 * MiB + tiled.tile_working_set(
+        m, 1, 1, plan.largest_window(), 4, store_chunks=((512, 32), (512, 32))
+    )
+    pause = dask.config.get("distributed.worker.memory.pause", 0.8) or 0.8
+    for addr, w in mem["workers"].items():
+        grew = (w["peak"] - w["start"]) / MiB
+        print(f"{addr}: peak {w['peak'] / MiB:.0f} MiB, grew {grew:.0f} MiB, bound {bound / MiB:.0f} MiB")
+        assert w["samples"] > 10 and w["peak"] - w["start"] <= bound
+        assert w["peak"] < pause * limit
+    assert z.shape == (1, 2, H, W) and z.attrs["dask_pconv"]["complete"] is True
+    x = zarr.open_array(str(tmp_path / "x.zarr"), mode="r")
+    with dask.config.set(scheduler="synchronous"):
+        corner = m.predict(x[:, :, :64, :64]).compute()
+        inner = m.predict(x[:, :, 8192 - 64 : 8192 + 64, 4096 - 64 : 4096 + 64]).compute()
+    assert_close(z[:, :, :32, :32], corner[:, :, :32, :32], np.float32)
+    assert_close(z[:, :, 8192 - 32 : 8192 + 32, 4096 - 32 : 4096 + 32], inner[:, :, 32:96, 32:96], np.float32)
+
+
+@pytest.mark.cluster
+def test_a_tile_too_big_for_the_workers_is_refused_before_the_run(client, tmp_path):
+    """Issue 18.4: a 2 GiB image in stripes of 1024 x 32768 on workers of 192 MiB: refused at
+    once, naming the tile, its estimate and the room, with a tile that fits; nothing written."""
+    zarr.create_array(
+        str(tmp_path / "x.zarr"), shape=(1, 1, 16384, 32768), dtype="f4", chunks=(1, 1, 1024, 32768)
+    )
+    with pytest.raises(
+        MemoryError,
+        match=r"tile=\(1024, 32768\) needs about \d+ MiB .* \d+ MiB a worker has free per thread; "
+        r"tile=\((\d+), (\d+)\) fits",
+    ) as e:
+        dp.conv2d_to_zarr(tmp_path / "x.zarr", tmp_path / "y.zarr", W3, padding=1)
+    assert not (tmp_path / "y.zarr").exists()
+    import re
+
+    fits = tuple(int(v) for v in re.search(r"tile=\((\d+), (\d+)\) fits", str(e.value)).groups())
+    assert fits[0] * fits[1] < 1024 * 32768
