@@ -221,9 +221,7 @@ def load_cifar10(data_dir):
         from ``cifar-10-python.tar.gz``), or a folder whose ``cifar-10-batches-py`` subfolder
         holds them.  Every ``data_batch_<k>`` present is loaded, in order of ``k``; at least
         one is required.  ``batches.meta`` is not needed.  Each file is a pickled dict with
-        ``b'data'``, uint8 of shape (n, 3072), and ``b'labels'``, n ints in [0, 10).  The
-        pickles are read by a restricted unpickler that builds only dicts, lists, bytes,
-        numbers and NumPy arrays, so a tampered file cannot run code.
+        ``b'data'``, uint8 of shape (n, 3072), and ``b'labels'``, n ints in [0, 10).
 
     Returns
     -------
@@ -241,7 +239,10 @@ def load_cifar10(data_dir):
 
     Notes
     -----
-    The files are read with :mod:`pickle`, which can run code: only load files you trust.
+    The pickles are read by a restricted unpickler, not by :func:`pickle.load`: it builds plain
+    data (dicts, lists, bytes, numbers) and NumPy arrays only, and a pickle that names any other
+    class or function (``os.system``, ...) is refused with a ``ValueError`` before that is
+    called, so a tampered file cannot run code.
     """
     root = _cifar_root(data_dir)
     numbered = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CIFAR_TRAIN_RE.fullmatch(p.name))]

@@ -128,6 +128,32 @@ def test_cifar10_malformed(tmp_path, content, match):
     assert "data_batch_2" in str(e.value)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (_record_call, ("ran",))
+
+
+_CALLS = []
+
+
+def _record_call(what):
+    _CALLS.append(what)
+    return what
+
+
+def test_cifar10_refuses_a_pickle_that_runs_code_as_its_docstring_says(tmp_path):
+    """The docstring says what the restricted unpickler does (it said that pickle "can run code",
+    which the loader does not let it): a pickle naming a function is refused before the call."""
+    _write_cifar(tmp_path)
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps({b"data": _RunsCode(), b"labels": [0]}))
+    with pytest.raises(ValueError, match=r"refusing to load .*_record_call") as e:
+        data.load_cifar10(tmp_path)
+    assert "data_batch_2" in str(e.value) and _CALLS == []
+    doc = " ".join(data.load_cifar10.__doc__.split())
+    assert "can run code" not in doc and "only load files you trust" not in doc
+    assert "restricted unpickler" in doc and "a tampered file cannot run code" in doc
+
+
 # --- digits and synthetic -------------------------------------------------------------------
 
 
