@@ -123,7 +123,8 @@ def _network_and_data_options(tr):
         default="vgg16",
         help="the network: vgg16 (Chainer's CIFAR VGG16-BN), resnet18 (the CIFAR ResNet-18), or "
         "torch:MODULE:CALLABLE, a PyTorch module made by CALLABLE() from MODULE (an importable "
-        "name or a .py file) and converted with dask_pconv.from_torch (needs PyTorch)",
+        "name or a .py file) and converted with dask_pconv.from_torch (needs PyTorch); this "
+        "imports MODULE and calls CALLABLE, so it runs their code: name only files you trust",
     )
     tr.add_argument(
         "--width", type=_positive_float, default=0.25, help="channel width multiplier of either network"
@@ -396,10 +397,15 @@ def _connect(args):
             args.scheduler,
             n_workers=args.workers if args.workers is not None or args.cuda else 2,
             threads_per_worker=args.threads_per_worker,
-            dashboard_address=args.dashboard or None,
+            dashboard_address=_dashboard(args),
             security=True if args.tls else None,
             cuda=args.cuda,
         )
+
+
+def _dashboard(args):
+    """``--dashboard``, None for '' (or only spaces): no dashboard."""
+    return args.dashboard.strip() or None
 
 
 def _trainer(args, model, train_set, val_set, optimizer, to_device, stream):
@@ -436,7 +442,7 @@ def _resume(trainer, out, stream):
 
 def _summary(args, model, train_set, val_set, client):
     """The line that opens a run: network, data, split, recipe, workers and dashboard."""
-    dashboard = client.dashboard_link if args.scheduler or args.dashboard else "off"
+    dashboard = client.dashboard_link if args.scheduler or _dashboard(args) else "off"
     return (
         f"{_model_name(args)}: {model.n_params:,} parameters; {args.dataset}: "
         f"{len(train_set)} train / {len(val_set)} validation; split {format_split(args.split)}; "

@@ -50,11 +50,13 @@ def _loopback_dashboard(address):
     """``address`` with 127.0.0.1 filled in where it names only a port (``":8799"``, ``":0"``,
     ``8799``): distributed binds such an address on every interface
     (https://github.com/dask/distributed/pull/3941), and a cluster started here listens on
-    loopback unless the user names the host."""
+    loopback unless the user names the host.  ``""`` or spaces mean no dashboard (None)."""
     if isinstance(address, int) and not isinstance(address, bool):
         return f"127.0.0.1:{address}"
     if isinstance(address, str):
         text = address.strip()
+        if not text:  # no dashboard, as the CLI's --dashboard '' (distributed: every interface, port 8787)
+            return None
         if text.startswith(":"):
             return f"127.0.0.1{text}"
         if text.isdigit():
@@ -82,7 +84,8 @@ def connect(
     cuda : bool
         Start dask-cuda's ``LocalCUDACluster`` (one worker per GPU) instead of a LocalCluster.
     n_workers, threads_per_worker, memory_limit, dashboard_address
-        For a new cluster.  ``dashboard_address=None`` turns the dashboard off; a port alone
+        For a new cluster.  ``dashboard_address=None`` turns the dashboard off, and so does
+        ``""`` (or only spaces), as ``dask-pconv train --dashboard ''`` does; a port alone
         (``":8799"``, ``":0"`` for a free one) listens on 127.0.0.1, and a named host
         (``"0.0.0.0:8799"``) is taken as given.  With
         ``cuda=True``, ``None`` workers or threads mean dask-cuda's defaults: one worker per
@@ -98,6 +101,10 @@ def connect(
         Closing the client also closes a cluster it started.  The worker processes of a
         cluster started here ignore SIGINT, so a Ctrl-C in the terminal (which reaches the
         whole process group) interrupts the client only, and training stops cleanly.
+
+    Every socket of a new cluster (the scheduler, its dashboard or, without one, its HTTP
+    server for ``/health`` and ``/metrics``, the nannies, the workers and their HTTP servers)
+    listens on 127.0.0.1 only, unless ``dashboard_address`` names another host.
     """
     if address is not None:
         return _connect_to_scheduler(address, security)
@@ -155,7 +162,7 @@ def _new_cluster_kwargs(n_workers, threads_per_worker, memory_limit, dashboard_a
     _check_tls_credentials(security)
     if security not in (None, False):
         kwargs["security"] = security
-    if dashboard_address is None:
+    if kwargs["dashboard_address"] is None:
         # no dashboard, but the scheduler still serves /health and /metrics over HTTP: on a free
         # loopback port (by default it tries port 8787 and warns when that is taken;
         # https://github.com/dask/distributed/issues/7207)

@@ -85,6 +85,7 @@ def test_train_help_gives_every_option_a_help_and_its_default_once(monkeypatch):
         assert text, f"{option} has no help"
         assert text.count("default") == 1, f"{option}: {text!r}"
     assert "(default: batch:2)" in entries["--split"]  # the spec, not the parsed dict
+    assert "runs their code: name only files you trust" in entries["--model"]
     assert "spatial:N means NxN" in entries["--split"]
     assert "out_channel:N (the weights' output channels)" in entries["--split"]
 
@@ -437,3 +438,11 @@ def test_a_pytorch_module_trains_from_the_command_line(tmp_path):
             assert rc != 0 and message in err, err
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--model", "torch:nets"])
+
+
+def test_the_docs_say_that_a_torch_model_file_is_run():
+    path = ROOT / "docs" / "torch.rst"
+    if not path.exists():
+        pytest.skip("no docs/ folder: not a source checkout")
+    text = " ".join(path.read_text().split())
+    assert "it executes that file's code" in text and "Run only files you trust." in text
