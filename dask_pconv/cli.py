@@ -361,18 +361,12 @@ def _torch_model(args, train_set):
 
     _, where, name = args.model.split(":")
     with _setup(f"loading the PyTorch model {name} from {where}"):
-        if where.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(pathlib.Path(where).stem, where)
-            if spec is None or not pathlib.Path(where).is_file():
-                raise FileNotFoundError(f"no Python file {where!r}")
-            source = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(source)
-        else:
-            source = importlib.import_module(where)
-        factory = getattr(source, name, None)
-        if not callable(factory):
-            raise ValueError(f"{where} has no callable {name!r}")
-        model = from_torch(factory(), input_shape=train_set.x.shape[1:], dtype=args.dtype, seed=args.seed)
+        factory = _torch_factory(where, name)
+        try:
+            module = factory()
+        except Exception as e:  # the user's code: its error, on one line (issue 18)
+            raise ValueError(f"{name}() raised {_one_line(e)}") from e
+        model = from_torch(module, input_shape=train_set.x.shape[1:], dtype=args.dtype, seed=args.seed)
         out = model.predict(da.zeros((1, *train_set.x.shape[1:]), dtype=model.dtype)).shape
         if out != (1, train_set.n_classes):
             raise ValueError(
@@ -382,18 +376,49 @@ def _torch_model(args, train_set):
     return model
 
 
+def _torch_factory(where, name):
+    """``name`` from ``where``, an importable module or a ``.py`` file, imported (so run: only
+    files the user trusts).  ``ValueError`` naming the file for any error its code raises while
+    it is imported, a syntax error included."""
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(pathlib.Path(where).stem, where)
+        if spec is None or not pathlib.Path(where).is_file():
+            raise FileNotFoundError(f"no Python file {where!r}")
+    try:
+        if where.endswith(".py"):
+            source = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(source)
+        else:
+            source = importlib.import_module(where)
+    except Exception as e:
+        raise ValueError(f"importing {where} raised {_one_line(e)}") from e
+    factory = getattr(source, name, None)
+    if not callable(factory):
+        raise ValueError(f"{where} has no callable {name!r}")
+    return factory
+
+
+def _one_line(error):
+    """``Type: message`` of ``error`` on one line."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def _model_name(args):
     if args.model in MODELS:
         return f"{MODELS[args.model][1]} width {args.width}"
     return f"{args.model.split(':')[2]} (PyTorch, {args.model.split(':')[1]})"
 
 
+@contextlib.contextmanager
 def _connect(args):
-    """A client of the ``--scheduler`` or of a new cluster (``--workers``, ``--cuda``, ...)."""
-    from .cluster import connect
+    """Within it, a client of the ``--scheduler`` or of a new cluster (``--workers``, ``--cuda``,
+    ...).  A new cluster closes without distributed's shutdown noise (a heartbeat's 30-line
+    traceback, a nanny's warnings: issue 18), after a failed or interrupted run too; a cluster
+    started elsewhere is left as it is, and what it logs is its own."""
+    from .cluster import _close_quietly, connect
 
     with _setup("connecting to the scheduler" if args.scheduler else "starting the cluster"):
-        return connect(
+        client = connect(
             args.scheduler,
             n_workers=args.workers if args.workers is not None or args.cuda else 2,
             threads_per_worker=args.threads_per_worker,
@@ -401,6 +426,14 @@ def _connect(args):
             security=True if args.tls else None,
             cuda=args.cuda,
         )
+    if args.scheduler:
+        with client:
+            yield client
+        return
+    try:
+        yield client
+    finally:
+        _close_quietly(client)
 
 
 def _dashboard(args):
@@ -453,7 +486,8 @@ def _summary(args, model, train_set, val_set, client):
 
 def _train_epochs(args, trainer, stream):
     """``trainer.run(--epochs)``, recorded in a performance report with ``--report``; after
-    Ctrl-C, says on standard error how to continue (:func:`_interrupted`) and re-raises."""
+    Ctrl-C, says on standard error how to continue (:func:`_interrupted`) and re-raises it as
+    :class:`_Reported`."""
     try:
         if not args.report:
             return trainer.run(args.epochs)
@@ -464,9 +498,13 @@ def _train_epochs(args, trainer, stream):
         written = ", ".join(str(p) for p in report_paths(args.report))
         print(f"performance report and per-operator summary: {written}", file=stream)
         return log
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"\n{_interrupted(args, trainer)}", file=sys.stderr)
-        raise
+        raise _Reported from e
+
+
+class _Reported(KeyboardInterrupt):
+    """A Ctrl-C whose line (where the run stopped, how to continue) is already on standard error."""
 
 
 def _interrupted(args, trainer):
@@ -485,10 +523,11 @@ def _interrupted(args, trainer):
 def main(argv=None):
     """The ``dask-pconv`` command; returns its exit status.
 
-    0 on success, 2 for bad arguments or bad input found while setting up (one line on standard
-    error, no traceback), 1 when the training loss becomes NaN/Inf or workers are lost more
-    often than training restarts, 130 after Ctrl-C.  With no
-    sub-command (or only options) it runs ``train``.
+    0 on success, 2 for bad arguments or bad input found while setting up, an error raised by
+    the code of a ``--model torch:FILE:CALLABLE`` included (one line on standard error, no
+    traceback), 1 when the training loss becomes NaN/Inf or workers are lost more often than
+    training restarts, 130 after Ctrl-C (one line: where training stopped and how to continue,
+    or that it had not begun).  With no sub-command (or only options) it runs ``train``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -501,12 +540,14 @@ def main(argv=None):
         try:
             train_command(args)
         except SetupError as e:
-            print(f"dask-pconv train: error: {e}", file=sys.stderr)
+            print(f"dask-pconv train: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
             return 2
         except (FloatingPointError, WorkerLossError) as e:  # diverged, or workers kept dying
             print(f"dask-pconv train: error: {e}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if not isinstance(e, _Reported):  # before training began: setting up, starting the cluster
+                print("dask-pconv train: interrupted before training began", file=sys.stderr)
             return 130  # 128 + SIGINT, as shells report it
     return 0
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 import dask
 from distributed import Client, LocalCluster
@@ -100,7 +102,9 @@ def connect(
     distributed.Client
         Closing the client also closes a cluster it started.  The worker processes of a
         cluster started here ignore SIGINT, so a Ctrl-C in the terminal (which reaches the
-        whole process group) interrupts the client only, and training stops cleanly.
+        whole process group) interrupts the client only, and training stops cleanly.  While
+        the new cluster starts (seconds), Ctrl-C is ignored: its worker processes, still
+        starting, would print a traceback each.
 
     Every socket of a new cluster (the scheduler, its dashboard or, without one, its HTTP
     server for ``/health`` and ``/metrics``, the nannies, the workers and their HTTP servers)
@@ -109,8 +113,9 @@ def connect(
     if address is not None:
         return _connect_to_scheduler(address, security)
     kwargs = _new_cluster_kwargs(n_workers, threads_per_worker, memory_limit, dashboard_address, security)
-    cluster = _local_cuda_cluster(**kwargs) if cuda else _local_cluster(**kwargs)
-    return _OwningClient(cluster)
+    with _sigint_ignored():
+        cluster = _local_cuda_cluster(**kwargs) if cuda else _local_cluster(**kwargs)
+        return _OwningClient(cluster)
 
 
 def _check_scheduler_address(address):
@@ -221,3 +226,68 @@ def _local_cuda_cluster(**kwargs):
             del kwargs[name]
     with worker_malloc():
         return LocalCUDACluster(host="127.0.0.1", **kwargs)
+
+
+# --- Ctrl-C while a cluster starts or closes, and a quiet shutdown ------------------------
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Within it, SIGINT (Ctrl-C) is ignored by this process, when called from its main thread,
+    and by the processes it starts meanwhile, which inherit the setting: a Ctrl-C reaches the
+    whole process group, and one while a cluster started printed a traceback from every worker
+    process still importing (the preload that makes them ignore it had not run yet) and left a
+    half-built cluster that failed again at exit: 113 lines on standard error (issue 18).
+    (Blocking the signal instead, to act on it later, does not reach the workers: a new
+    process starts with no signal blocked.)"""
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if on_main else None  # None too: not set from Python
+    if previous is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+#: the loggers whose records a cluster's shutdown makes: a worker's heartbeat cut short by its
+#: own closing connections logs a 30-line CommClosedError traceback (issue 18;
+#: https://github.com/dask/distributed/issues/7192), a nanny that has to kill its worker warns
+_SHUTDOWN_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+@contextlib.contextmanager
+def _loggers_off(prefixes):
+    """Within it, every logger named by ``prefixes`` or under them is disabled in this process."""
+    loggers = [
+        lg
+        for name, lg in logging.root.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger) and any(name == p or name.startswith(f"{p}.") for p in prefixes)
+    ]
+    was = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, disabled in zip(loggers, was):
+            lg.disabled = disabled
+
+
+def _worker_logs_off(client_pid):
+    """Run on each worker of a closing cluster: its process ends with the cluster, and nothing
+    it logs from now on is about the work.  Not where the worker shares the client's process."""
+    if os.getpid() != client_pid:
+        logging.disable(logging.CRITICAL)
+
+
+def _close_quietly(client):
+    """Close ``client`` and the cluster :func:`connect` started for it without distributed's
+    shutdown noise: its workers stop logging first, and this process's distributed, tornado and
+    asyncio loggers are off while it closes.  What the run itself logged is not touched: this
+    starts when the run is over.  A Ctrl-C meanwhile is ignored (closing takes seconds)."""
+    with _sigint_ignored(), _loggers_off(_SHUTDOWN_LOGGERS):
+        with contextlib.suppress(Exception):  # a lost scheduler: nothing left to quiet
+            client.run(_worker_logs_off, os.getpid(), on_error="ignore")
+        client.close()

@@ -6,9 +6,11 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import pathlib
 import re
 import shlex
+import subprocess
 import sys
 
 import numpy as np
@@ -130,7 +132,11 @@ class _RecordingClient:
         return self
 
     def __exit__(self, *exc):
+        self.close()
         return False
+
+    def close(self):
+        pass
 
     def scheduler_info(self):
         return {"workers": {"tcp://127.0.0.1:1": {}, "tcp://127.0.0.1:2": {}}}
@@ -261,6 +267,16 @@ def test_an_interrupt_before_the_first_checkpoint_says_how_to_start_again(record
         "\ninterrupted in epoch 1 (after step 0); no epoch was complete, so there is no checkpoint "
         "yet; start again with: dask-pconv train --dataset synthetic --epochs 3 --out 'my run'\n"
     )
+
+
+def test_an_interrupt_before_training_begins_is_one_line(recorded, monkeypatch):
+    def interrupted(*args, **kwargs):  # Ctrl-C while the data loads
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_dataset", interrupted)
+    rc, out, err = _run("--dataset", "synthetic")
+    assert rc == 130
+    assert err == "dask-pconv train: interrupted before training began\n" and out == ""
 
 
 @pytest.mark.cluster
@@ -440,9 +456,121 @@ def test_a_pytorch_module_trains_from_the_command_line(tmp_path):
         cli.build_parser().parse_args(["train", "--model", "torch:nets"])
 
 
+@pytest.mark.parametrize(
+    "files, spec, message",
+    [
+        (
+            {"nets.py": "raise RuntimeError('weights not found')\n"},
+            "torch:{tmp}/nets.py:net",
+            "importing {tmp}/nets.py raised RuntimeError: weights not found",
+        ),
+        (
+            {"nets.py": "def net(:\n    pass\n"},
+            "torch:{tmp}/nets.py:net",
+            "importing {tmp}/nets.py raised SyntaxError: ",
+        ),
+        (
+            {"nets.py": "def net():\n    return 1 / 0\n"},
+            "torch:{tmp}/nets.py:net",
+            "net() raised ZeroDivisionError: division by zero",
+        ),
+        (
+            {"mynets.py": "import not_a_module_anywhere\n"},
+            "torch:mynets:net",
+            "importing mynets raised ModuleNotFoundError: No module named 'not_a_module_anywhere'",
+        ),
+    ],
+    ids=["raises on import", "syntax error", "factory raises", "module raises on import"],
+)
+def test_an_error_in_the_code_of_a_torch_model_is_one_line_and_exit_2(files, spec, message, tmp_path):
+    """The file or module of ``--model torch:...`` is the user's code: whatever it raises, on import
+    or in its factory, ends the command as bad input does (in a process of its own, as a user runs
+    it: what reaches standard error is all there is)."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    spec, message = spec.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    )
+    argv = ["train", "--dataset", "synthetic", "--model", spec, "--out", str(tmp_path / "run")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dask_pconv.cli", *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    name, where = spec.split(":")[2], spec.split(":")[1]
+    assert proc.stderr.startswith(
+        f"dask-pconv train: error: loading the PyTorch model {name} from {where}: {message}"
+    )
+    assert proc.stdout == ""
+
+
 def test_the_docs_say_that_a_torch_model_file_is_run():
     path = ROOT / "docs" / "torch.rst"
     if not path.exists():
         pytest.skip("no docs/ folder: not a source checkout")
     text = " ".join(path.read_text().split())
     assert "it executes that file's code" in text and "Run only files you trust." in text
+
+
+#: ``dask-pconv train`` (its arguments after ``--``), with a Ctrl-C sent to its process group as
+#: the first worker process starts, and a scheduler that answers no worker heartbeat, so that one
+#: is in flight when the cluster closes (training starts once every worker has sent one)
+_CTRL_C_AT_START = """
+import asyncio, os, signal, sys, threading
+from distributed.process import AsyncProcess
+import dask_pconv.cluster as cluster
+from dask_pconv import cli
+from dask_pconv.train import Trainer
+
+start, sent = AsyncProcess.start, []
+
+async def start_then_ctrl_c(self):
+    await start(self)
+    if not sent:
+        sent.append(True)
+        os.killpg(os.getpgid(0), signal.SIGINT)
+
+AsyncProcess.start = start_then_ctrl_c
+make, heartbeats = cluster._local_cluster, threading.Semaphore(0)
+
+def unanswered_heartbeats(**kwargs):
+    c = make(**kwargs)
+
+    async def never(*args, **kw):
+        heartbeats.release()
+        await asyncio.sleep(3600)
+
+    c.scheduler.handlers["heartbeat_worker"] = never
+    return c
+
+cluster._local_cluster = unanswered_heartbeats
+run = Trainer.run
+
+def run_after_a_heartbeat(self, epochs):
+    heartbeats.acquire(timeout=60)
+    return run(self, epochs)
+
+Trainer.run = run_after_a_heartbeat
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.cluster
+def test_a_ctrl_c_while_the_cluster_starts_and_its_shutdown_print_nothing(tmp_path):
+    """A Ctrl-C while the cluster starts is ignored (the worker processes, still importing, printed
+    a traceback each, 113 lines in all), and the cluster the command started closes without
+    distributed's messages (a worker's heartbeat cut short by the closing cluster logged a
+    30-line CommClosedError traceback).  In a process group of its own, which gets the signal as
+    a terminal's Ctrl-C does."""
+    argv = ["train", "--dataset", "synthetic", "--width", "0.0625", "--batch-size", "206", "--epochs", "1"]
+    argv += ["--workers", "1", "--out", str(tmp_path / "run"), "--no-progress", "--dashboard", ""]
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_AT_START, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "tasks per step:" in proc.stdout

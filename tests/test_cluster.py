@@ -1,6 +1,7 @@
 """conv2d and conv2d_vjp on a real distributed.LocalCluster with 2 worker processes; what a
-cluster that :func:`dask_pconv.cluster.connect` starts listens on."""
+cluster that :func:`dask_pconv.cluster.connect` starts listens on, and how it closes."""
 
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -96,3 +97,16 @@ def test_every_listener_of_a_new_cluster_is_on_loopback(dashboard):
     assert all(sockets.values()), sockets
     for who, socks in sockets.items():
         assert {ip for ip, _ in socks} == {"127.0.0.1"}, (who, socks)
+
+
+def test_a_quiet_close_leaves_this_process_logging_as_before():
+    """``_close_quietly`` turns the distributed loggers off only while the cluster closes, and
+    leaves logging on in a worker that shares this process (the CLI's workers do not)."""
+    names = ("distributed", "distributed.worker", "distributed.core", "tornado")
+    disabled = {n: logging.getLogger(n).disabled for n in names}
+    with local_cluster(n_workers=1, processes=False) as cluster:
+        client = Client(cluster)
+        dp_cluster._close_quietly(client)
+        assert client.status == "closed"
+    assert {n: logging.getLogger(n).disabled for n in names} == disabled
+    assert logging.root.manager.disable == logging.NOTSET

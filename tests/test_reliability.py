@@ -79,12 +79,12 @@ def test_sigint_keeps_the_last_checkpoint_and_resume_continues(tmp_path, capsys)
             proc.communicate()
     assert proc.returncode == 130, stderr
     assert "interrupted in epoch 2" in stderr and str(ckpt) in stderr and "--resume" in stderr
-    # the workers ignored the signal: no task was cut short, nothing cancelled.  (A worker's
-    # heartbeat that races with the cluster's shutdown may log a CommClosedError traceback;
-    # that is distributed's shutdown noise, not a task:
-    # https://github.com/dask/distributed/issues/7192.)
-    for cut_short in ("KeyboardInterrupt", "CancelledError", "KilledWorker"):
-        assert cut_short not in stderr, stderr
+    # the workers ignored the signal: no task was cut short, nothing cancelled; and the cluster
+    # closed quietly (a worker's heartbeat that raced with its shutdown logged a CommClosedError
+    # traceback: https://github.com/dask/distributed/issues/7192): the acknowledgement and the
+    # line that says how to continue, nothing else
+    lines = [line for line in stderr.splitlines() if line]
+    assert len(lines) == 2 and lines[0].startswith("interrupt: stopping after this step"), stderr
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
     params, state, vel, meta = load_checkpoint(ckpt)  # verifies the checksum
     assert (meta["epoch"], meta["step"]) == (1, 2)
