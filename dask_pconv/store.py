@@ -510,34 +510,29 @@ def conv2d_to_zarr(
         With a ``distributed`` client, a tile's working set does not fit a worker's free
         memory per thread; the message suggests a tile that fits.
     """
+    model = _conv_model(_open_array(src, component), w, b, stride, padding, dilation, groups)
+    return _run_tiles(model, None, src, component, dst, dst_component, tile, overwrite, resume, zarr_kwargs)
+
+
+def _conv_model(z_in, w, b, stride, padding, dilation, groups):
+    """A one-layer model of the convolution :func:`conv2d_to_zarr` writes, computing in
+    ``w``'s dtype (float64 for a float64 image)."""
     from .models import Conv2d, Model, sequential
 
-    w = np.asarray(to_host(w.compute() if isinstance(w, da.Array) else w))
-    z_in = _open_array(src, component)
+    w, b = (
+        None if a is None else np.asarray(to_host(a.compute() if isinstance(a, da.Array) else a))
+        for a in (w, b)
+    )
     if w.ndim != 4 or not np.issubdtype(w.dtype, np.floating):
         raise ValueError(
             f"w must be a 4-D float array (O, C/groups, kh, kw), got shape {w.shape} dtype {w.dtype}"
         )
     dtype = np.result_type(w.dtype, z_in.dtype) if np.issubdtype(z_in.dtype, np.floating) else w.dtype
-    channels = (1,) * (4 - z_in.ndim) + tuple(z_in.shape)
-    layer = Conv2d(
-        channels[1] if z_in.ndim >= 3 else 1,
-        w.shape[0],
-        w.shape[2:],
-        stride=stride,
-        padding=padding,
-        bias=b is not None,
-        dilation=dilation,
-        groups=groups,
-    )
+    channels = z_in.shape[-3] if z_in.ndim >= 3 else 1
+    layer = Conv2d(channels, w.shape[0], w.shape[2:], stride, padding, b is not None, dilation, groups)
     model = Model(sequential(("conv", layer)), dtype=dtype)
-    params = (
-        {"conv.W": w}
-        if b is None
-        else {"conv.W": w, "conv.b": np.asarray(to_host(b.compute() if isinstance(b, da.Array) else b))}
-    )
-    model.load_params(params)
-    return _run_tiles(model, None, src, component, dst, dst_component, tile, overwrite, resume, zarr_kwargs)
+    model.load_params({"conv.W": w} if b is None else {"conv.W": w, "conv.b": b})
+    return model
 
 
 def features_to_zarr(

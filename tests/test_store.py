@@ -640,18 +640,31 @@ def test_unet_over_an_image_larger_than_all_workers_memory(tmp_path):
 @pytest.mark.cluster
 def test_a_tile_too_big_for_the_workers_is_refused_before_the_run(client, tmp_path):
     """Issue 18.4: a 2 GiB image in stripes of 1024 x 32768 on workers of 192 MiB: refused at
-    once, naming the tile, its estimate and the room, with a tile that fits; nothing written."""
-    zarr.create_array(
-        str(tmp_path / "x.zarr"), shape=(1, 1, 16384, 32768), dtype="f4", chunks=(1, 1, 1024, 32768)
-    )
+    once, naming the tile, its estimate and the room, with a tile that fits (which then runs);
+    a store whose own chunks are too big to decode says to rechunk.  Nothing is written."""
+    import re
+
+    shape = (1, 1, 16384, 32768)
+    zarr.create_array(str(tmp_path / "x.zarr"), shape=shape, dtype="f4", chunks=(1, 1, 512, 4096))
     with pytest.raises(
         MemoryError,
         match=r"tile=\(1024, 32768\) needs about \d+ MiB .* \d+ MiB a worker has free per thread; "
         r"tile=\((\d+), (\d+)\) fits",
     ) as e:
-        dp.conv2d_to_zarr(tmp_path / "x.zarr", tmp_path / "y.zarr", W3, padding=1)
+        dp.conv2d_to_zarr(tmp_path / "x.zarr", tmp_path / "y.zarr", W3, padding=1, tile=(1024, 32768))
     assert not (tmp_path / "y.zarr").exists()
-    import re
-
     fits = tuple(int(v) for v in re.search(r"tile=\((\d+), (\d+)\) fits", str(e.value)).groups())
     assert fits[0] * fits[1] < 1024 * 32768
+    # the suggestion runs (on a smaller image with the same chunks, to keep the test short)
+    zarr.create_array(
+        str(tmp_path / "s.zarr"), shape=(1, 1, 1024, 8192), dtype="f4", chunks=(1, 1, 512, 4096)
+    )
+    dp.conv2d_to_zarr(tmp_path / "s.zarr", tmp_path / "t.zarr", W3, padding=1, tile=fits)
+    # stripes of 128 MiB in the store: no tile helps, the message says to rechunk
+    zarr.create_array(str(tmp_path / "r.zarr"), shape=shape, dtype="f4", chunks=(1, 1, 1024, 32768))
+    with pytest.raises(
+        MemoryError,
+        match=r"no tile fits: the store's chunks \(1024, 32768\) take too much to decode \(rechunk",
+    ):
+        dp.conv2d_to_zarr(tmp_path / "r.zarr", tmp_path / "y.zarr", W3, padding=1)
+    assert not (tmp_path / "y.zarr").exists()
