@@ -385,7 +385,14 @@ def _run_tiles(model, until, src, component, dst, dst_component, tile, overwrite
     if z is None:  # resume=True of a run that had finished
         return _open_array(dst, dst_component)
     graph = tiled.tile_graph(tiled.TileJob(model, until, lead), z_in, z, plan, n_chunks, job, skip)
-    tiled.compute(graph, model)
+    try:
+        tiled.compute(graph, model)
+    except KeyboardInterrupt:
+        # what the user needs is where the output stands, not the scheduler's wait loop
+        raise KeyboardInterrupt(
+            f"interrupted: {_describe(z)} is marked incomplete; the same call with resume=True "
+            "finishes it without recomputing the chunks written"
+        ) from None
     _mark_complete(z)
     return z
 

@@ -532,7 +532,7 @@ def test_an_interrupted_run_is_marked_incomplete_and_resumes_without_recomputing
             return real(*args)
 
         monkeypatch.setattr(tiled, "_tile", failing)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt, match="marked incomplete; the same call with resume=True"):
             dp.predict_to_zarr(m, src, out, tile=(8, 16))
         assert zarr.open_array(str(out)).attrs["dask_pconv"]["complete"] is False
         with pytest.raises(ValueError, match="incomplete.*resume=True"):
