@@ -668,3 +668,51 @@ def test_a_tile_too_big_for_the_workers_is_refused_before_the_run(client, tmp_pa
     ):
         dp.conv2d_to_zarr(tmp_path / "r.zarr", tmp_path / "y.zarr", W3, padding=1)
     assert not (tmp_path / "y.zarr").exists()
+
+
+def test_a_run_interrupted_in_one_process_resumes_in_another(tmp_path, monkeypatch):
+    """The mark that names the job is the same in a new process (a rerun of the script), so
+    ``resume=True`` there finishes the output instead of refusing it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from dask_pconv import tiled
+
+    script = textwrap.dedent(
+        f"""
+        import dask, numpy as np
+        import dask_pconv as dp
+        from dask_pconv.models import BatchNorm, Conv2d, MaxPool2d, Model, sequential
+        m = Model(sequential(("c", Conv2d(1, 2, 3, padding=1)), ("bn", BatchNorm(2, relu=True)),
+                             ("p", MaxPool2d(2)), ("h", Conv2d(2, 2, 1, bias=True))), seed=7)
+        with dask.config.set(scheduler="synchronous"):
+            z = dp.predict_to_zarr(m, {str(tmp_path / "x.zarr")!r}, {str(tmp_path / "y.zarr")!r},
+                                   tile=(8, 8), resume=True)
+        print(z.attrs["dask_pconv"]["complete"], float(np.abs(z[...]).sum()))
+        """
+    )
+    x = np.random.default_rng(7).standard_normal((1, 1, 32, 32)).astype("f4")
+    zarr.create_array(str(tmp_path / "x.zarr"), data=x, chunks=(1, 1, 16, 16))
+    calls, real = [], tiled._tile
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    m = {}
+    exec(script.split("with dask")[0], m)  # the same model, built here
+    monkeypatch.setattr(tiled, "_tile", failing)
+    with pytest.raises(KeyboardInterrupt):
+        with dask.config.set(scheduler="synchronous"):
+            dp.predict_to_zarr(m["m"], tmp_path / "x.zarr", tmp_path / "y.zarr", tile=(8, 8))
+    assert zarr.open_array(str(tmp_path / "y.zarr")).attrs["dask_pconv"]["complete"] is False
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with dask.config.set(scheduler="synchronous"):
+        want = dp.predict_to_zarr(m["m"], tmp_path / "x.zarr", tmp_path / "w.zarr", tile=(8, 8))[...]
+    complete, total = done.stdout.split()
+    assert complete == "True" and np.isclose(float(total), np.abs(want).sum(), rtol=1e-6)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "y.zarr"))[...], want)
