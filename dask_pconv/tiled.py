@@ -14,6 +14,8 @@ recompute (scattered data could not be), and a tile recomputed writes the same b
 
 from __future__ import annotations
 
+import os
+
 import dask
 import dask.array as da
 import numpy as np
@@ -196,21 +198,30 @@ def written_tiles(z):
 
 #: what a worker's memory grows by beyond the tiles' working sets: the libraries the first
 #: tile loads, the allocator's retained pages and distributed's bookkeeping of the tasks
-#: (measured: 25-35 MiB on a 2-worker LocalCluster with NumPy kernels, tests/test_store.py)
+#: (measured: 25-45 MiB on a 2-worker LocalCluster with NumPy kernels, tests/test_store.py)
 WORKER_OVERHEAD = 32 * 2**20
+
+
+def _retained():
+    """What glibc's malloc may keep of the memory a worker frees: its trim threshold (distributed
+    sets 64 KiB; the clusters :func:`dask_pconv.cluster.connect` starts, 64 MiB)."""
+    return int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 0))
 
 
 def worker_room(client):
     """The fewest bytes any worker of ``client`` has free per thread below the memory
     threshold at which distributed pauses it (or, with pausing off, restarts it), less
-    :data:`WORKER_OVERHEAD`, or None when no worker has a memory limit."""
+    :data:`WORKER_OVERHEAD` and what its allocator may keep of freed memory, or None when no
+    worker has a memory limit."""
     fraction = next(
         (f for f in (dask.config.get(f"distributed.worker.memory.{k}") for k in ("pause", "terminate")) if f),
         1.0,
     )
+    retained = client.run(_retained, on_error="ignore")
     rooms = [
-        (fraction * w["memory_limit"] - w["metrics"]["memory"] - WORKER_OVERHEAD) / w["nthreads"]
-        for w in client.scheduler_info(n_workers=-1)["workers"].values()
+        (fraction * w["memory_limit"] - w["metrics"]["memory"] - WORKER_OVERHEAD - retained.get(a, 0))
+        / w["nthreads"]
+        for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
         if w.get("memory_limit")
     ]
     return min(rooms) if rooms else None
