@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -172,9 +173,8 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
     overwrite : bool
         Replace an existing array; otherwise an existing one is an error (``FileExistsError``).
     compute : bool
-        Run now (default) or return a lazy Dask array (the value of ``dask.array.store(...,
-        compute=False)``) whose computation writes the blocks; the array is marked complete
-        only by a run of the call with ``compute=True``.
+        Run now (default) or return a ``dask.delayed`` object whose computation writes every
+        block and then marks the array complete.
     **zarr_kwargs
         Passed to ``zarr.create_array`` (``compressors=``, ``fill_value=``, ...); ``shape``,
         ``dtype`` and ``chunks`` come from ``y``, and ``shards`` is refused (blocks sharing a
@@ -183,7 +183,7 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
 
     Returns
     -------
-    zarr.Array or dask.array.Array
+    zarr.Array or dask.delayed.Delayed
         The written array (opened for reading and writing) when ``compute``; otherwise the
         lazy write.
     """
@@ -205,9 +205,14 @@ def to_zarr(y, url, component=None, overwrite=False, compute=True, **zarr_kwargs
     z = _create(url, component, y.shape, y.dtype, chunks, overwrite, tokenize(y.name), dict(zarr_kwargs))
     stored = da.store(y, z, lock=False, compute=compute)
     if not compute:
-        return stored
+        # one task after every block's write marks the array complete
+        return dask.delayed(_finish, pure=False)(z, *stored.to_delayed().ravel())
     _mark_complete(z)
     return z
+
+
+def _finish(z, *written):
+    _mark_complete(z)
 
 
 def _check_kwargs(zarr_kwargs, caller="to_zarr", source="y"):

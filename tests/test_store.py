@@ -125,7 +125,10 @@ def test_to_zarr_writes_blocks_and_regularises_chunks(tmp_path):
     np.testing.assert_array_equal(z[...], 2 * x.compute())
     delayed = dp.to_zarr(x + 1, tmp_path / "d.zarr", compute=False)
     assert not np.any(zarr.open_array(str(tmp_path / "d.zarr"), mode="r")[...])  # nothing written yet
+    with pytest.raises(ValueError, match="incomplete"):
+        dp.open_image(tmp_path / "d.zarr")
     delayed.compute()
+    assert dp.open_image(tmp_path / "d.zarr").shape == x.shape  # marked complete by the last task
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d.zarr"), mode="r")[...], x.compute() + 1)
     with pytest.raises(TypeError, match="Dask array"):
         dp.to_zarr(np.zeros(3), tmp_path / "n.zarr")
