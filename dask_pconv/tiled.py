@@ -59,10 +59,7 @@ class TileJob:
         """``(graph, input key, output key)`` of the model on an input of ``shape``."""
         graph = self._graphs.get(shape)
         if graph is None:
-            m = self.model
-            x = da.zeros(shape, dtype=m.dtype, chunks=-1)
-            mode = RunMode(train=False, dropout=False, seed=m.seed)
-            y, _ = m.program.run(x, m.dask_params(), m.state, mode, until=self.until)
+            x, y = _lazy_run(self.model, shape, self.until)
             if y.npartitions != 1:  # an op chunked its output: gather it in one more task
                 y = y.rechunk(-1)
             graph = (dict(y.__dask_graph__()), (x.name,) + (0,) * 4, (y.name,) + (0,) * y.ndim)
@@ -74,6 +71,16 @@ class TileJob:
         x = np.asarray(x).astype(self.model.dtype, copy=False)
         dsk, x_key, y_key = self._graph(x.shape)
         return get_sync({**dsk, x_key: x}, y_key)
+
+
+def _lazy_run(model, shape, until, outputs=None):
+    """``(x, y)``: the program in evaluation mode on a placeholder ``x`` of ``shape`` (one
+    chunk, nothing computed) and its output ``y`` (node ``until``'s); ``outputs`` as in
+    :meth:`~dask_pconv.models.program.Program.run`."""
+    x = da.zeros(shape, dtype=model.dtype, chunks=-1)
+    mode = RunMode(train=False, dropout=False, seed=model.seed)
+    y, _ = model.program.run(x, model.dask_params(), model.state, mode, until=until, outputs=outputs)
+    return x, y
 
 
 def _read(src, lead, n, rows, cols):
@@ -129,9 +136,7 @@ def tile_working_set(model, channels, batch, window_hw, src_itemsize, until=None
     Shapes come from running the program lazily on a window-sized placeholder (nothing is
     computed)."""
     outputs = {}
-    x = da.zeros((batch, channels) + tuple(window_hw), dtype=model.dtype, chunks=-1)
-    mode = RunMode(train=False, dropout=False, seed=model.seed)
-    model.program.run(x, model.dask_params(), model.state, mode, until=until, outputs=outputs)
+    _lazy_run(model, (batch, channels) + tuple(window_hw), until, outputs)
     nbytes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in outputs.items()}
     nodes = [n for n in model.program.nodes if n.name in outputs]
     last = {INPUT: 0}
