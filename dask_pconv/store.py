@@ -288,9 +288,11 @@ def _refuse_memory_store_under_distributed(store):
 
 # -- where an array lives, to refuse writing over the input ----------------------------------
 def _location(url, component):
-    """``(store, path)``: the store as a string (``file:///real/path`` for a directory,
-    zarr's own ``str()`` otherwise: ``memory://<id>``, ``s3://bucket/...``) and the path of the
-    array inside it, as a tuple of names."""
+    """``(store, path)``: the store as a string and the path of the array inside it, as a
+    tuple of names.  A directory (a path, a ``file://`` URL or a ``LocalStore``) is
+    ``("file://", <the names of its real path> + <component>)``, so that an array and the
+    directory store holding it compare by path; any other store is zarr's own ``str()``
+    (``memory://<id>``, ``s3://bucket/...``) with the component's names."""
     zarr = _zarr()
     from zarr.storage import LocalStore
 
