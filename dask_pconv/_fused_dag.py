@@ -31,17 +31,13 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-from ._fused_common import BLOCK_LAYERS, StageGraph, layer_backward, layer_forward, loss_block, pick
-from ._fused_tiles import named, sum_parts
-from .backend import array_namespace
+from ._fused_common import StageGraph, pick
 from .kernels import bn_backward, bn_backward_partial, bn_partial_stats
-from .models.layers import Add, AvgPool2d, BatchNorm, Concat, MaxPool2d
+from .models.layers import BatchNorm
 from .models.program import INPUT
+from .stages.block import loss_block, named, node_backward, node_forward, sum_parts, trainable
 
 __all__ = ["DagPlan", "DagStepGraph", "dag_unfit"]
-
-#: The layer kinds a stage of a program with branches runs.
-DAG_LAYERS = (*BLOCK_LAYERS, Add, Concat)
 
 
 @dataclass(frozen=True)
@@ -127,15 +123,9 @@ class DagPlan:
 def dag_unfit(program):
     """Why the program's step cannot run as the stages of this module, or None."""
     for node in program.nodes:
-        if not isinstance(node.layer, DAG_LAYERS):
-            return f"node {node.name!r} is a {type(node.layer).__name__}"
-        if isinstance(node.layer, AvgPool2d) and node.layer.ceil_mode:
-            return f"node {node.name!r} pools in ceil mode"
-        if isinstance(node.layer, MaxPool2d) and not node.layer.plain():
-            return f"node {node.name!r} pools with padding, dilation or ceil mode"
-        if isinstance(node.layer, Concat) and (node.layer.axis == 0 or node.layer.axis < -1):
-            # a chunk holds some of the images: it cannot concatenate along the batch
-            return f"node {node.name!r} concatenates along axis {node.layer.axis}, not 1 or later"
+        why = trainable(node)
+        if why is not None:
+            return why
     if not any(isinstance(n.layer, BatchNorm) for n in program.nodes):
         return "the program has no BatchNorm"
     unreached = DagPlan(program.nodes).unreached()
@@ -145,18 +135,6 @@ def dag_unfit(program):
 
 
 # -- the tasks, one chunk at a time ---------------------------------------------------------------
-def _node_forward(i, node, inputs, p, ctx, saved, stats_parts):
-    if isinstance(node.layer, Add):
-        out = inputs[0].copy()
-        for a in inputs[1:]:
-            out += a
-        return out
-    if isinstance(node.layer, Concat):
-        saved.append([a.shape[node.layer.axis] for a in inputs])
-        return array_namespace(inputs[0]).concatenate(inputs, axis=node.layer.axis)
-    return layer_forward(i, node.layer, inputs[0], p, ctx, saved, stats_parts)
-
-
 def _run_forward(spec, earlier, stats_parts, params, ctx):
     """The stage's nodes forward: ``(values by name, saved per node)``.  ``stats_parts`` holds
     per node (None but for BatchNorms) every chunk's partial statistics of its input."""
@@ -164,7 +142,7 @@ def _run_forward(spec, earlier, stats_parts, params, ctx):
     for (i, node), p, parts in zip(spec.nodes, params, stats_parts):
         saved[node.name] = []
         inputs = [values[v] for v in node.inputs]
-        values[node.name] = _node_forward(i, node, inputs, p, ctx, saved[node.name], parts)
+        values[node.name] = node_forward(i, node, inputs, p, ctx, saved[node.name], parts)
     return values, saved
 
 
@@ -196,31 +174,14 @@ def _run_backward(spec, g_out, saved, params, ctx):
             pending[node.name] = (h, y, stats, g)
             sums[node.name] = bn_backward_partial(h, y, g, stats, layer.eps, layer.relu)
             continue
-        if isinstance(layer, Add):
-            g_in = [g] * len(node.inputs)
-        elif isinstance(layer, Concat):
-            g_in = _split_along(g, saved[node.name].pop(), layer.axis)
-        else:
-            grads = {}
-            g_in = [layer_backward(i, layer, g, p, ctx, saved[node.name], grads)]
-            pgrads.update({node.full_name(k): v for k, v in grads.items()})
+        grads = {}
+        g_in = node_backward(i, node, g, p, ctx, saved[node.name], grads)
+        pgrads.update({node.full_name(k): v for k, v in grads.items()})
         for v, gv in zip(node.inputs, g_in):
             if v == INPUT:
                 continue
             _add(g_out if v in own else to_earlier, v, gv)
     return to_earlier, pending, sums, pgrads
-
-
-def _split_along(g, sizes, axis):
-    """``g`` cut into the pieces of ``sizes`` along ``axis`` (the gradients of a concatenation's
-    inputs), each a copy: a view would keep the whole of ``g`` alive."""
-    out, start = [], 0
-    for n in sizes:
-        index = [slice(None)] * g.ndim
-        index[axis] = slice(start, start + n)
-        out.append(g[tuple(index)].copy())
-        start += n
-    return out
 
 
 def _finish_bn(node, pending, sums_parts, gamma, ctx):

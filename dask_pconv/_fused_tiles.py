@@ -32,10 +32,8 @@ from .kernels import (
     Padded,
     bn_backward,
     bn_backward_partial,
-    bn_forward,
     bn_partial_stats,
     canonical,
-    combine_stats,
     conv2d_forward,
     conv2d_grad_b,
     conv2d_grad_w,
@@ -47,6 +45,7 @@ from .kernels import (
 )
 from .models.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d
 from .ops.nn import dropout_key
+from .stages.block import batch_norm_forward, conv_bias, named, relu_backward, relu_forward, sum_parts
 
 __all__ = ["BnCtx", "TilePlan", "concat_tiles", "plan_tiles", "tile_backward", "tile_forward"]
 
@@ -60,47 +59,6 @@ def segments(nodes):
             segs.append([])
         segs[-1].append((i, node))
     return [tuple(s) for s in segs]
-
-
-def named(seg, flat):
-    """Per-layer parameter dicts from the flat list a task receives."""
-    out, it = [], iter(flat)
-    for _, node in seg:
-        out.append({k: next(it) for k in node.layer.params()})
-    return out
-
-
-def sum_parts(parts):
-    """The sum of ``parts`` in their order (a copy of the first, then the others added)."""
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out += p
-    return out
-
-
-def conv_bias(y, layer, p):
-    """A convolution's output plus its bias, if the layer has one."""
-    return y + p["b"].reshape(1, -1, 1, 1) if layer.bias else y
-
-
-def batch_norm_forward(layer, h, p, saved, stats_parts):
-    """A BatchNorm (and its ReLU) on one block with every block's partial statistics, merged
-    in their order; saves what its backward reads."""
-    stats = combine_stats(list(stats_parts))
-    y = bn_forward(h, stats, p["gamma"], p["beta"], layer.eps, layer.relu)
-    saved.append((h, y, stats))
-    return y
-
-
-def relu_forward(h, saved):
-    y = array_namespace(h).maximum(h, h.dtype.type(0))
-    saved.append(y)
-    return y
-
-
-def relu_backward(g, saved):
-    y = saved.pop()
-    return array_namespace(g).where(y > 0, g, g.dtype.type(0))
 
 
 # -- the geometry (no arrays) ---------------------------------------------------------------

@@ -44,7 +44,7 @@ import operator
 import dask
 import numpy as np
 
-from ._fused_common import CHAIN_LAYERS, StageGraph, layer_backward, layer_forward, loss_block
+from ._fused_common import CHAIN_LAYERS, StageGraph
 from ._fused_common import pick as _pick
 from ._fused_dag import DagStepGraph, dag_unfit
 from ._fused_tiles import (
@@ -53,12 +53,13 @@ from ._fused_tiles import (
     tile_backward,
     tile_forward,
 )
-from ._fused_tiles import named as _named
 from ._fused_tiles import segments as _segments
-from ._fused_tiles import sum_parts as _sum_parts
 from .kernels import bn_backward, bn_backward_partial, bn_partial_stats
 from .models.layers import BatchNorm, Conv2d, Linear, MaxPool2d
 from .optim import MomentumSGD
+from .stages.block import layer_backward, layer_forward, loss_block
+from .stages.block import named as _named
+from .stages.block import sum_parts as _sum_parts
 
 __all__ = ["fusable", "fused_training_step"]
 
