@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from enum import Enum
 from typing import NamedTuple
 
 import numpy as np
@@ -34,7 +35,9 @@ __all__ = [
     "Layer",
     "Linear",
     "MaxPool2d",
+    "Need",
     "ReLU",
+    "SPLIT_AXES",
     "RunMode",
 ]
 
@@ -106,9 +109,39 @@ class Layer:
             f"layer {type(self).__name__} declares no reach (what it reads across tiles)"
         )
 
+    def needs(self, axis, train):
+        """What the layer needs across the blocks of split ``axis`` (one of
+        :data:`SPLIT_AXES`) in training (``train``) or evaluation mode: a :class:`Need`.  The
+        stage planner cuts the program where a layer needs more than :attr:`Need.LOCAL`."""
+        raise NotImplementedError(
+            f"layer {type(self).__name__} declares no needs (what it reads across blocks)"
+        )
+
 
 #: The reach of a layer whose output ``(y, x)`` reads its input's ``(y, x)`` only.
 LOCAL = (Reach(), Reach())
+
+
+class Need(str, Enum):
+    """What a layer needs across the blocks of one split axis (:meth:`Layer.needs`)."""
+
+    LOCAL = "local"  #: nothing: each block computes its part alone
+    HALO = "halo"  #: a border of its neighbours' blocks (the reach, :meth:`Layer.reach`)
+    STATISTIC = "statistic"  #: a sum over every block of the axis (BatchNorm's batch statistics)
+    GATHER = "gather"  #: every block of the axis (a convolution reads every input channel)
+    PARTIAL_SUM = "partial sum"  #: each block makes a part of the output, summed over blocks
+
+
+#: The split axes a layer declares its needs for: the batch's chunks, spatial tiles, chunks of
+#: the input's channels and chunks of the parameters' output channels.
+SPLIT_AXES = ("batch", "spatial", "in_channel", "out_channel")
+
+
+def _needs(axis, batch=Need.LOCAL, spatial=Need.LOCAL, in_channel=Need.LOCAL, out_channel=Need.LOCAL):
+    table = {"batch": batch, "spatial": spatial, "in_channel": in_channel, "out_channel": out_channel}
+    if axis not in table:
+        raise ValueError(f"unknown split axis {axis!r}; the axes are {SPLIT_AXES}")
+    return table[axis]
 
 
 def _window_reach(kernel, stride, padding, dilation, ceil_mode=False):
@@ -160,6 +193,9 @@ class Conv2d(Layer):
 
     def reach(self):
         return _window_reach(self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.HALO, in_channel=Need.PARTIAL_SUM, out_channel=Need.GATHER)
 
 
 @dataclass(frozen=True)
@@ -214,6 +250,9 @@ class ConvTranspose2d(Layer):
         op = normalize_pair(self.output_padding, "output_padding", minimum=0)
         return tuple(Reach("transposed", k[a], s[a], (p[a], p[a]), d[a], extra=op[a]) for a in range(2))
 
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.HALO, in_channel=Need.PARTIAL_SUM, out_channel=Need.GATHER)
+
 
 def _check_conv_layer(layer):
     """Errors when a convolution layer is declared rather than when it first runs."""
@@ -265,6 +304,11 @@ class BatchNorm(Layer):
     def reach(self):
         return LOCAL  # evaluation mode: the running statistics, per pixel
 
+    def needs(self, axis, train):
+        # training mode: the batch statistics over every image and pixel; evaluation: per pixel
+        whole = Need.STATISTIC if train else Need.LOCAL
+        return _needs(axis, batch=whole, spatial=whole)
+
 
 @dataclass(frozen=True)
 class ReLU(Layer):
@@ -276,6 +320,9 @@ class ReLU(Layer):
 
     def reach(self):
         return LOCAL
+
+    def needs(self, axis, train):
+        return _needs(axis)
 
 
 @dataclass(frozen=True)
@@ -302,6 +349,9 @@ class MaxPool2d(Layer):
         s = self.stride or self.kernel_size
         return _window_reach(self.kernel_size, s, self.padding, self.dilation, self.ceil_mode)
 
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.HALO)
+
 
 @dataclass(frozen=True)
 class Dropout(Layer):
@@ -319,6 +369,9 @@ class Dropout(Layer):
     def reach(self):
         return LOCAL  # evaluation mode: the identity
 
+    def needs(self, axis, train):
+        return _needs(axis)
+
 
 @dataclass(frozen=True)
 class Flatten(Layer):
@@ -330,6 +383,9 @@ class Flatten(Layer):
 
     def reach(self):
         return None
+
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.GATHER, in_channel=Need.GATHER, out_channel=Need.GATHER)
 
 
 @dataclass(frozen=True)
@@ -365,6 +421,9 @@ class Linear(Layer):
     def reach(self):
         return None
 
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.GATHER, in_channel=Need.PARTIAL_SUM, out_channel=Need.GATHER)
+
 
 @dataclass(frozen=True)
 class Add(Layer):
@@ -384,6 +443,9 @@ class Add(Layer):
 
     def reach(self):
         return LOCAL
+
+    def needs(self, axis, train):
+        return _needs(axis)
 
 
 def _rechunked_like(a, like):
@@ -426,6 +488,9 @@ class AvgPool2d(Layer):
             self.kernel_size, self.stride or self.kernel_size, self.padding, 1, self.ceil_mode
         )
 
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.HALO)
+
 
 @dataclass(frozen=True)
 class AdaptiveAvgPool2d(Layer):
@@ -448,6 +513,9 @@ class AdaptiveAvgPool2d(Layer):
     def reach(self):
         return None
 
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.STATISTIC)
+
 
 @dataclass(frozen=True)
 class Upsample(Layer):
@@ -469,6 +537,9 @@ class Upsample(Layer):
     def reach(self):
         return tuple(Reach("upscale", stride=f) for f in _scale_pair(self.scale_factor))
 
+    def needs(self, axis, train):
+        return _needs(axis, spatial=Need.HALO)
+
 
 @dataclass(frozen=True)
 class LeakyReLU(Layer):
@@ -482,6 +553,9 @@ class LeakyReLU(Layer):
 
     def reach(self):
         return LOCAL
+
+    def needs(self, axis, train):
+        return _needs(axis)
 
 
 @dataclass(frozen=True)
@@ -516,6 +590,12 @@ class Concat(Layer):
     def reach(self):
         return LOCAL if self.axis in (1, -3) else None  # channels: pixel by pixel
 
+    def needs(self, axis, train):
+        along = {0: "batch", 1: "channel", 2: "spatial", 3: "spatial"}.get(self.axis % 4, "spatial")
+        if along == "channel":  # the chunks of each input's channels, one after the other
+            return _needs(axis, in_channel=Need.GATHER, out_channel=Need.GATHER)
+        return _needs(axis, **{along: Need.GATHER})
+
 
 @dataclass(frozen=True)
 class Identity(Layer):
@@ -527,6 +607,9 @@ class Identity(Layer):
 
     def reach(self):
         return LOCAL
+
+    def needs(self, axis, train):
+        return _needs(axis)
 
 
 def _rechunked_to(a, chunks):

@@ -195,24 +195,60 @@ class Model:
         return loss, grads
 
     def predict(self, x, channel_split=None):
-        """Logits in evaluation mode (running statistics, no dropout): a lazy Dask array."""
+        """Logits in evaluation mode (running statistics, no dropout): a lazy Dask array.
+
+        On batch chunks and spatial tiles the program runs as stages
+        (:mod:`dask_pconv.stages`): one task per batch chunk, or per tile and chunk, each
+        tile reading its receptive field's window (the output is then chunked like the
+        plan's tiles); :meth:`explain` says how.  A channel split runs the fine-grained graph
+        (the same result)."""
+        x = self.check_input(x)
+        y = self._staged(x, None, channel_split)
+        if y is not None:
+            return y
         z, _ = self.forward(x, train=False, channel_split=channel_split)
         return z.value
+
+    def _staged(self, x, until, channel_split):
+        """The staged forward (evaluation mode), or None where the plan refuses the layout or
+        the config key ``pconv.staged`` is False."""
+        import dask
+
+        from ..stages.lower import forward
+
+        if not dask.config.get("pconv.staged", True):
+            return None
+        split = self.channel_split if channel_split is None else _check_split(channel_split)
+        return forward(self, x, until, split)
+
+    def explain(self, x, until=None, channel_split=None):
+        """How :meth:`predict` (or :meth:`features` with ``until``) runs on ``x``: the stages
+        of :func:`dask_pconv.stages.plan.plan`, one line each, and why the program is cut
+        where it is (or why it is not staged)."""
+        from ..stages.plan import Layout, plan
+
+        split = self.channel_split if channel_split is None else _check_split(channel_split)
+        return plan(self.program, Layout.of(to_dask_array(x, x.shape), split), "predict", until).explain()
 
     def features(self, x, until, channel_split=None):
         """The output of node ``until`` in evaluation mode, as a lazy Dask array (no tape).
 
         ``x`` may have any height and width the layers up to ``until`` accept (the input
         shape check applies to the channels only), so a large image chunked into spatial
-        tiles runs layer by layer, tile by tile, with halos.
+        tiles runs tile by tile, each tile on its receptive field's window (as
+        :meth:`predict`).
         """
         x = to_dask_array(x, x.shape)
         channels = None if self.input_shape is None else self.input_shape[0]
         if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
             raise ValueError(f"x must be (N, {channels or 'C'}, H, W), got shape {x.shape}")
+        x = x.astype(self.dtype, copy=False)
+        h = self._staged(x, until, channel_split)
+        if h is not None:
+            return h
         params = self.dask_params(channel_split=channel_split)
         mode = RunMode(train=False, dropout=False, seed=self.seed)
-        h, _ = self.program.run(x.astype(self.dtype, copy=False), params, self.state, mode, until=until)
+        h, _ = self.program.run(x, params, self.state, mode, until=until)
         return h
 
 

@@ -223,8 +223,9 @@ def _bn_forward(i, layer, h, p, ctx, saved, aux):
     if ctx.train:
         return batch_norm_forward(layer, h, p, saved, aux)
     xp = array_namespace(h)
-    mean, var = (xp.asarray(a, dtype=xp.float64) for a in aux)
-    stats = xp.stack([xp.ones_like(mean), mean, var])  # count 1, M2 = var: ops.nn's evaluation
+    stats = xp.empty((3, h.shape[1]), dtype=xp.float64)  # count 1, M2 = var: ops.nn's evaluation
+    stats[0] = 1
+    stats[1], stats[2] = aux
     return bn_forward(h, stats, p["gamma"], p["beta"], layer.eps, layer.relu)
 
 
@@ -275,7 +276,7 @@ def _dropout_backward(i, layer, g, p, ctx, saved, grads):
 
 def _flatten_forward(i, layer, h, p, ctx, saved, aux):
     saved.append(h.shape)
-    return h.reshape(h.shape[0], -1)
+    return h.reshape(h.shape[0], int(np.prod(h.shape[1:])))
 
 
 def _flatten_backward(i, layer, g, p, ctx, saved, grads):
