@@ -1,0 +1,262 @@
+"""The stage planner, block interpreter and lowering (dask_pconv.stages) for the forward modes:
+every layer kind declares its needs; the plan cuts only where blocks must exchange something
+and says why; predict and features on batch chunks, tiles and both equal the fine-grained
+reference in float64, with a bounded number of tasks per block and a short critical path."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from test_models_tiling import _branches, _chain, _model
+
+from dask_pconv.graphstats import graph_stats
+from dask_pconv.models import (
+    VGG16,
+    AdaptiveAvgPool2d,
+    Concat,
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    Model,
+    Node,
+    Program,
+    ResNet18,
+    sequential,
+)
+from dask_pconv.models import layers as layers_module
+from dask_pconv.models.layers import SPLIT_AXES, Need
+from dask_pconv.models.unet import UNet
+from dask_pconv.stages.plan import Layout, plan
+
+
+def _layout(shape, chunks, out_channel=1):
+    return Layout.of(da.zeros(shape, chunks=chunks), out_channel)
+
+
+# -- the declarations and the planner (nothing computed) ------------------------------------------
+def _every_layer_kind():
+    return [
+        cls
+        for name in layers_module.__all__
+        if isinstance(cls := getattr(layers_module, name), type)
+        and issubclass(cls, Layer)
+        and cls is not Layer
+    ]
+
+
+def test_every_layer_kind_declares_its_needs_on_every_axis_in_both_modes():
+    examples = {
+        "Conv2d": ("2, 3, 3",),
+        "ConvTranspose2d": ("2, 3, 3",),
+        "BatchNorm": ("3",),
+        "MaxPool2d": ("2",),
+        "Linear": ("4, 5",),
+        "Dropout": ("0.5",),
+    }
+    kinds = _every_layer_kind()
+    assert len(kinds) >= 14
+    for cls in kinds:
+        layer = eval(f"cls({examples.get(cls.__name__, ('',))[0]})")
+        for axis in SPLIT_AXES:
+            for train in (True, False):
+                assert isinstance(layer.needs(axis, train), Need), (cls.__name__, axis, train)
+    assert Conv2d(2, 3, 3).needs("spatial", False) is Need.HALO
+    assert Conv2d(2, 3, 3).needs("out_channel", False) is Need.GATHER
+    assert Conv2d(2, 3, 3).needs("in_channel", True) is Need.PARTIAL_SUM
+    bn = layers_module.BatchNorm(3)
+    assert bn.needs("batch", True) is Need.STATISTIC and bn.needs("batch", False) is Need.LOCAL
+    assert AdaptiveAvgPool2d().needs("spatial", False) is Need.STATISTIC
+    with pytest.raises(ValueError, match="unknown split axis"):
+        Conv2d(2, 3, 3).needs("depth", False)
+
+
+def test_a_layer_kind_that_declares_no_needs_is_an_error_naming_it():
+    class Mystery(Layer):
+        def reach(self):
+            return layers_module.LOCAL
+
+    program = Program((Node("m", Mystery(), ("input",)),))
+    with pytest.raises(NotImplementedError, match="Mystery declares no needs"):
+        plan(program, _layout((2, 1, 8, 8), (1, 1, 8, 8)))
+
+
+def test_evaluation_on_batch_chunks_is_one_stage():
+    p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), (4, 3, 32, 32)))
+    assert len(p.stages) == 1 and not p.stages[0].tiled and p.refused is None
+    assert "every layer is local to a batch chunk" in p.explain()
+    assert p.explain().startswith("predict on 2 batch chunks: 1 stage")
+
+
+def test_tiles_are_cut_before_the_first_layer_that_needs_every_tile():
+    p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 64, 64), (4, 3, 16, 16)))
+    assert [s.tiled for s in p.stages] == [True, False]
+    assert p.stages[0].output == "pool5" and p.stages[1].nodes[0][1].name == "flatten"
+    text = p.explain()
+    assert "2 batch chunks x 4x4 tiles: 2 stages" in text
+    assert "cut before node 'flatten' (Flatten): it needs a gather across tiles" in text
+    assert "more input pixels than the image has" in text
+
+    r = plan(ResNet18(width=1 / 8).program, _layout((2, 3, 32, 32), (2, 3, 16, 16)))
+    assert [s.tiled for s in r.stages] == [True, False]
+    assert "needs a statistic across tiles" in r.explain()
+
+
+def test_a_network_without_whole_image_layers_is_one_tiled_stage():
+    p = plan(UNet(in_channels=1, n_classes=2, width=4, depth=2).program, _layout((1, 1, 1024, 1024), 128))
+    (stage,) = p.stages
+    assert stage.tiled and stage.tiles.n_tiles == 64 and stage.tiles.align == (4, 4)
+
+
+def _two_pools():
+    """Two global pools, of ``a`` and of ``b``: the rest reads ``a`` and ``b``, so only ``a``
+    (the last value the rest reads alone) ends the tiled stage."""
+    return Program(
+        (
+            Node("a", Conv2d(2, 3, 3, padding=1), ("input",)),
+            Node("b", Conv2d(3, 3, 3, padding=1), ("a",)),
+            Node("gb", AdaptiveAvgPool2d(), ("b",)),
+            Node("ga", AdaptiveAvgPool2d(), ("a",)),
+            Node("cat", Concat(1), ("gb", "ga")),
+            Node("flat", Flatten(), ("cat",)),
+            Node("fc", Linear(6, 2, bias=True), ("flat",)),
+        )
+    )
+
+
+def test_the_tiled_stage_ends_where_the_rest_reads_one_value():
+    p = plan(_two_pools(), _layout((2, 2, 16, 16), (1, 2, 8, 8)))
+    assert [n.name for _, n in p.stages[0].nodes] == ["a"]
+    assert "node 'a' is the last value before it that the rest reads alone" in p.explain()
+    # the input itself read after the cut: nothing can be tiled
+    program = Program(
+        (*_two_pools().nodes[:3], Node("ga", AdaptiveAvgPool2d(), ("input",)), *_two_pools().nodes[4:])
+    )
+    q = plan(program, _layout((2, 2, 16, 16), (1, 2, 8, 8)))
+    assert [s.tiled for s in q.stages] == [False]
+    assert "the tiles are put together first" in q.explain()
+
+
+def test_what_is_not_staged_is_refused_with_the_reason():
+    p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), (4, 3, 32, 32)), mode="train")
+    assert p.refused and "mode 'train' is not planned yet" in p.explain()
+    p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), (4, 3, 32, 32), out_channel=2))
+    assert "not staged: a split of the out channels is not staged yet" in p.explain()
+    p = plan(VGG16(width=1 / 16).program, _layout((8, 4, 32, 32), (4, 2, 32, 32)))
+    assert "in channels" in p.refused
+    with pytest.raises(KeyError, match="no node 'nope'"):
+        plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), -1), until="nope")
+
+
+# -- the lowering: exact, few tasks ---------------------------------------------------------------
+def _reference(model, x, until=None):
+    with dask.config.set({"pconv.staged": False}):
+        out = model.predict(x) if until is None else Model.features(model, x, until)
+    return out.compute()
+
+
+NETWORKS = {
+    "vgg16": lambda: VGG16(width=1 / 16, dtype=np.float64, seed=3),
+    "resnet18": lambda: ResNet18(width=1 / 8, dtype=np.float64, seed=3),
+    "unet": lambda: UNet(in_channels=2, n_classes=3, width=4, depth=2, dtype=np.float64, seed=3),
+    "chain": lambda: _model(_chain(), seed=3),  # strided, ceil-mode, dilated, transposed...
+    "branches": lambda: _model(_branches(), seed=3),
+    "two pools": lambda: _model(_two_pools(), seed=3),
+}
+CHUNKINGS = {
+    "batch": lambda n, c, h, w: (n // 2, c, h, w),
+    "tiles": lambda n, c, h, w: (n, c, h // 2, w // 2),
+    "mixed, tiles not aligned with anything": lambda n, c, h, w: (n // 2 + 1, c, 11, 13),
+}
+
+
+def _randomised(model):
+    rng = np.random.default_rng(7)
+    model.state = {k: rng.random(v.shape) + 0.5 for k, v in model.state.items()}
+    return model
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("network", NETWORKS)
+def test_staged_predict_is_the_fine_grained_predict(network, chunking):
+    model = _randomised(NETWORKS[network]())
+    c = 3 if network in ("vgg16", "resnet18") else 2
+    shape = (4, c, 32, 32) if network != "chain" else (4, c, 37, 41)
+    x = da.from_array(np.random.default_rng(1).standard_normal(shape), chunks=CHUNKINGS[chunking](*shape))
+    y = model.predict(x)
+    assert "stage" in model.explain(x) and "not staged" not in model.explain(x)
+    np.testing.assert_allclose(y.compute(), _reference(model, x), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("until", ["pool3", "block4_2.bn"])
+def test_staged_features_are_the_fine_grained_features(until):
+    model = _randomised(VGG16(width=1 / 16, dtype=np.float64))
+    x = da.from_array(np.random.default_rng(2).standard_normal((2, 3, 48, 40)), chunks=(1, 3, 13, 17))
+    y = Model.features(model, x, until)  # VGG16.features takes a number of blocks
+    assert y.chunks[2:] != ((y.shape[2],), (y.shape[3],))  # tiles, not whole images
+    np.testing.assert_allclose(y.compute(), _reference(model, x, until), rtol=1e-11, atol=1e-12)
+
+
+def test_a_layer_without_a_block_rule_runs_through_the_reference_in_its_block():
+    """A max pool with padding has no block rule: its node runs the fine-grained op on the
+    block, inside the stage's task (still one task per block)."""
+    program = sequential(
+        ("c", Conv2d(2, 3, 3, padding=1)),
+        ("pool", MaxPool2d(3, 2, padding=1, ceil_mode=True)),
+        ("d", Conv2d(3, 2, 3, padding=1)),
+    )
+    model = _model(program)
+    x = da.from_array(np.random.default_rng(3).standard_normal((3, 2, 21, 19)), chunks=(2, 2, 8, 7))
+    y = model.predict(x)
+    np.testing.assert_allclose(y.compute(), _reference(model, x), rtol=1e-11, atol=1e-12)
+    n_tiles = len(y.chunks[2]) * len(y.chunks[3]) * len(y.chunks[0])
+    assert graph_stats(y).tasks <= x.npartitions + n_tiles + 1
+
+
+def test_predict_on_batch_chunks_is_one_task_per_chunk():
+    """The issue's target: <= 3 tasks per chunk, critical path <= 4 (VGG16, batch:2)."""
+    model = VGG16(width=1 / 16)
+    x = da.random.default_rng(0).standard_normal((8, 3, 32, 32), chunks=(4, 3, 32, 32)).astype(np.float32)
+    stats = graph_stats(model.predict(x))
+    # per chunk: its random block, its cast, its stage task; and one job key for all
+    assert stats.tasks <= 3 * 2 + 1 and stats.critical_path <= 4, stats
+
+
+def test_predict_of_a_unet_on_tiles_is_one_task_per_tile_for_any_number_of_tiles():
+    """The issue's target: a U-Net on a 1024 x 1024 image in 8 x 8 tiles, <= 12 tasks per
+    tile (input blocks included) and a critical path <= 6 (the fine-grained graph: 125 and
+    51)."""
+    model = UNet(in_channels=1, n_classes=2, width=4, depth=2)
+    for grid in (8, 16):
+        x = da.zeros((1, 1, 1024, 1024), chunks=(1, 1, 1024 // grid, 1024 // grid), dtype=np.float32)
+        y = model.predict(x)
+        stats = graph_stats(y)
+        assert y.numblocks == (1, 1, grid, grid)
+        assert stats.tasks <= 2 * grid * grid + 1 and stats.critical_path <= 3, stats
+
+
+def test_the_staged_predict_reads_the_parameters_once_per_stage():
+    """The model's arrays are one key per stage that every block task reads (not a copy per
+    block, nor one key per array)."""
+    model = VGG16(width=1 / 16)
+    x = da.zeros((8, 3, 32, 32), chunks=(2, 3, 16, 16), dtype=np.float32)
+    graph = dict(model.predict(x).__dask_graph__())
+    jobs = [k for k in graph if isinstance(k, str) and k.startswith("stage-job-")]
+    assert len(jobs) == 2
+
+
+def test_trained_parameters_held_as_dask_arrays_are_read_by_the_job():
+    model = _randomised(VGG16(width=1 / 16, dtype=np.float64))
+    x = da.from_array(np.random.default_rng(4).standard_normal((4, 3, 32, 32)), chunks=(2, 3, 16, 16))
+    expected = _reference(model, x)
+    model.params = {k: da.from_array(v, chunks=v.shape) for k, v in model.params.items()}
+    np.testing.assert_allclose(model.predict(x).compute(), expected, rtol=1e-11, atol=1e-12)
+
+
+def test_the_config_key_turns_the_stages_off():
+    model = VGG16(width=1 / 16)
+    x = da.zeros((8, 3, 32, 32), chunks=(4, 3, 32, 32), dtype=np.float32)
+    with dask.config.set({"pconv.staged": False}):
+        assert graph_stats(model.predict(x)).tasks > 40
+    assert graph_stats(model.predict(x)).tasks <= 5
