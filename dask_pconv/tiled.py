@@ -22,7 +22,6 @@ import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
-from dask.local import get_sync
 from dask.utils import parse_bytes
 
 from .kernels.conv import COL_BYTES
@@ -30,6 +29,8 @@ from .models.layers import RunMode
 from .models.model import Model
 from .models.program import INPUT
 from .models.tiling import plan_tiles
+from .stages.lower import StageJob
+from .stages.plan import nodes_upto
 
 __all__ = ["TileJob", "tile_working_set"]
 
@@ -38,39 +39,25 @@ class TileJob:
     """What every tile task reads: the model, the node whose output is written (``until``,
     None for the last) and the source's lead axes (a 2-D or 3-D source is read as 4-D).
 
-    The model's graph for one window is built once per window shape (a worker sees a few:
-    the inner windows, the edges, the corners) and then run on each window's data by the
-    synchronous scheduler: building it again per tile cost as much as the arithmetic of a
-    512 x 512 tile, and the deep, varied stacks of graph building made distributed's
-    profiler keep about 70 KiB per tile (its per-second history; measured 17 MiB per 256
-    tiles).  The cache is a worker's own: it is not pickled."""
+    A window runs through the block interpreter (:class:`~dask_pconv.stages.lower.StageJob`),
+    in evaluation mode: no graph is built per tile (building one cost as much as the
+    arithmetic of a 512 x 512 tile, and its deep stacks made distributed's profiler keep about
+    70 KiB per tile)."""
 
     def __init__(self, model, until, lead):
         self.model, self.until, self.lead = model, until, lead
-        self._graphs = {}
+        self._job = StageJob.of(model, nodes_upto(model.program, until))
 
     def __getstate__(self):
         return {"model": self.model, "until": self.until, "lead": self.lead}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _graphs={})
-
-    def _graph(self, shape):
-        """``(graph, input key, output key)`` of the model on an input of ``shape``."""
-        graph = self._graphs.get(shape)
-        if graph is None:
-            x, y = _lazy_run(self.model, shape, self.until)
-            if y.npartitions != 1:  # an op chunked its output: gather it in one more task
-                y = y.rechunk(-1)
-            graph = (dict(y.__dask_graph__()), (x.name,) + (0,) * 4, (y.name,) + (0,) * y.ndim)
-            self._graphs[shape] = graph
-        return graph
+        self.__init__(state["model"], state["until"], state["lead"])
 
     def run(self, x):
         """The output of the model on one window (a NumPy block), in evaluation mode."""
         x = np.asarray(x).astype(self.model.dtype, copy=False)
-        dsk, x_key, y_key = self._graph(x.shape)
-        return get_sync({**dsk, x_key: x}, y_key)
+        return self._job.run({INPUT: x})
 
 
 def _lazy_run(model, shape, until, outputs=None):
