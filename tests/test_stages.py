@@ -130,12 +130,14 @@ def test_the_tiled_stage_ends_where_the_rest_reads_one_value():
     assert [n.name for _, n in p.stages[0].nodes] == ["a"]
     assert "node 'a' is the last value before it that the rest reads alone" in p.explain()
     # the input itself read after the cut: nothing can be tiled
-    program = Program(
-        (*_two_pools().nodes[:3], Node("ga", AdaptiveAvgPool2d(), ("input",)), *_two_pools().nodes[4:])
-    )
+    nodes, ga = _two_pools().nodes, Node("ga", AdaptiveAvgPool2d(), ("input",))
+    program = Program((*nodes[:3], ga, *nodes[4:6], Node("fc", Linear(5, 2, bias=True), ("flat",))))
     q = plan(program, _layout((2, 2, 16, 16), (1, 2, 8, 8)))
     assert [s.tiled for s in q.stages] == [False]
     assert "the tiles are put together first" in q.explain()
+    model = _model(program)
+    x = da.from_array(np.random.default_rng(5).standard_normal((2, 2, 16, 16)), chunks=(1, 2, 8, 5))
+    np.testing.assert_allclose(model.predict(x).compute(), _reference(model, x), rtol=1e-11, atol=1e-12)
 
 
 def test_what_is_not_staged_is_refused_with_the_reason():

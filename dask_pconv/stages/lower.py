@@ -23,6 +23,8 @@ from dask.array.utils import meta_from_array
 from dask.highlevelgraph import HighLevelGraph
 
 from ..backend import array_namespace, asarray_like
+from ..models.layers import RunMode
+from ..models.program import INPUT
 from .block import Ctx, run_forward
 from .plan import Layout, nodes_upto, plan
 
@@ -68,15 +70,19 @@ def _bind(job, like, *values):
 def output_shape(model, shape, until=None):
     """The output's shape (node ``until``'s) for an input of ``shape``: the block interpreter
     on an empty batch of that shape, with arrays of zeros for the parameters (nothing but
-    the shapes is computed, nothing is read from the cluster)."""
+    the shapes is computed, nothing is read from the cluster).  Where that fails, the
+    fine-grained reference is built lazily on the shape, so that the error is the layer's own
+    (``Linear(80, 6) needs input (N, 80)``, not a kernel's)."""
     job = StageJob.of(model, nodes_upto(model.program, until))
     job = job.bound([np.zeros(v.shape, model.dtype) for v in job.arrays()], np.empty(()))
-    y = job.run({"input": np.zeros((0, *shape[1:]), dtype=model.dtype)})
+    try:
+        y = job.run({INPUT: np.zeros((0, *shape[1:]), dtype=model.dtype)})
+    except Exception:
+        x = da.zeros(shape, dtype=model.dtype, chunks=-1)
+        mode = RunMode(train=False, dropout=False, seed=model.seed)
+        model.program.run(x, model.dask_params(), model.state, mode, until=until)
+        raise
     return (shape[0], *y.shape[1:])
-
-
-def _run_block(job, x):
-    return job.run({"input": x})
 
 
 def _window(pieces, shape, dtype):
@@ -97,7 +103,9 @@ def _run_window(job, blocks, placement, shape, crop):
 
 
 def _run_gathered(job, name, rows):
-    """A stage on whole images: the previous stage's tiles (rows of blocks) put together."""
+    """A stage on whole images: the tiles of value ``name`` (rows of blocks) put together."""
+    if len(rows) == 1 and len(rows[0]) == 1:
+        return job.run({name: rows[0][0]})
     xp = array_namespace(rows[0][0])
     whole = xp.concatenate([xp.concatenate(r, axis=3) for r in rows], axis=2)
     return job.run({name: whole})
@@ -141,9 +149,18 @@ class _Graph:
         """Stage 0's tasks, named ``(name, *index(c, i, j))`` (tiles) or ``(name,
         *index(c))``: ``{(batch chunk, i, j): key}`` or ``{batch chunk: key}``."""
         job, x = self.job(0, stage), self.x
-        if not stage.tiled:
+        if not stage.tiled:  # whole images: the input's tiles (if any) put together
+            _, _, gi, gj = x.numblocks
             return {
-                c: self._task((name, *index(c)), (_run_block, job, (x.name, c, 0, 0, 0)))
+                c: self._task(
+                    (name, *index(c)),
+                    (
+                        _run_gathered,
+                        job,
+                        INPUT,
+                        [[(x.name, c, 0, i, j) for j in range(gj)] for i in range(gi)],
+                    ),
+                )
                 for c in range(x.numblocks[0])
             }
         t = stage.tiles
