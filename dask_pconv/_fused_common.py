@@ -74,6 +74,13 @@ def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
     return velocity(v, g if row is None else g[row], p, momentum, lr, weight_decay)
 
 
+def gradient(parts, row, dtype):
+    """A gradient from its per-chunk parts, summed in chunk order (``row``: as for
+    :func:`sgd_velocity`), in the parameter's ``dtype`` (a BatchNorm's sums are float64)."""
+    g = _sum_parts(parts)
+    return (g if row is None else g[row]).astype(dtype)
+
+
 def running(parts, old_mean, old_var, decay, which):
     """A running mean or variance (:func:`~dask_pconv.kernels.bn_running`) from every chunk's
     partial statistics, merged in chunk order."""
@@ -113,7 +120,8 @@ class StageGraph:
                 if not isinstance(v, da.Array):
                     v = to_dask_array(v, v.shape)
                 self.inputs[group, k] = v if v.npartitions == 1 else v.rechunk(v.shape)
-        self.tok = tokenize(model.program, self.inputs, x, self.t, step, dropout, model.seed, vars(optimizer))
+        opt = None if optimizer is None else vars(optimizer)
+        self.tok = tokenize(model.program, self.inputs, x, self.t, step, dropout, model.seed, opt)
         offsets = np.cumsum((0,) + x.chunks[0][:-1])
         self.ctxs = [Ctx(model.seed, step, dropout, self.n, int(o)) for o in offsets]
         self.dsk, self.outs = {}, {}
@@ -164,10 +172,30 @@ class StageGraph:
                 new_s[name] = self.output("running", name, like.shape, like.dtype, value)
         return new_p, new_v, new_s
 
+    def gradients(self, grad_parts, bn_sums):
+        """Per parameter, the task summing its gradient's parts (in chunk order)."""
+        grads = {}
+        for node in self.model.program.nodes:
+            for local in node.layer.params():
+                name = node.full_name(local)
+                if node.name in bn_sums:
+                    parts, row = list(bn_sums[node.name]), {"beta": 0, "gamma": 1}[local]
+                else:
+                    parts, row = grad_parts[name], None
+                like = self.inputs["param", name]
+                value = (gradient, parts, row, like.dtype)
+                grads[name] = self.output("grad", name, like.shape, like.dtype, value)
+        return grads
+
     def results(self, grad_parts, bn_sums, bn_stats, loss_parts, correct_parts):
-        """``(params, velocities, state, loss, accuracy)``: the update tasks and the arrays."""
+        """``(params, velocities, state, loss, accuracy)``: the update tasks and the arrays; with
+        no optimizer, ``(grads, state, loss, accuracy)``."""
         loss = self.output("loss", "", (), self.x.dtype, (mean_of, loss_parts, self.t.size, self.x.dtype))
         acc = self.output("accuracy", "", (), np.float64, (mean_of, correct_parts, self.t.size, np.float64))
+        if self.opt is None:
+            grads = self.gradients(grad_parts, bn_sums)
+            arrays = self.arrays([*grads.values(), loss, acc])
+            return dict(zip(grads, arrays)), arrays[-2], arrays[-1]
         new_p, new_v, new_s = self.updates(grad_parts, bn_sums, bn_stats)
         names = [(g, k) for g, d in (("p", new_p), ("v", new_v), ("s", new_s)) for k in d]
         arrays = self.arrays([{"p": new_p, "v": new_v, "s": new_s}[g][k] for g, k in names] + [loss, acc])

@@ -61,16 +61,17 @@ from .stages.block import layer_backward, layer_forward, loss_block
 from .stages.block import named as _named
 from .stages.block import sum_parts as _sum_parts
 
-__all__ = ["fusable", "fused_training_step"]
+__all__ = ["fusable", "fused_gradients", "fused_training_step"]
 
 _LAYERS = CHAIN_LAYERS
 
 
 def fusable(model, optimizer, params, x):
-    """Why the step of ``model`` on ``x`` cannot run as coarse stages, or None if it can."""
+    """Why the step of ``model`` on ``x`` cannot run as coarse stages, or None if it can
+    (``optimizer`` None: the forward-backward pass alone, :func:`fused_gradients`)."""
     if not dask.config.get("pconv.fused", True):
         return "pconv.fused is off"
-    if not isinstance(optimizer, MomentumSGD):
+    if optimizer is not None and not isinstance(optimizer, MomentumSGD):
         return f"the optimizer is a {type(optimizer).__name__}, not MomentumSGD"
     program = getattr(model, "program", None)
     if not getattr(program, "nodes", None):
@@ -181,6 +182,18 @@ def fused_training_step(model, optimizer, params, state, velocities, x, t, step,
     else:
         graph = _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
     return graph(model, optimizer, params, state, velocities, x, t, step, dropout).outputs()
+
+
+def fused_gradients(model, params, x, t, step, dropout=True):
+    """``(loss, grads, accuracy)`` of a training-mode forward-backward pass as coarse stages
+    (the step's graph without the update); :func:`fusable` with no optimizer must have said
+    yes."""
+    if _chain_unfit(model.program.nodes, x) is not None:
+        graph = DagStepGraph
+    else:
+        graph = _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
+    grads, loss, accuracy = graph(model, None, params, model.state, {}, x, t, step, dropout).outputs()
+    return loss, grads, accuracy
 
 
 class _StepGraph(StageGraph):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -191,7 +192,25 @@ class Model:
         grads : dict
             Name -> Dask array, keyed and shaped like :attr:`params`.
         """
+        if train and dask.config.get("pconv.staged", True):
+            staged = self._staged_gradients(x, t, dropout, step, channel_split)
+            if staged is not None:
+                return staged
         loss, grads, _ = self.forward_backward_aux(x, t, train, dropout, step, channel_split=channel_split)
+        return loss, grads
+
+    def _staged_gradients(self, x, t, dropout, step, channel_split):
+        """``(loss, grads)`` as the training step's coarse stages without its update, or None
+        where they cannot run the program on ``x``'s layout (``dask_pconv.fused.fusable``)."""
+        from ..fused import fusable, fused_gradients
+
+        x = self.check_input(x)
+        params = self.dask_params(x, channel_split)
+        if fusable(self, None, params, x) is not None:
+            return None
+        labels = (x.chunks[0],) + (x.chunks[2:] if np.ndim(t) == 3 else ())
+        t = to_dask_array(t, labels)
+        loss, grads, _ = fused_gradients(self, params, x, t, step, dropout)
         return loss, grads
 
     def predict(self, x, channel_split=None):
@@ -212,8 +231,6 @@ class Model:
     def _staged(self, x, until, channel_split):
         """The staged forward (evaluation mode), or None where the plan refuses the layout or
         the config key ``pconv.staged`` is False."""
-        import dask
-
         from ..stages.lower import forward
 
         if not dask.config.get("pconv.staged", True):
