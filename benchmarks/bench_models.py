@@ -14,8 +14,12 @@ single-channel image in spatial tiles: the image is persisted on the workers fir
 building the graph, running it and waiting for the logits persisted on the workers (they are
 not gathered).  Baselines: PyTorch's module on the whole image (2 threads, ``no_grad``) and
 our model on the image as one chunk on the same cluster (one task per layer, one worker).
-The three are timed round-robin (medians), and the tiled logits are checked against
-PyTorch's (max abs difference).
+Where MONAI is installed (an optional benchmark dependency, ``pip install monai``), MONAI's
+``sliding_window_inference`` runs the PyTorch module on windows of the tile size (overlap 0.25,
+Gaussian blending: its usual settings) beside them.  All are timed round-robin (medians), and
+the tiled logits and MONAI's are checked against PyTorch's on the whole image (max abs
+difference: ours is exact to float32 rounding, MONAI's blends windows that each saw zero
+padding at their edges).
 
     python benchmarks/bench_models.py --json models.json
     python benchmarks/bench_models.py --quick          # small sizes (the test suite runs it)
@@ -47,7 +51,7 @@ RESNET_CASES = [("ResNet-18 width 1, batch 64, 32x32, batch:2", 1.0, 64, 32, {"b
 RESNET_QUICK = [("ResNet-18 width 1/16, batch 8, 32x32, batch:2", 1 / 16, 8, 32, {"batch": 2})]
 #: (width, depth, image size, spatial tiles per axis); PyTorch takes about 2.4 s on 2 threads
 #: for the 2048x2048 image on the machine of docs/benchmarks.md
-UNET_CASES = [(8, 2, 2048, (2, 2)), (8, 2, 2048, (4, 4))]
+UNET_CASES = [(8, 2, 2048, (2, 2)), (8, 2, 2048, (4, 4)), (16, 3, 2048, (4, 4))]
 UNET_QUICK = [(4, 2, 128, (2, 2))]
 
 RESNET_COLUMNS = [
@@ -70,6 +74,9 @@ UNET_COLUMNS = [
     "critical path",
     "one-chunk tasks",
     "max abs diff",
+    "monai s",
+    "monai / torch",
+    "monai max abs diff",
 ]
 
 
@@ -79,6 +86,23 @@ def _have_torch():
     except ImportError:
         return False
     return True
+
+
+def _have_monai():
+    try:
+        from monai.inferers import sliding_window_inference  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _monai(module, tx, roi):
+    """MONAI's sliding-window inference of ``module`` on ``tx`` in ``roi`` windows."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    with torch.no_grad():
+        return sliding_window_inference(tx, roi, 1, module, overlap=0.25, mode="gaussian")
 
 
 def _torch_module(cls, model, *args):
@@ -196,6 +220,9 @@ def run_unet(cases, steps, torch_ok):
                     return module(tx)
 
             fns["torch"] = whole
+            roi = (size // tiles[0], size // tiles[1])
+            if _have_monai():
+                fns["monai"] = lambda: _monai(module, tx, roi)
         secs = interleaved(fns, repeat=steps)
         row = {
             "case": f"U-Net width {width}, depth {depth}, 1x1x{size}x{size}, spatial {tiles[0]}x{tiles[1]}",
@@ -211,6 +238,10 @@ def run_unet(cases, steps, torch_ok):
             row["tiled / torch"] = secs["tiled"] / secs["torch"]
             ref = whole().numpy()
             row["max abs diff"] = float(np.abs(ours(xd).compute() - ref).max())
+            if "monai" in fns:
+                row["monai s"] = secs["monai"]
+                row["monai / torch"] = secs["monai"] / secs["torch"]
+                row["monai max abs diff"] = float(np.abs(fns["monai"]().numpy() - ref).max())
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -220,6 +251,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="timed steps (ResNet) and runs (U-Net)")
     ap.add_argument("--quick", action="store_true", help="small widths and images: a dry run")
+    ap.add_argument("--only", choices=["resnet", "unet"], help="run one of the two benchmarks")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch_ok = _have_torch()
@@ -235,8 +267,8 @@ def main(argv=None):
         ),
         connect(n_workers=2, threads_per_worker=1, dashboard_address=None),
     ):
-        resnet = run_resnet(resnet_cases, args.steps, torch_ok)
-        unet = run_unet(unet_cases, args.steps, torch_ok)
+        resnet = [] if args.only == "unet" else run_resnet(resnet_cases, args.steps, torch_ok)
+        unet = [] if args.only == "resnet" else run_unet(unet_cases, args.steps, torch_ok)
     load.append(os.getloadavg()[0])
     table(resnet, RESNET_COLUMNS)
     print()

@@ -33,6 +33,8 @@ from .models.layers import (
 from .optim import apply_velocity, velocity
 from .stages.block import Ctx, conv_geometry, layer_backward, layer_forward, loss_block
 from .stages.block import sum_parts as _sum_parts
+from .stages.lower import node_bytes
+from .stages.plan import read_whole
 
 __all__ = [
     "BLOCK_LAYERS",
@@ -125,6 +127,21 @@ class StageGraph:
         offsets = np.cumsum((0,) + x.chunks[0][:-1])
         self.ctxs = [Ctx(model.seed, step, dropout, self.n, int(o)) for o in offsets]
         self.dsk, self.outs = {}, {}
+        self.node_bytes = node_bytes(model, x.shape)
+
+    def result_bytes(self, nodes, c):
+        """About what a stage task of ``nodes`` (``(index, node)`` pairs) returns for chunk
+        ``c``: three arrays the size of each node's output (its output, and what its backward
+        reads: an input, a mask), for the chunk's images."""
+        return 3 * self.x.chunks[0][c] * sum(self.node_bytes[n.name] for _, n in nodes)
+
+    def shared(self, kind, index, key, path, nbytes):
+        """What other chunks read of stage result ``key``: element ``path`` of it picked out by
+        a task of its own (two hops), or, where the result is small
+        (:func:`~dask_pconv.stages.plan.read_whole` of ``nbytes``), picked inside each
+        reading task from the whole result (one hop)."""
+        value = (pick, key, *path)
+        return value if read_whole(nbytes) else self.task(kind, *index, value=value)
 
     def key(self, group, name):
         return first_key(self.inputs[group, name])

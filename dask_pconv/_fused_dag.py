@@ -252,7 +252,8 @@ class DagStepGraph(StageGraph):
                 earlier = [self.value(v, c) for v in spec.reads]
                 value = (dag_forward, spec, earlier, parts, self.params(spec), self.ctxs[c])
                 self.fwd[s, c] = self.task("fwd", s, c, value=value)
-                self.stats[s, c] = self.task("stats", s, c, value=(operator.getitem, self.fwd[s, c], 1))
+                nbytes = self.result_bytes(spec.nodes, c)
+                self.stats[s, c] = self.shared("stats", (s, c), self.fwd[s, c], (1,), nbytes)
 
     def backward(self):
         S, spec = self.plan.last, self.plan.specs[-1]
@@ -283,7 +284,8 @@ class DagStepGraph(StageGraph):
         """The small picks other chunks and the optimizer read from a backward task."""
         bwd = self.bwd[s, c]
         if any(isinstance(n.layer, BatchNorm) for _, n in self.plan.specs[s].nodes):
-            self.sums[s, c] = self.task("sums", s, c, value=(operator.getitem, bwd, 2))
+            nbytes = self.result_bytes(self.plan.specs[s].nodes, c)
+            self.sums[s, c] = self.shared("sums", (s, c), bwd, (2,), nbytes)
         if any(n.layer.params() and not isinstance(n.layer, BatchNorm) for _, n in self.plan.specs[s].nodes):
             self.pgrads[s, c] = self.task("grad", s, c, value=(operator.getitem, bwd, 3))
 

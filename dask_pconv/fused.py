@@ -228,7 +228,7 @@ class _StepGraph(StageGraph):
             h = self.stage_input(fwd, s, c)
             k = self.task("fwd", s, c, value=(stage_forward, seg, h, parts, self.flat(seg), self.ctxs[c]))
             fwd[s].append(k)
-            stats[s].append(self.task("stats", s, c, value=(operator.getitem, k, 1)))
+            stats[s].append(self.shared("stats", (s, c), k, (1,), self.result_bytes(seg, c)))
 
     def tails(self, fwd, stats):
         """The last stage's tasks, one per chunk (forward, loss, back to its BatchNorm)."""
@@ -268,7 +268,12 @@ class _StepGraph(StageGraph):
         last, seg = len(self.segs) - 1, self.segs[-1]
         grad_parts = {}
         self.pick_grads(grad_parts, seg, tails, 5, skip_first=True)
-        sums = {last: [self.task("sums", last, c, value=(_pick, tails[c], 3)) for c in range(self.P)]}
+        sums = {
+            last: [
+                self.shared("sums", (last, c), tails[c], (3,), self.result_bytes(seg, c))
+                for c in range(self.P)
+            ]
+        }
         g_src = [(_pick, k, 2) for k in tails]
         bn_src = [(_pick, k, 4) for k in tails]
         for b in range(last, until, -1):
@@ -296,7 +301,10 @@ class _StepGraph(StageGraph):
             ]
             self.pick_grads(grad_parts, seg_prev, outs, 3, skip_first=b - 1 > 0)
             if b - 1 > 0:
-                sums[b - 1] = [self.task("sums", b - 1, c, value=(_pick, k, 1)) for c, k in enumerate(outs)]
+                sums[b - 1] = [
+                    self.shared("sums", (b - 1, c), k, (1,), self.result_bytes(seg_prev, c))
+                    for c, k in enumerate(outs)
+                ]
                 g_src = [(_pick, k, 0) for k in outs]
                 bn_src = [(_pick, k, 2) for k in outs]
         return grad_parts, sums, g_src, bn_src

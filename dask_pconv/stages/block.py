@@ -489,12 +489,12 @@ def _reference_forward(i, node, inputs, p, state, ctx):
     return out.compute(scheduler="sync")
 
 
-def run_forward(nodes, values, params, state, ctx):
+def run_forward(nodes, values, params, state, ctx, keep=False):
     """The nodes ``(index, node)`` forward in evaluation mode (``ctx.train`` False), nothing
     saved: ``values`` (name -> block, holding what they read; the program's input as
     ``"input"``) gains each node's output, and an output is dropped after its last reader
     (the last node's is kept).  ``params`` and ``state`` hold each node's local arrays, in
-    ``nodes``' order."""
+    ``nodes``' order.  ``keep``: drop nothing (every node's output stays in ``values``)."""
     last = {}
     for t, (_, node) in enumerate(nodes):
         for v in node.inputs:
@@ -508,7 +508,7 @@ def run_forward(nodes, values, params, state, ctx):
         else:
             values[node.name] = _reference_forward(i, node, inputs, p, s, ctx)
         for v in set(node.inputs):
-            if last[v] == t and v != final and v != INPUT:
+            if last[v] == t and v != final and v != INPUT and not keep:
                 del values[v]
     return values[final]
 

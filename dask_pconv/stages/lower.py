@@ -28,7 +28,7 @@ from ..models.program import INPUT
 from .block import Ctx, run_forward
 from .plan import Layout, nodes_upto, plan
 
-__all__ = ["StageJob", "forward", "output_shape"]
+__all__ = ["StageJob", "forward", "node_bytes", "output_shape"]
 
 
 class StageJob:
@@ -67,14 +67,43 @@ def _bind(job, like, *values):
     return job.bound(values, like)
 
 
+def _shape_job(model, nodes):
+    """A job for a shape pass: the model's NumPy arrays as they are, zeros in place of others
+    (Dask arrays on the cluster, device arrays)."""
+    job = StageJob.of(model, nodes)
+    arrays = [v if isinstance(v, np.ndarray) else np.zeros(v.shape, model.dtype) for v in job.arrays()]
+    return job.bound(arrays, np.empty(()))
+
+
+def node_bytes(model, shape):
+    """Bytes of each node's output per image (name -> int) for inputs of ``shape`` (``(N, C,
+    H, W)``; ``N`` is ignored): the block interpreter on an empty batch, once per program,
+    image shape and dtype."""
+    return dict(_node_bytes(model.program, tuple(shape[1:]), model.dtype, model))
+
+
+_MEMO = {}
+
+
+def _node_bytes(program, shape, dtype, model):
+    key = (program, shape, dtype)
+    if key not in _MEMO:
+        job = _shape_job(model, tuple(enumerate(program.nodes)))
+        values = {INPUT: np.zeros((0, *shape), dtype=dtype)}
+        run_forward(job.nodes, values, job.params, job.state, Ctx(0, 0, False, 0, 0, train=False), keep=True)
+        if len(_MEMO) > 64:
+            _MEMO.clear()
+        _MEMO[key] = {k: int(np.prod(v.shape[1:])) * v.dtype.itemsize for k, v in values.items()}
+    return _MEMO[key]
+
+
 def output_shape(model, shape, until=None):
     """The output's shape (node ``until``'s) for an input of ``shape``: the block interpreter
     on an empty batch of that shape, with arrays of zeros for the parameters (nothing but
     the shapes is computed, nothing is read from the cluster).  Where that fails, the
     fine-grained reference is built lazily on the shape, so that the error is the layer's own
     (``Linear(80, 6) needs input (N, 80)``, not a kernel's)."""
-    job = StageJob.of(model, nodes_upto(model.program, until))
-    job = job.bound([np.zeros(v.shape, model.dtype) for v in job.arrays()], np.empty(()))
+    job = _shape_job(model, nodes_upto(model.program, until))
     try:
         y = job.run({INPUT: np.zeros((0, *shape[1:]), dtype=model.dtype)})
     except Exception:
