@@ -114,7 +114,7 @@ class StageGraph:
     def __init__(self, model, optimizer, params, state, velocities, x, t, step, dropout):
         self.model, self.opt = model, optimizer
         self.P, self.n = x.numblocks[0], x.shape[0]
-        labels = (x.chunks[0],) + (x.chunks[2:] if t.ndim == 3 else ())
+        labels = (x.chunks[0],) + tuple((n,) for n in t.shape[1:])  # per pixel: whole images
         self.x, self.t = x, t if t.chunks == labels else t.rechunk(labels)
         self.inputs = {}
         for group, arrays in (("param", params), ("state", state), ("velocity", velocities)):

@@ -208,8 +208,7 @@ class Model:
         params = self.dask_params(x, channel_split)
         if fusable(self, None, params, x) is not None:
             return None
-        labels = (x.chunks[0],) + (x.chunks[2:] if np.ndim(t) == 3 else ())
-        t = to_dask_array(t, labels)
+        t = to_dask_array(t, (x.chunks[0],) + tuple((n,) for n in np.shape(t)[1:]))
         loss, grads, _ = fused_gradients(self, params, x, t, step, dropout)
         return loss, grads
 

@@ -9,18 +9,21 @@ it as on a whole image, and the stage crops what the window's edges spoilt.
 
 A layer kind's block rule is one pair of functions in :data:`FORWARD` and :data:`BACKWARD`
 (keyed by the layer's class, looked up along its MRO).  A forward rule appends what its
-backward reads to a ``saved`` list, and the backward pops it again.  A layer with no forward
-rule (or whose rule declines the layer's settings: a max pool with padding, an average pool in
-ceil mode) runs forward through the fine-grained reference, its ``apply`` on one-chunk Dask
-arrays computed in the task (:func:`_reference_forward`), so inference never refuses a layer
-the program accepts; a training stage needs both rules (:func:`trainable`).
+backward reads to a ``saved`` list, and the backward pops it again.  A layer with no rule
+(or whose rule declines the layer's settings: a max pool with padding, an average pool in ceil
+mode) runs through the fine-grained reference inside the task: its ``apply`` on one-chunk Dask
+arrays of the block, forward, and recorded on the tape again for its vector-Jacobian product
+backward (:func:`_tape_forward`, :func:`_tape_backward`).  So a stage never refuses a layer the
+program accepts; it only runs that node slower.
 """
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 
+from .. import autodiff as ad
 from ..backend import array_namespace
 from ..geometry import normalize_pair, resolve_padding
 from ..kernels import (
@@ -403,35 +406,70 @@ def _lookup(table, layer):
 
 
 def trainable(node):
-    """Why a training stage cannot run ``node`` on a block (no rule for its layer kind, or
-    settings the rule does not cover), or None."""
+    """Why a training stage cannot run ``node`` on a block, or None."""
     layer = node.layer
-    if isinstance(layer, (Add, Concat)):
-        if isinstance(layer, Concat) and (layer.axis == 0 or layer.axis < -1):
-            # a block holds some of the images: it cannot concatenate along the batch
-            return f"node {node.name!r} concatenates along axis {layer.axis}, not 1 or later"
-        return None
-    no_backward = _lookup(BACKWARD, layer) is None and not isinstance(layer, BatchNorm)
-    if _lookup(FORWARD, layer) is None or no_backward:
-        return f"node {node.name!r} is a {type(layer).__name__}"
+    if isinstance(layer, Concat) and (layer.axis == 0 or layer.axis < -1):
+        # a block holds some of the images: it cannot concatenate along the batch
+        return f"node {node.name!r} concatenates along axis {layer.axis}, not 1 or later"
+    return None
+
+
+def _rule(table, layer):
+    """The block rule of ``layer`` in ``table``, or None where there is none or it declines the
+    layer's settings."""
+    rule = _lookup(table, layer)
     decline = _lookup(_DECLINES, layer)
-    why = decline(layer) if decline else None
-    return None if why is None else f"node {node.name!r} {why}"
+    return None if rule is None or (decline and decline(layer)) else rule
 
 
 def layer_forward(i, layer, h, p, ctx, saved, aux=None):
     """One single-input layer forward on a block; appends what its backward reads to
     ``saved``.  ``i`` is the node's position in its program (its dropout key); ``aux`` a
     BatchNorm's statistics (training: every block's partial statistics of its input;
-    evaluation: the running ``(mean, var)``)."""
-    return _lookup(FORWARD, layer)(i, layer, h, p, ctx, saved, aux)
+    evaluation: the running ``(mean, var)``).  A layer with no block rule runs through the
+    fine-grained reference (:func:`_tape_forward`)."""
+    rule = _rule(FORWARD, layer) or _tape_forward
+    return rule(i, layer, h, p, ctx, saved, aux)
 
 
 def layer_backward(i, layer, g, p, ctx, saved, grads):
     """One layer backward on a block (not BatchNorm: its backward needs every block's sums):
     ``g`` at its output in, ``g`` at its input out; its parameters' gradient parts into
     ``grads`` (local name -> array)."""
-    return _lookup(BACKWARD, layer)(i, layer, g, p, ctx, saved, grads)
+    rule = _rule(BACKWARD, layer) if _rule(FORWARD, layer) else None
+    return (rule or _tape_backward)(i, layer, g, p, ctx, saved, grads)
+
+
+def _lazy(a):
+    return da.from_array(a, chunks=a.shape, asarray=False)
+
+
+def _mode(ctx):
+    return RunMode(train=ctx.train, dropout=ctx.dropout, seed=ctx.seed, step=ctx.step)
+
+
+def _tape_forward(i, layer, h, p, ctx, saved, aux):
+    """The per-node fallback for a layer with no block rule (a max pool with padding, say):
+    its ``apply`` (the fine-grained reference) on one-chunk Dask arrays of the block, computed
+    here on the synchronous scheduler; saves its input for :func:`_tape_backward`."""
+    out, _ = layer.apply((_lazy(h),), {k: _lazy(v) for k, v in p.items()}, {}, _mode(ctx), i)
+    saved.append(h)
+    return out.compute(scheduler="sync")
+
+
+def _tape_backward(i, layer, g, p, ctx, saved, grads):
+    """The fallback's backward: the layer's ``apply`` recorded on the tape again, and its
+    vector-Jacobian product with ``g`` (the tape's own rules), computed here."""
+    x = ad.Tensor(_lazy(saved.pop()))
+    params = {k: ad.Tensor(_lazy(v)) for k, v in p.items()}
+    out, _ = layer.apply((x,), params, {}, _mode(ctx), i)
+    wrt = [x, *params.values()]
+    found = ad.grad(out, wrt, g=_lazy(g))
+    values = dask.compute(
+        *[gv if gv is not None else da.zeros_like(t.value) for gv, t in zip(found, wrt)], scheduler="sync"
+    )
+    grads.update(zip(params, values[1:]))
+    return values[0]
 
 
 def node_forward(i, node, inputs, p, ctx, saved, aux=None):
@@ -470,25 +508,6 @@ def _split_along(g, sizes, axis):
     return out
 
 
-def _reference_forward(i, node, inputs, p, state, ctx):
-    """A node forward in evaluation mode through the fine-grained reference (its layer's
-    ``apply`` on one-chunk Dask arrays of the block, computed here, synchronously): the
-    per-node fallback for layers with no block rule."""
-
-    def lazy(a):
-        return da.from_array(a, chunks=a.shape, asarray=False)
-
-    mode = RunMode(train=False, dropout=False, seed=ctx.seed, step=ctx.step)
-    out, _ = node.layer.apply(
-        tuple(lazy(a) for a in inputs),
-        {k: lazy(v) for k, v in p.items()},
-        {k: lazy(v) for k, v in state.items()},
-        mode,
-        i,
-    )
-    return out.compute(scheduler="sync")
-
-
 def run_forward(nodes, values, params, state, ctx, keep=False):
     """The nodes ``(index, node)`` forward in evaluation mode (``ctx.train`` False), nothing
     saved: ``values`` (name -> block, holding what they read; the program's input as
@@ -502,11 +521,8 @@ def run_forward(nodes, values, params, state, ctx, keep=False):
     final = nodes[-1][1].name
     for t, ((i, node), p, s) in enumerate(zip(nodes, params, state)):
         inputs = [values[v] for v in node.inputs]
-        if trainable(node) is None:
-            aux = (s["avg_mean"], s["avg_var"]) if isinstance(node.layer, BatchNorm) else None
-            values[node.name] = node_forward(i, node, inputs, p, ctx, [], aux)
-        else:
-            values[node.name] = _reference_forward(i, node, inputs, p, s, ctx)
+        aux = (s["avg_mean"], s["avg_var"]) if isinstance(node.layer, BatchNorm) else None
+        values[node.name] = node_forward(i, node, inputs, p, ctx, [], aux)
         for v in set(node.inputs):
             if last[v] == t and v != final and v != INPUT and not keep:
                 del values[v]
