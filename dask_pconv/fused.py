@@ -83,8 +83,8 @@ def fusable(model, optimizer, params, x):
     chain = _chain_unfit(program.nodes, x)
     if chain is None:
         return None
-    if x.numblocks[2:] != (1, 1):
-        return chain  # tiles fuse in chains only
+    if x.numblocks[2:] != (1, 1):  # tiles fuse in chains only
+        return f"on spatial tiles only chains of {', '.join(c.__name__ for c in _LAYERS)} fuse: {chain}"
     dag = dag_unfit(program)
     return None if dag is None else f"{dag} (and as a chain: {chain})"
 

@@ -147,3 +147,70 @@ def test_no_class_or_function_outgrows_one_concern():
             if limit and node.end_lineno - node.lineno + 1 > limit:
                 too_long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines > {limit}")
     assert not too_long, "; ".join(too_long)
+
+
+#: The package's floors, lowest first, as docs/layout.rst draws them: a module imports only
+#: modules of its own floor or lower ones.  ``models`` holds two floors: the IR (layers,
+#: program, tiling), below the stages that run it, and the Model with the shipped networks and
+#: the converter, above them (a Model's forward calls run through the stages).
+FLOORS = [
+    (
+        "leaves",
+        ["geometry", "backend", "graphstats", "_client", "cluster", "profiling", "report", "_worker_init"],
+    ),
+    ("kernels", ["kernels"]),
+    ("ops", ["ops"]),
+    ("autodiff", ["autodiff", "optim"]),
+    ("models: the IR", ["models.layers", "models.program", "models.tiling"]),
+    ("stages", ["stages", "fused", "_fused_common", "_fused_dag", "_fused_tiles"]),
+    ("models: the Model", ["models"]),
+    (
+        "training, storage and the command line",
+        [
+            "tiled",
+            "store",
+            "step",
+            "train",
+            "loop",
+            "evaluation",
+            "batching",
+            "data",
+            "checkpoint",
+            "placement",
+            "cli",
+        ],
+    ),
+]
+
+
+def _floor(module):
+    """The floor of ``module`` (the longest prefix named in :data:`FLOORS`)."""
+    if module == PACKAGE:
+        return len(FLOORS)  # the package's own namespace re-exports from every floor
+    name = module[len(PACKAGE) + 1 :]
+    best = None
+    for rank, (_, prefixes) in enumerate(FLOORS):
+        for p in prefixes:
+            if (name == p or name.startswith(p + ".")) and (best is None or len(p) > len(best[1])):
+                best = (rank, p)
+    assert best is not None, f"{module} is on no floor of FLOORS: add it where docs/layout.rst puts it"
+    return best[0]
+
+
+def test_every_module_imports_only_its_own_floor_or_lower_ones():
+    upward = [
+        f"{m} ({FLOORS[_floor(m)][0]}) imports {n} ({FLOORS[_floor(n)][0]})"
+        for m in MODULES
+        for n in imports(m)
+        if _floor(n) > _floor(m)
+    ]
+    assert not upward, "; ".join(upward)
+
+
+def test_the_floor_check_sees_an_upward_import():
+    assert (
+        _floor("dask_pconv.models.layers")
+        < _floor("dask_pconv.stages.block")
+        < _floor("dask_pconv.models.model")
+    )
+    assert _floor("dask_pconv.kernels.conv") < _floor("dask_pconv.ops.conv")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_models_tiling import _branches, _chain, _model
 
+import dask_pconv as dp
 from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import (
     VGG16,
@@ -28,7 +29,9 @@ from dask_pconv.models import (
 from dask_pconv.models import layers as layers_module
 from dask_pconv.models.layers import SPLIT_AXES, Need
 from dask_pconv.models.unet import UNet
+from dask_pconv.optim import MomentumSGD
 from dask_pconv.stages.plan import Layout, plan
+from dask_pconv.step import training_step
 
 
 def _layout(shape, chunks, out_channel=1):
@@ -262,3 +265,40 @@ def test_the_config_key_turns_the_stages_off():
     with dask.config.set({"pconv.staged": False}):
         assert graph_stats(model.predict(x)).tasks > 40
     assert graph_stats(model.predict(x)).tasks <= 5
+
+
+# -- the training modes' graphs: ceilings, so that a regression fails --------------------------------
+def _vgg_batch():
+    model = VGG16(width=1 / 16)
+    rng = np.random.default_rng(0)
+    x = dp.split(rng.standard_normal((8, 3, 32, 32)).astype(np.float32), batch=2)
+    return model, x, rng.integers(0, 10, 8)
+
+
+def test_forward_backward_on_batch_chunks_is_the_steps_graph_without_the_update():
+    """The issue's targets: VGG16 (width 1/16, batch 8 in two chunks) ``forward_backward`` and
+    Trainer step, critical path <= 45 (the fine-grained graph: 149; the step's stages with a
+    pick per synchronisation: 61)."""
+    model, x, t = _vgg_batch()
+    loss, grads = model.forward_backward(x, t)
+    fb = graph_stats([loss, grads])
+    opt = MomentumSGD()
+    params = model.dask_params(like=x)
+    step = graph_stats(
+        training_step(model, opt, params, dict(model.state), opt.init_state(params), x, da.from_array(t), 0)
+    )
+    assert fb.critical_path <= 45 and step.critical_path <= 45, (fb, step)
+    assert fb.tasks < step.tasks
+
+
+def test_staged_forward_backward_is_the_fine_grained_one():
+    model = VGG16(width=1 / 16, dtype=np.float64, seed=5)
+    rng = np.random.default_rng(1)
+    x, t = dp.split(rng.standard_normal((6, 3, 32, 32)), batch=3), rng.integers(0, 10, 6)
+    staged = dask.compute(model.forward_backward(x, t, step=3))[0]
+    with dask.config.set({"pconv.staged": False}):
+        reference = dask.compute(model.forward_backward(x, t, step=3))[0]
+    np.testing.assert_allclose(staged[0], reference[0], rtol=1e-12)
+    for name, g in reference[1].items():
+        np.testing.assert_allclose(staged[1][name], g, rtol=1e-9, atol=1e-12, err_msg=name)
+        assert staged[1][name].dtype == g.dtype
