@@ -132,7 +132,7 @@ def _window_note(tiles, layout):
     read = sum(b - a for a, b in tiles.rows.windows) * sum(b - a for a, b in tiles.cols.windows)
     n = len(tiles.rows.outputs) * len(tiles.cols.outputs)
     return (
-        f"{n} windows aligned to {tiles.align[0]}x{tiles.align[1]}, reading "
+        f"{n} window{'s' * (n != 1)} aligned to {tiles.align[0]}x{tiles.align[1]}, reading "
         f"{read / image - 1:.0%} more input pixels than the image has (the halos' redundant work)"
     )
 
