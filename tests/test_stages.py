@@ -302,3 +302,40 @@ def test_staged_forward_backward_is_the_fine_grained_one():
     for name, g in reference[1].items():
         np.testing.assert_allclose(staged[1][name], g, rtol=1e-9, atol=1e-12, err_msg=name)
         assert staged[1][name].dtype == g.dtype
+
+
+def test_staged_predict_on_device_blocks_stays_on_the_device():
+    """CuPy-like blocks (the stand-in): the stage's arrays are copied to the device once per
+    stage, every tile's window and output stay there, and the result is the NumPy one."""
+    import standin
+
+    model = _randomised(UNet(in_channels=2, n_classes=3, width=4, depth=2, dtype=np.float64))
+    host = np.random.default_rng(6).standard_normal((2, 2, 32, 32))
+    x = da.from_array(host, chunks=(1, 2, 12, 20))
+    on_device = x.map_blocks(standin.to_device, meta=standin.meta(4, np.float64))
+    with dask.config.set({"pconv.conv-kernel": "numpy"}):  # PyTorch's kernel takes NumPy only
+        want = model.predict(x).compute()
+        standin.LOG.clear()
+        got = standin.blocks_to_host(model.predict(on_device))
+    np.testing.assert_array_equal(got, want)
+    events = [e for e in standin.LOG if e.startswith(("__array__", "mixed", "upload", "download"))]
+    n_out = int(np.prod(model.predict(on_device).numblocks))
+    uploads = [f"upload:{b.shape}" for b in _blocks(host, x)] + _uploads(model)
+    assert sorted(events) == sorted(uploads + ["download"] * n_out)
+
+
+def _blocks(host, x):
+    return [host[tuple(slice(*s) for s in idx)] for idx in _slices(x.chunks)]
+
+
+def _slices(chunks):
+    import itertools
+
+    starts = [np.cumsum((0,) + c) for c in chunks]
+    for idx in itertools.product(*[range(len(c)) for c in chunks]):
+        yield [(starts[a][i], starts[a][i + 1]) for a, i in enumerate(idx)]
+
+
+def _uploads(model):
+    arrays = [*model.params.values(), *model.state.values()]
+    return [f"upload:{a.shape}" for a in arrays]
