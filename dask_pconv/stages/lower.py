@@ -48,6 +48,11 @@ class StageJob:
         """Every array, flat (the task that builds the job reads them as its arguments)."""
         return [v for group in (self.params, self.state) for d in group for v in d.values()]
 
+    def shell(self):
+        """A copy holding no arrays (what a graph carries beside the arrays themselves)."""
+        empty = [{k: None for k in d} for d in self.params], [{k: None for k in d} for d in self.state]
+        return StageJob(self.nodes, *empty, self.seed)
+
     def bound(self, values, like):
         """A copy holding ``values`` (:meth:`arrays`' order), in the array library of
         ``like``."""
@@ -171,7 +176,7 @@ class _Graph:
                 v = (v.name,) + (0,) * v.ndim
             args.append(v)
         key = f"stage-job-{k}-{self.token}"
-        self.dsk[key] = (_bind, job, self.x._meta, *args)
+        self.dsk[key] = (_bind, job.shell(), self.x._meta, *args)
         return key
 
     def first(self, stage, name, index):
