@@ -288,3 +288,14 @@ def test_linear_bias_trains_like_pytorch():
         assert_close(grads[k], p[k].grad.numpy(), np.float64)
     with pytest.raises(ValueError, match=r"Linear\(192, 5\) needs input \(N, 192\), got shape \(6, 48\)"):
         model.predict(X[:, :, :4, :4])
+
+
+def test_a_programs_dask_token_follows_its_nodes_and_is_computed_once():
+    from dask.base import tokenize
+
+    a = sequential(("c", Conv2d(1, 2, 3)), ("r", ReLU()))
+    b = sequential(("c", Conv2d(1, 2, 3)), ("r", ReLU()))
+    c = sequential(("c", Conv2d(1, 3, 3)), ("r", ReLU()))
+    assert tokenize(a) == tokenize(b) != tokenize(c)
+    assert a.__dict__["_token"] == a.__dask_tokenize__()  # cached on the program
+    assert a == b and hash(a) == hash(b)  # the cache is not a field

@@ -97,6 +97,17 @@ class Program:
                     raise ValueError(f"nodes {owner[full]!r} and {node.name!r} both name an array {full!r}")
                 owner[full] = node.name
 
+    def __dask_tokenize__(self):
+        """The program's Dask token, computed once (a step's graph name hashes the program on
+        every build; its nodes never change)."""
+        token = self.__dict__.get("_token")
+        if token is None:
+            from dask.base import tokenize
+
+            token = tokenize(type(self).__name__, self.nodes)
+            object.__setattr__(self, "_token", token)
+        return token
+
     def node(self, name):
         """The node called ``name`` (``KeyError`` naming the known ones otherwise)."""
         for node in self.nodes:
