@@ -165,20 +165,14 @@ class StageGraph:
         o = self.opt
         new_p, new_v, new_s = {}, {}, {}
         nodes = {n.name: n for n in self.model.program.nodes}
-        for node in nodes.values():
-            for local in node.layer.params():
-                name = node.full_name(local)
-                if node.name in bn_sums:
-                    parts, row = list(bn_sums[node.name]), {"beta": 0, "gamma": 1}[local]
-                else:
-                    parts, row = grad_parts[name], None
-                p, v = self.key("param", name), self.key("velocity", name)
-                like = self.inputs["param", name]
-                value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
-                new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
-                # a task of its own: computing the velocity again here costs more than the hop
-                value = (apply_velocity, p, new_v[name])
-                new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
+        for name, parts, row in self.grad_sources(grad_parts, bn_sums):
+            p, v = self.key("param", name), self.key("velocity", name)
+            like = self.inputs["param", name]
+            value = (sgd_velocity, v, p, parts, o.momentum, o.lr, o.weight_decay, row)
+            new_v[name] = self.output("velocity", name, like.shape, like.dtype, value)
+            # a task of its own: computing the velocity again here costs more than the hop
+            value = (apply_velocity, p, new_v[name])
+            new_p[name] = self.output("param", name, like.shape, like.dtype, value, after=[new_v[name]])
         for node_name, parts in bn_stats.items():
             node = nodes[node_name]
             old = tuple(self.key("state", node.full_name(k)) for k in ("avg_mean", "avg_var"))
@@ -189,19 +183,24 @@ class StageGraph:
                 new_s[name] = self.output("running", name, like.shape, like.dtype, value)
         return new_p, new_v, new_s
 
-    def gradients(self, grad_parts, bn_sums):
-        """Per parameter, the task summing its gradient's parts (in chunk order)."""
-        grads = {}
+    def grad_sources(self, grad_parts, bn_sums):
+        """``(parameter name, per-chunk parts, row)`` for every parameter in program order: a
+        BatchNorm's from its gradient sums (beta's row 0, gamma's row 1), the others' parts."""
         for node in self.model.program.nodes:
             for local in node.layer.params():
                 name = node.full_name(local)
                 if node.name in bn_sums:
-                    parts, row = list(bn_sums[node.name]), {"beta": 0, "gamma": 1}[local]
+                    yield name, list(bn_sums[node.name]), {"beta": 0, "gamma": 1}[local]
                 else:
-                    parts, row = grad_parts[name], None
-                like = self.inputs["param", name]
-                value = (gradient, parts, row, like.dtype)
-                grads[name] = self.output("grad", name, like.shape, like.dtype, value)
+                    yield name, grad_parts[name], None
+
+    def gradients(self, grad_parts, bn_sums):
+        """Per parameter, the task summing its gradient's parts (in chunk order)."""
+        grads = {}
+        for name, parts, row in self.grad_sources(grad_parts, bn_sums):
+            like = self.inputs["param", name]
+            value = (gradient, parts, row, like.dtype)
+            grads[name] = self.output("grad", name, like.shape, like.dtype, value)
         return grads
 
     def results(self, grad_parts, bn_sums, bn_stats, loss_parts, correct_parts):
