@@ -177,21 +177,23 @@ def fused_training_step(model, optimizer, params, state, velocities, x, t, step,
     """``(params, velocities, state, loss, accuracy)`` as :func:`dask_pconv.step.training_step`
     returns them, as coarse stages (see the module docstring); :func:`fusable` must have said
     yes."""
-    if _chain_unfit(model.program.nodes, x) is not None:
-        graph = DagStepGraph
-    else:
-        graph = _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
+    graph = _graph_for(model, x)
     return graph(model, optimizer, params, state, velocities, x, t, step, dropout).outputs()
+
+
+def _graph_for(model, x):
+    """The stage graph for ``model`` on ``x``: a chain's (on batch chunks or tiles), or the
+    branching programs' (batch chunks)."""
+    if _chain_unfit(model.program.nodes, x) is not None:
+        return DagStepGraph
+    return _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
 
 
 def fused_gradients(model, params, x, t, step, dropout=True):
     """``(loss, grads, accuracy)`` of a training-mode forward-backward pass as coarse stages
     (the step's graph without the update); :func:`fusable` with no optimizer must have said
     yes."""
-    if _chain_unfit(model.program.nodes, x) is not None:
-        graph = DagStepGraph
-    else:
-        graph = _StepGraph if x.numblocks[2:] == (1, 1) else _TiledStepGraph
+    graph = _graph_for(model, x)
     grads, loss, accuracy = graph(model, None, params, model.state, {}, x, t, step, dropout).outputs()
     return loss, grads, accuracy
 
