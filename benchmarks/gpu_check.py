@@ -20,6 +20,10 @@ the cuDNN block kernel and the baseline):
     baselines: ``torch``, with the numerics our cuDNN path uses (full float32, deterministic
     algorithms), and ``torch TF32``, PyTorch's defaults (TF32 convolutions, any algorithm).
 
+    The U-Net's ``predict`` on spatial tiles (the stages: one task per tile, each on its
+    receptive field's window) against PyTorch's module on the whole image, on the same device;
+    and (in (a)) the staged predict on device blocks against NumPy blocks, float64.
+
 (c) On a cluster: a VGG16 training step, an evaluation and a checkpoint through
     ``connect(cuda=True)`` (dask-cuda's LocalCUDACluster), against the same on NumPy blocks.
 
@@ -43,7 +47,7 @@ import dask_pconv as dp
 from dask_pconv.data import Dataset
 from dask_pconv.graphstats import graph_stats
 from dask_pconv.kernels import _torch
-from dask_pconv.models import VGG16
+from dask_pconv.models import VGG16, UNet
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.train import Trainer
 
@@ -239,6 +243,66 @@ def check_vgg(be, quick):
     return rows
 
 
+def check_staged_predict(be, quick):
+    """The staged U-Net ``predict`` on tiles of device blocks against the same on NumPy blocks
+    (float64): equal to 1e-8, and the output's blocks on the device."""
+    model = UNet(in_channels=1, n_classes=2, width=4, depth=2, dtype=np.float64, seed=1)
+    side = 64 if quick else 512
+    x = np.random.default_rng(5).standard_normal((2, 1, side, side))
+    chunks = (1, 1, side // 2 - 3, side // 2 + 5)  # tiles not aligned with the pools
+    want = model.predict(da.from_array(x, chunks=chunks)).compute()
+    y = model.predict(be.blocks(x, chunks))
+    got = y.compute()
+    err = _rel_err(be.host(got), want)
+    on_device = isinstance(y._meta, be.array_type) and isinstance(got, be.array_type)
+    return [
+        {"check": f"U-Net predict on tiles ({side}x{side})", "rel err": err, "ok": err <= TOL and on_device}
+    ]
+
+
+def time_unet_predict(be, quick, steps):
+    """Seconds of the U-Net's staged ``predict`` on 2x2 tiles and PyTorch's module on the whole
+    image, float32, on the blocks' device."""
+    width, depth, side = (4, 2, 128) if quick else (16, 3, 2048)
+    model = UNet(in_channels=1, n_classes=2, width=width, depth=depth, seed=0)
+    x = np.random.default_rng(0).random((1, 1, side, side), dtype=np.float32)
+    xd = be.blocks(x, (1, 1, side // 2, side // 2))
+    stats = graph_stats(model.predict(xd))
+
+    def ours():
+        model.predict(xd).compute()
+        be.sync()
+
+    fns = {"ours": ours}
+    torch = be.torch()
+    if torch is not None:
+        from dask_pconv.models.torch_reference import UNet as TorchUNet
+
+        from bench_models import _torch_module
+
+        module = _torch_module(TorchUNet, model, 1, 2, width, depth).eval().to(be.torch_device)
+        tx = torch.from_numpy(x).to(be.torch_device)
+
+        def whole():
+            with torch.no_grad():
+                module(tx)
+            be.sync()
+
+        fns["torch"] = whole
+    secs = interleaved(fns, repeat=steps)
+    row = {
+        "predict": f"U-Net width {width}, depth {depth}, 1x1x{side}x{side}, spatial 2x2",
+        "ours s": secs["ours"],
+        "tasks": stats.tasks,
+        "critical path": stats.critical_path,
+    }
+    if "torch" in secs:
+        row["torch whole s"] = secs["torch"]
+        row["ours / torch"] = secs["ours"] / secs["torch"]
+    print(row, flush=True)
+    return [row]
+
+
 def check_cluster(be, quick, out):
     """A training step, an evaluation and a checkpoint on a real cluster, started by
     ``connect``: dask-cuda's LocalCUDACluster (one worker per GPU) for CuPy blocks, a one-worker
@@ -415,12 +479,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     print(f"blocks: {be.name} {be.info}; conv kernels: {', '.join(be.kernels())}", flush=True)
     with dask.config.set(scheduler="synchronous"):
-        checks = check_ops(be, args.quick) + check_vgg(be, args.quick)
+        checks = check_ops(be, args.quick) + check_vgg(be, args.quick) + check_staged_predict(be, args.quick)
     checks += check_cluster(be, args.quick, out / "cluster-checkpoint")
     table(checks, ["check", "rel err", "ok"])
     with dask.config.set(scheduler="synchronous"):
         conv = time_conv(be, args.quick)
         vgg = time_vgg(be, args.quick, args.steps)
+        unet = time_unet_predict(be, args.quick, args.steps)
     bases = be.baselines()
     conv_cols = ["case", "op"] + [
         c for k in be.kernels() for c in [f"ours[{k}] s"] + [f"ours[{k}] / {b}" for b in bases]
@@ -428,11 +493,12 @@ def main(argv=None):
     table(conv, conv_cols + [f"{b} s" for b in bases])
     vgg_cols = ["case", "ours step s"] + [c for b in bases for c in (f"{b} step s", f"ours / {b}")]
     table(vgg, vgg_cols + ["tasks", "critical path"])
+    table(unet, ["predict", "ours s", "torch whole s", "ours / torch", "tasks", "critical path"])
     failed = [c["check"] for c in checks if not c["ok"]]
     write_json(
         out / "gpu_check.json",
         "gpu_check",
-        conv + vgg,
+        conv + vgg + unet,
         checks=checks,
         blocks=be.name,
         device=be.info,

@@ -25,11 +25,14 @@ def test_dry_run_with_numpy_blocks(tmp_path):
     ops = {"conv2d", "conv2d_vjp g_x", "conv2d_vjp g_w", "max_pool2d", "max_pool2d_vjp"}
     vgg = {"VGG16 step 1 loss", "VGG16 step 2 loss", "VGG16 parameters after 2 steps"}
     cluster = {"cluster: VGG16 step loss", "cluster: evaluate", "cluster: checkpoint parameters"}
-    assert ops | vgg | cluster == checks
+    assert ops | vgg | cluster | {"U-Net predict on tiles (64x64)"} == checks
     assert all(c["ok"] for c in out["checks"])
     assert {r["op"] for r in out["rows"] if "op" in r} == {"fwd", "fwd+bwd"}
     assert all(r["ours[numpy] s"] > 0 for r in out["rows"] if "op" in r)
-    vgg = [r for r in out["rows"] if "op" not in r]
+    vgg = [r for r in out["rows"] if "floor" in r]
+    (unet,) = [r for r in out["rows"] if "predict" in r]
+    # per tile: its block, its copy to the device, its stage task; one job for all
+    assert unet["ours s"] > 0 and unet["tasks"] <= 3 * 4 + 1 and unet["critical path"] <= 3
     # --quick: the step floor (width 1/16, batch 4) for two splits, each with its graph's shape
     assert [r["case"].split(", ")[-1] for r in vgg if r["floor"]] == ["batch:2", "one block"]
     assert all(r["ours step s"] > 0 and 0 < r["critical path"] < r["tasks"] for r in vgg)
