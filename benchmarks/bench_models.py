@@ -14,7 +14,7 @@ single-channel image in spatial tiles: the image is persisted on the workers fir
 building the graph, running it and waiting for the logits persisted on the workers (they are
 not gathered).  Baselines: PyTorch's module on the whole image (2 threads, ``no_grad``) and
 our model on the image as one chunk on the same cluster (one task per layer, one worker).
-Where MONAI is installed (an optional benchmark dependency, ``pip install monai``), MONAI's
+Where MONAI is installed (an optional benchmark dependency, ``pip install -e '.[monai]'``), MONAI's
 ``sliding_window_inference`` runs the PyTorch module on windows of the tile size (overlap 0.25,
 Gaussian blending: its usual settings) beside them.  All are timed round-robin (medians), and
 the tiled logits and MONAI's are checked against PyTorch's on the whole image (max abs
