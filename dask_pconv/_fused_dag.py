@@ -36,6 +36,7 @@ from .kernels import bn_backward, bn_backward_partial, bn_partial_stats
 from .models.layers import BatchNorm
 from .models.program import INPUT
 from .stages.block import loss_block, named, node_backward, node_forward, sum_parts, trainable
+from .stages.plan import stage_numbers
 
 __all__ = ["DagPlan", "DagStepGraph", "dag_unfit"]
 
@@ -57,10 +58,7 @@ class DagPlan:
     def __init__(self, nodes):
         self.nodes = nodes
         self.position = {INPUT: -1, **{n.name: i for i, n in enumerate(nodes)}}
-        stage = {INPUT: 0}
-        for node in nodes:
-            s = max(stage[i] for i in node.inputs)
-            stage[node.name] = s + 1 if isinstance(node.layer, BatchNorm) else s
+        stage, _ = stage_numbers(tuple(enumerate(nodes)), train=True)  # the planner's rule
         self.stage, self.last = stage, stage[nodes[-1].name]
         readers = {name: [n for n in nodes if name in n.inputs] for name in stage}
         self.readers = readers

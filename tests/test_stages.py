@@ -143,9 +143,28 @@ def test_the_tiled_stage_ends_where_the_rest_reads_one_value():
     np.testing.assert_allclose(model.predict(x).compute(), _reference(model, x), rtol=1e-11, atol=1e-12)
 
 
-def test_what_is_not_staged_is_refused_with_the_reason():
+def test_training_on_batch_chunks_is_cut_before_each_batch_norm():
+    """The training step's stages (the branching programs' step graph takes its stage numbers
+    from the planner): one per BatchNorm, parallel branches sharing their synchronisation."""
     p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), (4, 3, 32, 32)), mode="train")
-    assert p.refused and "mode 'train' is not planned yet" in p.explain()
+    assert len(p.stages) == 15  # 14 BatchNorms
+    assert all(s.nodes[0][1].name.endswith("bn") for s in p.stages[1:-1])
+    assert "cut before 'block1_1.bn' (BatchNorm): it needs a statistic over the whole batch" in p.explain()
+    r = plan(ResNet18(width=1 / 8).program, _layout((8, 3, 32, 32), (4, 3, 32, 32)), mode="train")
+    text = r.explain()
+    assert "'layer2.0.bn1' (BatchNorm), 'layer2.0.shortcut.1' (BatchNorm): each needs a statistic" in text
+    starts_with_bn = Program(
+        (Node("bn", layers_module.BatchNorm(2), ("input",)), Node("c", Conv2d(2, 2, 1), ("bn",)))
+    )
+    q = plan(starts_with_bn, _layout((4, 2, 4, 4), (2, 2, 4, 4)), mode="train")
+    assert [[n.name for _, n in st.nodes] for st in q.stages] == [["bn", "c"]]
+
+
+def test_what_is_not_staged_is_refused_with_the_reason():
+    p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), (4, 3, 32, 32)), mode="backward")
+    assert p.refused and "mode 'backward' is not planned" in p.explain()
+    p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), (4, 3, 16, 16)), mode="train")
+    assert "training on spatial tiles is not planned here yet" in p.refused
     p = plan(VGG16(width=1 / 16).program, _layout((8, 3, 32, 32), (4, 3, 32, 32), out_channel=2))
     assert "not staged: a split of the out channels is not staged yet" in p.explain()
     p = plan(VGG16(width=1 / 16).program, _layout((8, 4, 32, 32), (4, 2, 32, 32)))

@@ -237,14 +237,15 @@ class Model:
         split = self.channel_split if channel_split is None else _check_split(channel_split)
         return forward(self, x, until, split)
 
-    def explain(self, x, until=None, channel_split=None):
-        """How :meth:`predict` (or :meth:`features` with ``until``) runs on ``x``: the stages
-        of :func:`dask_pconv.stages.plan.plan`, one line each, and why the program is cut
-        where it is (or why it is not staged)."""
+    def explain(self, x, until=None, channel_split=None, mode="predict"):
+        """How :meth:`predict` (or :meth:`features` with ``until``; ``mode="train"``: a
+        training step or :meth:`forward_backward`) runs on ``x``: the stages of
+        :func:`dask_pconv.stages.plan.plan`, one line each, and why the program is cut where it
+        is (or why it is not staged)."""
         from ..stages.plan import Layout, plan
 
         split = self.channel_split if channel_split is None else _check_split(channel_split)
-        return plan(self.program, Layout.of(to_dask_array(x, x.shape), split), "predict", until).explain()
+        return plan(self.program, Layout.of(to_dask_array(x, x.shape), split), mode, until).explain()
 
     def features(self, x, until, channel_split=None):
         """The output of node ``until`` in evaluation mode, as a lazy Dask array (no tape).

@@ -16,9 +16,12 @@ its nodes alone, as one task per block: a *stage*.
   of the program runs on whole images of each batch chunk.  The tiled stage must end in a
   node that is the only value the rest reads (the rest cannot read a tile's intermediate
   values); the planner picks the last such node before the cut.
-- A channel split, and training on tiles or channel chunks, are not planned here yet
-  (:attr:`Plan.refused` says so); they run the fine-grained graph or the training step's own
-  stages.
+- In training mode on batch chunks, a layer that needs a statistic over the whole batch (a
+  BatchNorm) starts a stage one later than its latest input (:func:`stage_numbers`; parallel
+  branches share their synchronisations): the stages the training step's graph runs
+  (:mod:`dask_pconv._fused_dag`).
+- A channel split, and training on tiles, are not planned here yet (:attr:`Plan.refused` says
+  so); they run the fine-grained graph or the chain's tiled stages.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from ..models.layers import SPLIT_AXES, Need
 from ..models.program import INPUT
 from ..models.tiling import plan_tiles
 
-__all__ = ["MODES", "Layout", "Plan", "Stage", "nodes_upto", "plan", "read_whole"]
+__all__ = ["MODES", "Layout", "Plan", "Stage", "nodes_upto", "plan", "read_whole", "stage_numbers"]
 
 #: The modes a plan is made for: ``"predict"`` (evaluation mode forward: ``predict``,
-#: ``features``, evaluation, ``predict_to_zarr``).
-MODES = ("predict",)
+#: ``features``, evaluation, ``predict_to_zarr``) and ``"train"`` (a training step and
+#: ``forward_backward``, on batch chunks).
+MODES = ("predict", "train")
 
 
 #: What one dependent hop costs on distributed (a scheduler round trip: 6-8 ms measured on
@@ -172,10 +176,48 @@ def _last_articulation(nodes, before):
     return None
 
 
+def stage_numbers(nodes, train):
+    """Per value (the input and each node of ``nodes``, ``(index, node)`` pairs), the stage
+    that computes it on batch chunks: a node whose layer needs more than its own chunk across
+    the batch (a BatchNorm's statistics in training mode) is one stage later than its latest
+    input, any other node in its latest input's stage.  Returns ``(stage by name, need by the
+    name of each node that starts a stage)``."""
+    stage, cuts = {INPUT: 0}, {}
+    for _, node in nodes:
+        s = max(stage[i] for i in node.inputs)
+        need = node.layer.needs("batch", train)
+        if need is not Need.LOCAL:
+            s += 1
+            cuts[node.name] = need
+        stage[node.name] = s
+    return stage, cuts
+
+
+def _train_plan(nodes, layout):
+    """The training stages on batch chunks (:func:`stage_numbers`), with why each begins."""
+    stage, cuts = stage_numbers(nodes, True)
+    stages = []
+    for k in range(max(stage[n.name] for _, n in nodes) + 1):
+        members = tuple((i, n) for i, n in nodes if stage[n.name] == k)
+        if not members:  # stage 0 of a program that starts with a BatchNorm
+            continue
+        starts = [n for _, n in members if n.name in cuts]
+        if not starts:
+            why = "the layers before the first that needs the whole batch"
+        else:
+            names = ", ".join(f"{n.name!r} ({type(n.layer).__name__})" for n in starts)
+            each = "it needs" if len(starts) == 1 else "each needs"
+            why = f"cut before {names}: {each} a {cuts[starts[0].name].value} over the whole batch"
+        stages.append(Stage(members, False, why))
+    return Plan("train", layout, tuple(stages))
+
+
 def _refusal(nodes, layout, mode):
     if mode not in MODES:
-        return f"mode {mode!r} is not planned yet (the modes are {MODES})"
+        return f"mode {mode!r} is not planned (the modes are {MODES})"
     train = mode != "predict"
+    if train and layout.blocks("spatial") > 1:
+        return "training on spatial tiles is not planned here yet (the step's chain stages, or fine-grained)"
     for axis in ("in_channel", "out_channel"):
         if layout.blocks(axis) > 1:
             return f"a split of the {axis.replace('_', ' ')}s is not staged yet"
@@ -195,6 +237,8 @@ def plan(program, layout, mode="predict", until=None):
     refused = _refusal(nodes, layout, mode)
     if refused:
         return Plan(mode, layout, (), refused)
+    if mode == "train":
+        return _train_plan(nodes, layout)
     if layout.blocks("spatial") == 1:
         why = "every layer is local to a batch chunk in evaluation mode"
         return Plan(mode, layout, (Stage(nodes, False, why),))
