@@ -1,5 +1,5 @@
 """The stage planner: where a program's blocks must exchange something, and so where its
-stages begin (a pure pass over the program and the layout, no Dask).
+stages begin (a pure pass over the program and the layout: no graph is built, nothing computed).
 
 A *block* is one piece of the input's layout: a batch chunk, a spatial tile, or both.  Each
 layer declares what it needs across the blocks of each split axis
