@@ -25,11 +25,10 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils import parse_bytes
 
 from .kernels.conv import COL_BYTES
-from .models.layers import RunMode
 from .models.model import Model
 from .models.program import INPUT
 from .models.tiling import plan_tiles
-from .stages.lower import StageJob
+from .stages.lower import StageJob, reference_forward
 from .stages.plan import nodes_upto
 
 __all__ = ["TileJob", "tile_working_set"]
@@ -58,16 +57,6 @@ class TileJob:
         """The output of the model on one window (a NumPy block), in evaluation mode."""
         x = np.asarray(x).astype(self.model.dtype, copy=False)
         return self._job.run({INPUT: x})
-
-
-def _lazy_run(model, shape, until, outputs=None):
-    """``(x, y)``: the program in evaluation mode on a placeholder ``x`` of ``shape`` (one
-    chunk, nothing computed) and its output ``y`` (node ``until``'s); ``outputs`` as in
-    :meth:`~dask_pconv.models.program.Program.run`."""
-    x = da.zeros(shape, dtype=model.dtype, chunks=-1)
-    mode = RunMode(train=False, dropout=False, seed=model.seed)
-    y, _ = model.program.run(x, model.dask_params(), model.state, mode, until=until, outputs=outputs)
-    return x, y
 
 
 def _read(src, lead, n, rows, cols):
@@ -123,7 +112,7 @@ def tile_working_set(model, channels, batch, window_hw, src_itemsize, until=None
     Shapes come from running the program lazily on a window-sized placeholder (nothing is
     computed)."""
     outputs = {}
-    _lazy_run(model, (batch, channels) + tuple(window_hw), until, outputs)
+    reference_forward(model, (batch, channels) + tuple(window_hw), until, outputs)
     nbytes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in outputs.items()}
     nodes = [n for n in model.program.nodes if n.name in outputs]
     last = {INPUT: 0}

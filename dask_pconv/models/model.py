@@ -192,7 +192,7 @@ class Model:
         grads : dict
             Name -> Dask array, keyed and shaped like :attr:`params`.
         """
-        if train and dask.config.get("pconv.staged", True):
+        if train:
             staged = self._staged_gradients(x, t, dropout, step, channel_split)
             if staged is not None:
                 return staged
@@ -201,9 +201,11 @@ class Model:
 
     def _staged_gradients(self, x, t, dropout, step, channel_split):
         """``(loss, grads)`` as the training step's coarse stages without its update, or None
-        where they cannot run the program on ``x``'s layout (``dask_pconv.fused.fusable``)."""
+        where they cannot run it (``dask_pconv.fused.fusable``) or ``pconv.staged`` is False."""
         from ..fused import fusable, fused_gradients
 
+        if not dask.config.get("pconv.staged", True):
+            return None
         x = self.check_input(x)
         params = self.dask_params(x, channel_split)
         if fusable(self, None, params, x) is not None:

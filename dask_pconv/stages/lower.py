@@ -28,7 +28,7 @@ from ..models.program import INPUT
 from .block import Ctx, run_forward
 from .plan import Layout, nodes_upto, plan
 
-__all__ = ["StageJob", "forward", "node_bytes", "output_shape"]
+__all__ = ["StageJob", "forward", "node_bytes", "output_shape", "reference_forward"]
 
 
 class StageJob:
@@ -80,58 +80,70 @@ def _shape_job(model, nodes):
     return job.bound(arrays, np.empty(()))
 
 
+def _empty_pass(model, nodes, image_shape, keep=False):
+    """``nodes`` run by the block interpreter on an empty batch of images of ``image_shape``
+    (``(C, H, W)``), with the model's NumPy arrays or zeros (:func:`_shape_job`): the values
+    the run leaves (every node's output with ``keep``, else the last node's), by name."""
+    job = _shape_job(model, nodes)
+    values = {INPUT: np.zeros((0, *image_shape), dtype=model.dtype)}
+    run_forward(job.nodes, values, job.params, job.state, Ctx(0, 0, False, 0, 0, train=False), keep=keep)
+    return values
+
+
 def node_bytes(model, shape):
     """Bytes of each node's output per image (name -> int) for inputs of ``shape`` (``(N, C,
     H, W)``; ``N`` is ignored): the block interpreter on an empty batch, once per program,
     image shape and dtype."""
-    return dict(_node_bytes(model.program, tuple(shape[1:]), model.dtype, model))
+    key = (model.program, tuple(shape[1:]), model.dtype)
+    if key not in _MEMO:
+        values = _empty_pass(model, tuple(enumerate(model.program.nodes)), key[1], keep=True)
+        if len(_MEMO) > 64:
+            _MEMO.clear()
+        _MEMO[key] = {k: int(np.prod(v.shape[1:])) * v.dtype.itemsize for k, v in values.items()}
+    return dict(_MEMO[key])
 
 
 _MEMO = {}
 
 
-def _node_bytes(program, shape, dtype, model):
-    key = (program, shape, dtype)
-    if key not in _MEMO:
-        job = _shape_job(model, tuple(enumerate(program.nodes)))
-        values = {INPUT: np.zeros((0, *shape), dtype=dtype)}
-        run_forward(job.nodes, values, job.params, job.state, Ctx(0, 0, False, 0, 0, train=False), keep=True)
-        if len(_MEMO) > 64:
-            _MEMO.clear()
-        _MEMO[key] = {k: int(np.prod(v.shape[1:])) * v.dtype.itemsize for k, v in values.items()}
-    return _MEMO[key]
+def reference_forward(model, shape, until=None, outputs=None):
+    """``(x, y)``: the fine-grained reference in evaluation mode on a placeholder ``x`` of
+    ``shape`` (one chunk, nothing computed) and its output ``y`` (node ``until``'s);
+    ``outputs`` as in :meth:`~dask_pconv.models.program.Program.run`.  Building it checks every
+    layer's shapes with the layer's own messages."""
+    x = da.zeros(shape, dtype=model.dtype, chunks=-1)
+    mode = RunMode(train=False, dropout=False, seed=model.seed)
+    y, _ = model.program.run(x, model.dask_params(), model.state, mode, until=until, outputs=outputs)
+    return x, y
 
 
 def output_shape(model, shape, until=None):
     """The output's shape (node ``until``'s) for an input of ``shape``: the block interpreter
     on an empty batch of that shape, with arrays of zeros for the parameters (nothing but
     the shapes is computed, nothing is read from the cluster).  Where that fails, the
-    fine-grained reference is built lazily on the shape, so that the error is the layer's own
-    (``Linear(80, 6) needs input (N, 80)``, not a kernel's)."""
-    job = _shape_job(model, nodes_upto(model.program, until))
+    fine-grained reference is built lazily on the shape (:func:`reference_forward`), so that
+    the error is the layer's own (``Linear(80, 6) needs input (N, 80)``, not a kernel's)."""
+    nodes = nodes_upto(model.program, until)
     try:
-        y = job.run({INPUT: np.zeros((0, *shape[1:]), dtype=model.dtype)})
+        y = _empty_pass(model, nodes, shape[1:])[nodes[-1][1].name]
     except Exception:
-        x = da.zeros(shape, dtype=model.dtype, chunks=-1)
-        mode = RunMode(train=False, dropout=False, seed=model.seed)
-        model.program.run(x, model.dask_params(), model.state, mode, until=until)
+        reference_forward(model, shape, until)
         raise
     return (shape[0], *y.shape[1:])
 
 
-def _window(pieces, shape, dtype):
-    """A window put together from ``pieces``: ``(block, source slices, destination slices)``."""
-    xp = array_namespace(pieces[0][0])
-    out = xp.empty(shape, dtype=dtype)
-    for block, src, dst in pieces:
+def _window(blocks, placement, shape):
+    """A window put together from ``blocks``, each placed by its ``(source slices, destination
+    slices)``."""
+    out = array_namespace(blocks[0]).empty(shape, dtype=blocks[0].dtype)
+    for block, (src, dst) in zip(blocks, placement):
         out[(slice(None), slice(None), *dst)] = block[(slice(None), slice(None), *src)]
     return out
 
 
 def _run_window(job, blocks, placement, shape, crop):
     """A tiled stage on one window: its pieces put together, the stage run, the tile cropped."""
-    x = _window([(b, s, d) for b, (s, d) in zip(blocks, placement)], shape, blocks[0].dtype)
-    y = job.run({"input": x})
+    y = job.run({INPUT: _window(blocks, placement, shape)})
     (r0, r1), (c0, c1) = crop
     return y[:, :, r0:r1, c0:c1].copy()
 
@@ -160,8 +172,8 @@ def _pieces(window, chunks):
 class _Graph:
     """The tasks of one forward call, built into ``self.dsk``."""
 
-    def __init__(self, model, x, stages):
-        self.model, self.x, self.stages = model, x, stages
+    def __init__(self, model, x):
+        self.model, self.x = model, x
         self.token = uuid.uuid4().hex  # the parameters may be NumPy: not hashed per call
         self.dsk, self.deps = {}, [x]
 
@@ -239,7 +251,7 @@ def forward(model, x, until=None, out_channel=1):
     if p.refused:
         return None
     out_shape = output_shape(model, x.shape, until)
-    g = _Graph(model, x, p.stages)
+    g = _Graph(model, x)
     name, rest = f"staged-{g.token}", (0,) * (len(out_shape) - 1)
     whole = (x.chunks[0],) + tuple((n,) for n in out_shape[1:])
     first = p.stages[0]

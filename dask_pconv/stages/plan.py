@@ -155,7 +155,7 @@ def nodes_upto(program, until):
     return tuple(reversed(keep))
 
 
-def _first_cut(nodes, layout, train):
+def _first_cut(nodes, train):
     """The position of the first node that needs more than a halo across tiles (and what it
     needs), or ``(len(nodes), None)``."""
     for k, (_, node) in enumerate(nodes):
@@ -242,7 +242,7 @@ def plan(program, layout, mode="predict", until=None):
     if layout.blocks("spatial") == 1:
         why = "every layer is local to a batch chunk in evaluation mode"
         return Plan(mode, layout, (Stage(nodes, False, why),))
-    cut, need = _first_cut(nodes, layout, train=False)
+    cut, need = _first_cut(nodes, train=False)
     d = _last_articulation(nodes, cut) if cut < len(nodes) else len(nodes) - 1
     if d is None:
         node = nodes[cut][1]
