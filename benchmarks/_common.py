@@ -146,22 +146,19 @@ def write_json(path, name, rows, **extra):
 CONV_KERNELS = ("conv2d_forward", "conv2d_grad_x", "conv2d_grad_w", "conv2d_grad_b")
 
 
-#: the task functions of a fused step, by module
-FUSED_TASKS = {
-    "dask_pconv/fused.py": (
-        *("stage_forward", "last_stage", "stage_backward"),
-        *("sgd_velocity", "running", "_mean_of"),
-    ),
+#: the task functions of a staged step, by module
+STEP_TASKS = {
+    "dask_pconv/stages/train_block.py": ("unit_forward", "unit_last", "unit_backward"),
+    "dask_pconv/stages/outputs.py": ("sgd_velocity", "running", "mean_of"),
     "dask_pconv/optim.py": ("apply_velocity",),
-    "dask_pconv/_fused_tiles.py": ("tile_forward", "tile_backward", "concat_tiles"),
 }
 
 
 def kernel_share(compute):
-    """Share of the fused step tasks' time in ``compute()`` (run here, on the synchronous
+    """Share of the staged step tasks' time in ``compute()`` (run here, on the synchronous
     scheduler, one BLAS thread as on a worker) spent outside the convolution kernels, from
-    :mod:`cProfile`: a fused stage runs several kernels in one task, so only a profile tells
-    them apart.  Returns ``(share, seconds per kernel)``; None for a step that is not fused."""
+    :mod:`cProfile`: a stage runs several kernels in one task, so only a profile tells
+    them apart.  Returns ``(share, seconds per kernel)``; None for a step that is not staged."""
     import cProfile
     import pstats
 
@@ -175,11 +172,11 @@ def kernel_share(compute):
         prof.disable()
         _torch_threads(torch)
     stats = pstats.Stats(prof).stats
-    # the tasks' own time: the fused step's task functions, not the scheduler's bookkeeping
+    # the tasks' own time: the staged step's task functions, not the scheduler's bookkeeping
     total = sum(
         ct
         for (path, _, fn), (_, _, _, ct, _) in stats.items()
-        if any(path.endswith(module) and fn in names for module, names in FUSED_TASKS.items())
+        if any(path.endswith(module) and fn in names for module, names in STEP_TASKS.items())
     )
     per = {}
     for (path, _, fn), (_, _, _, ct, _) in stats.items():

@@ -7,7 +7,7 @@ SGD through :class:`~dask_pconv.train.Trainer`, batch split ``batch:2``): the st
 :class:`dask_pconv.models.torch_reference.ResNet18` with ``torch.optim.SGD`` (momentum 0.9,
 weight decay 5e-4) on the same batch, their ratio, the step graph's tasks
 (``Trainer.tasks_per_step``) and critical path (:func:`dask_pconv.graphstats.graph_stats`),
-and which graph the step is (``Trainer.step_graph``: fused stages or fine-grained).
+and which graph the step is (``Trainer.step_graph``: stages or fine-grained).
 
 U-Net inference (:meth:`dask_pconv.models.UNet.predict`, evaluation mode) on one large
 single-channel image in spatial tiles: the image is persisted on the workers first; timed:

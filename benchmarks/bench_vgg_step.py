@@ -9,7 +9,7 @@ client's time per step: building the graph (``client build s``, the ``training_s
 graph's optimisation and hand-off to the scheduler); the share of compute spent outside the
 convolution kernels, from the task stream of one fine-grained step (``non-conv share``: one
 kernel per task) and from a profile of the step as it runs (``non-conv share, profiled``: for a
-fused step, whose tasks run several kernels each; cProfile's cost per call falls mostly on the
+staged step, whose tasks run several kernels each; cProfile's cost per call falls mostly on the
 many small non-convolution calls, so it errs high); and the scheduler overhead (wall time minus
 the busiest worker's compute time).
 
@@ -124,7 +124,7 @@ def torch_step_time(model, x, t, steps, device="cpu"):
 
 def _profiled_share(width, size, x, t, split):
     """The non-convolution share of one step of the same network computed here, profiled
-    (``_common.kernel_share``): for fused steps, whose tasks hold several kernels each."""
+    (``_common.kernel_share``): for staged steps, whose tasks hold several kernels each."""
     from dask_pconv.data import chunk_batch
     from dask_pconv.step import training_step
 
@@ -137,9 +137,9 @@ def _profiled_share(width, size, x, t, split):
 
 
 def _is_fused(outputs):
-    """Whether a step's graph is the fused stages (dask_pconv.fused) or the fine-grained one."""
+    """Whether a step's graph is the stages (dask_pconv.stages.step) or the fine-grained one."""
     loss = outputs[3] if isinstance(outputs, tuple) else outputs.loss
-    return loss.name.startswith("fused-")
+    return loss.name.startswith("step-")
 
 
 def run(steps=3, width=1.0, cases=CASES, floor_cases=FLOOR_CASES, floor_width=FLOOR_WIDTH):
@@ -180,13 +180,13 @@ def run(steps=3, width=1.0, cases=CASES, floor_cases=FLOOR_CASES, floor_width=FL
                     walls.append(wall)
                     overheads.append(wall - max(busy.values()))
             stats = graph_stats(built.latest)  # after the timed steps: it optimises the whole graph
-            # a fused stage runs several kernels in one task, so the task stream cannot tell them
+            # a stage runs several kernels in one task, so the task stream cannot tell them
             # apart: the non-convolution share comes from one more step on the fine-grained graph,
             # the same kernels one per task
             # the same kernels one per task (the step's backward and update included: wait for
             # the persisted results, before and after, as train_step waits only for the loss)
             wait([*tr.model.params.values(), *tr.velocities.values()])
-            with dask.config.set({"pconv.fused": False}), get_task_stream() as ts:
+            with dask.config.set({"pconv.staged": False}), get_task_stream() as ts:
                 tr.train_step(x, t)
                 wait([*tr.model.params.values(), *tr.velocities.values()])
             share = non_conv_share(ts.data)

@@ -36,14 +36,14 @@ CATEGORIES = {
     "pooling": ("max_pool2d",),
     "batchnorm": ("batch_norm",),
     "dropout": ("dropout",),
-    "optimizer": ("sgd-", "fused-velocity", "fused-param"),
-    # a fused step (dask_pconv.fused): whole stages, the small picks other chunks read, the
+    "optimizer": ("sgd-", "step-velocity", "step-param"),
+    # a staged step (dask_pconv.stages.step): whole stages, the small picks other chunks read, the
     # running statistics
-    "forward stages": ("fused-fwd", "fused-last"),
-    "backward stages": ("fused-bwd",),
-    "exchange": ("fused-stats", "fused-sums", "fused-grad"),
-    "running statistics": ("fused-running",),
-    "loss": ("fused-loss", "fused-accuracy"),
+    "forward stages": ("step-fwd", "step-last"),
+    "backward stages": ("step-bwd",),
+    "exchange": ("step-stats", "step-sums", "step-grad", "step-borders", "step-strips"),
+    "running statistics": ("step-running",),
+    "loss": ("step-loss", "step-accuracy"),
     "reductions": ("sum", "mean", "max", "arg", "chunk_", "tree"),
 }
 

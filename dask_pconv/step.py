@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .fused import fusable, fused_training_step
+from .stages.step import staged_step, unstaged
 
 __all__ = ["StepOutputs", "training_step"]
 
@@ -50,12 +50,11 @@ def training_step(model, optimizer, params, state, velocities, x, t, step, dropo
 
     Notes
     -----
-    A chain of the layers VGG16 is made of, split into batch chunks, spatial tiles or both,
-    and any program with branches on batch chunks, with momentum SGD, runs as coarse stages
-    (:mod:`dask_pconv.fused`: one task per block between two BatchNorm synchronisations;
-    :func:`~dask_pconv.fused.fusable` says why a step does not); any other step as the
-    fine-grained graph of the tape.  Both give the
-    same result to rounding; ``dask.config.set({"pconv.fused": False})`` forces the second.
+    A program with BatchNorms, split into batch chunks, spatial tiles or both, with momentum
+    SGD, runs as coarse stages (:mod:`dask_pconv.stages.step`: one task per block between two
+    BatchNorm synchronisations; :func:`~dask_pconv.stages.step.unstaged` says why a step does
+    not); any other step as the fine-grained graph of the tape.  Both give the same result to
+    rounding; ``dask.config.set({"pconv.staged": False})`` forces the second.
 
     Returns
     -------
@@ -63,9 +62,9 @@ def training_step(model, optimizer, params, state, velocities, x, t, step, dropo
         All lazy.  The running statistics not updated by the step (none for VGG16) keep their
         values from ``state``.
     """
-    x = model.check_input(x)  # the fused path reads the batch's blocks directly
-    if fusable(model, optimizer, params, x) is None:
-        outs = fused_training_step(model, optimizer, params, state, velocities, x, t, step, dropout)
+    x = model.check_input(x)  # the staged path reads the batch's blocks directly
+    if unstaged(model, optimizer, params, x) is None:
+        outs = staged_step(model, optimizer, params, state, velocities, x, t, step, dropout)
         return StepOutputs(*outs)
     loss, grads, aux = model.forward_backward_aux(
         x, t, train=True, dropout=dropout, step=step, params=params, state=state

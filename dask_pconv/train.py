@@ -18,7 +18,7 @@ import dask
 from .batching import check_split, chunk_batch
 from .checkpoint import Snapshot, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
-from .fused import fusable
+from .stages.step import unstaged
 from .loop import WorkerLossError, run_epochs
 from .optim import MomentumSGD
 from .placement import StepInputs
@@ -110,8 +110,8 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.log = []
         self.tasks_per_step = None
-        #: which graph a step is (:func:`dask_pconv.fused.fusable`): ``"fused stages"`` or
-        #: ``"fine-grained: <why not fused>"``; None before the first step
+        #: which graph a step is (:func:`dask_pconv.stages.step.unstaged`): ``"stages"`` or
+        #: ``"fine-grained: <why not staged>"``; None before the first step
         self.step_graph = None
         self.elapsed = 0.0
 
@@ -192,8 +192,8 @@ class Trainer:
         params, vel, state = self._inputs.get(xd, self.opt.init_state)
         outs = training_step(self.model, self.opt, params, state, vel, xd, td, self.step, self.dropout)
         if self.step_graph is None:
-            reason = fusable(self.model, self.opt, params, xd)
-            self.step_graph = "fused stages" if reason is None else f"fine-grained: {reason}"
+            reason = unstaged(self.model, self.opt, params, xd)
+            self.step_graph = "stages" if reason is None else f"fine-grained: {reason}"
         if self.tasks_per_step is None:
             self.tasks_per_step = _count_tasks(outs)
         new_p, new_v, new_state, loss, acc = dask.persist(*outs)
@@ -253,7 +253,7 @@ def _count_tasks(collections):
     """Tasks in the step's graph after Dask's blockwise fusion and culling.  Its linear fusion of
     task chains is left out: which chains it fuses changes from graph to graph of the same
     structure (seen with channel splits: 4 tasks in 1,500 up or down from step to step), and the
-    aliases it leaves for fused keys are no tasks."""
+    aliases it leaves for staged keys are no tasks."""
     from dask.highlevelgraph import HighLevelGraph
 
     flat = [c for group in collections for c in (group.values() if isinstance(group, dict) else [group])]

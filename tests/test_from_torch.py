@@ -16,7 +16,7 @@ import pytest
 
 import dask_pconv as dp
 from dask_pconv.data import chunk_batch, synthetic
-from dask_pconv.fused import fusable
+from dask_pconv.stages.step import unstaged
 from dask_pconv.optim import MomentumSGD
 from dask_pconv.step import training_step
 from dask_pconv.train import Trainer
@@ -375,7 +375,7 @@ def test_converted_resnet18_steps_as_the_native_one():
     outs = []
     for model in (native, converted):
         vel = {k: np.full(v.shape, 0.01) for k, v in model.params.items()}
-        assert fusable(model, opt, model.dask_params(like=xd), xd) is None  # both run the fused stages
+        assert unstaged(model, opt, model.dask_params(like=xd), xd) is None  # both run the fused stages
         step = training_step(model, opt, model.dask_params(like=xd), dict(model.state), vel, xd, td, 1)
         outs.append(dask.compute(step)[0])
     want, got = outs
@@ -508,9 +508,9 @@ def test_max_pooling_with_padding_dilation_and_ceil_mode_converts_exactly():
     # on batch chunks the step runs as coarse stages, the pools through the fine-grained
     # reference inside them (no block rule); on tiles a chain with them does not fuse
     batch = dp.split(x, batch=2)
-    assert fusable(model, MomentumSGD(), model.dask_params(), batch) is None
+    assert unstaged(model, MomentumSGD(), model.dask_params(), batch) is None
     tiles = model.check_input(dp.split(x, spatial=(2, 1)))
-    assert "pools with padding" in fusable(model, MomentumSGD(), model.dask_params(), tiles)
+    assert "pools with padding" in unstaged(model, MomentumSGD(), model.dask_params(), tiles)
 
 
 def test_cat_dims_and_a_lone_tensor():
@@ -543,8 +543,8 @@ def test_the_fused_step_of_a_converted_model_is_the_fine_grained_one():
     outs = []
     for fused in (False, True):
         params = model.dask_params(like=xd)
-        with dask.config.set({"pconv.fused": fused}):
-            assert (fusable(model, opt, params, xd) is None) == fused
+        with dask.config.set({"pconv.staged": fused}):
+            assert (unstaged(model, opt, params, xd) is None) == fused
             outs.append(dask.compute(training_step(model, opt, params, dict(model.state), vel, xd, td, 1))[0])
     want, got = outs
     assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss)

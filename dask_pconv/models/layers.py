@@ -337,7 +337,7 @@ class MaxPool2d(Layer):
     ceil_mode: bool = False
 
     def plain(self):
-        """No padding, dilation or ceil mode (what the fused stages pool)."""
+        """No padding, dilation or ceil mode (what the block interpreter pools itself)."""
         return self.padding == 0 and self.dilation == 1 and not self.ceil_mode
 
     def apply(self, inputs, params, state, mode, index):

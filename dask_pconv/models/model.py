@@ -201,17 +201,16 @@ class Model:
 
     def _staged_gradients(self, x, t, dropout, step, channel_split):
         """``(loss, grads)`` as the training step's coarse stages without its update, or None
-        where they cannot run it (``dask_pconv.fused.fusable``) or ``pconv.staged`` is False."""
-        from ..fused import fusable, fused_gradients
+        where they cannot run it (:func:`dask_pconv.stages.step.unstaged`, which also reads
+        ``pconv.staged``)."""
+        from ..stages.step import staged_gradients, unstaged
 
-        if not dask.config.get("pconv.staged", True):
-            return None
         x = self.check_input(x)
         params = self.dask_params(x, channel_split)
-        if fusable(self, None, params, x) is not None:
+        if unstaged(self, None, params, x) is not None:
             return None
         t = to_dask_array(t, (x.chunks[0],) + tuple((n,) for n in np.shape(t)[1:]))
-        loss, grads, _ = fused_gradients(self, params, x, t, step, dropout)
+        loss, grads, _ = staged_gradients(self, params, x, t, step, dropout)
         return loss, grads
 
     def predict(self, x, channel_split=None):

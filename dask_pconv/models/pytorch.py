@@ -99,7 +99,7 @@ def _square(name, value):
 
 def _compact(name, value):
     """An int from an int or an equal pair, else the pair: the layers take both, and an int
-    keeps a convolution in the fused chain's stages (which take one int per attribute)."""
+    keeps the layer as a model written by hand would hold it."""
     pair = _pair(value)
     ints = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
     _need(len(pair) == 2 and ints, f"{name}={value!r}", f"an int or a pair of ints as {name}")
@@ -451,8 +451,8 @@ def _cat_call(call):
         shape = call.shape(tensors[0])
         _need(shape is not None or dim == -1, f"dim={dim}", "a dim >= 1, or a negative one with input_shape")
         dim = dim + len(shape) if shape is not None else dim
-    # the batch axis would pair the output's images with other labels (and the chunks of the
-    # batch are concatenated chunk by chunk in the fused stages)
+    # the batch axis would pair the output's images with other labels (and a stage's
+    # block holds some of the batch's images only)
     _need(dim != 0, "dim=0 (the batch axis)", "a channel or spatial axis, dim >= 1")
     if len(tensors) == 1:
         return Identity(), list(tensors)

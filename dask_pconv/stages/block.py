@@ -104,11 +104,13 @@ class Ctx:
         self.seed, self.step, self.dropout, self.n_total, self.offset = seed, step, dropout, n_total, offset
         self.train = train
 
-    def location(self, h):
+    def location(self, h, i=None):
+        """Where block ``h`` (node ``i``'s output) lies in the whole batch's value."""
         n0 = self.offset
         return ((n0, n0 + h.shape[0]),) + tuple((0, s) for s in h.shape[1:])
 
-    def full_shape(self, h):
+    def full_shape(self, h, i=None):
+        """The shape of the whole batch's value of which ``h`` (node ``i``'s output) is a block."""
         return (self.n_total, *h.shape[1:])
 
 
@@ -268,7 +270,7 @@ def _dropout_forward(i, layer, h, p, ctx, saved, aux):
     if not ctx.dropout:
         return h
     key = dropout_key(ctx.seed, ctx.step, i)
-    keep = dropout_keep(h, layer.ratio, key, ctx.full_shape(h), ctx.location(h))
+    keep = dropout_keep(h, layer.ratio, key, ctx.full_shape(h, i), ctx.location(h, i))
     saved.append(keep)  # the backward applies the same mask, not hashed again
     return dropout_scale(h, keep, layer.ratio)
 
@@ -537,5 +539,6 @@ def loss_block(z, t, ctx):
     rows = onehot(t, z.shape[1], z.dtype)
     loss = cross_entropy_sum(z, rows)
     correct = (z.argmax(axis=1) == t).astype(xp.float64).sum().reshape((1,))
-    count = ctx.n_total * int(np.prod(z.shape[2:]))
+    pixels = getattr(ctx, "pixels", None) or int(np.prod(z.shape[2:]))  # a tile's: the image's
+    count = ctx.n_total * pixels
     return loss, correct, (xp.exp(log_softmax(z)) - rows) * z.dtype.type(1.0 / count)

@@ -16,12 +16,14 @@ its nodes alone, as one task per block: a *stage*.
   of the program runs on whole images of each batch chunk.  The tiled stage must end in a
   node that is the only value the rest reads (the rest cannot read a tile's intermediate
   values); the planner picks the last such node before the cut.
-- In training mode on batch chunks, a layer that needs a statistic over the whole batch (a
-  BatchNorm) starts a stage one later than its latest input (:func:`stage_numbers`; parallel
-  branches share their synchronisations): the stages the training step's graph runs
-  (:mod:`dask_pconv._fused_dag`).
-- A channel split, and training on tiles, are not planned here yet (:attr:`Plan.refused` says
-  so); they run the fine-grained graph or the chain's tiled stages.
+- In training mode, a layer that needs a statistic over the whole batch (a BatchNorm) starts a
+  stage one later than its latest input (:func:`stage_numbers`; parallel branches share their
+  synchronisations): the stages the training step's graph runs (:mod:`dask_pconv.stages.step`).
+  On tiles each stage's tiles read, once, the windows of the values before it that their
+  layers need together (:mod:`dask_pconv.stages.train_plan`); from the stage of the first
+  layer that needs every tile on, the stages run on whole images of each batch chunk.
+- A channel split is not planned here yet (:attr:`Plan.refused` says so); it runs the
+  fine-grained graph.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from dataclasses import dataclass
 import dask
 from dask.utils import parse_bytes
 
-from ..models.layers import SPLIT_AXES, Need
+from ..models.layers import SPLIT_AXES, BatchNorm, Need
 from ..models.program import INPUT
 from ..models.tiling import plan_tiles
+from .train_plan import TileRegions, stage_numbers, step_plan
 
 __all__ = ["MODES", "Layout", "Plan", "Stage", "nodes_upto", "plan", "read_whole", "stage_numbers"]
 
@@ -124,7 +127,7 @@ class Plan:
             span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
             where = "per tile and batch chunk" if st.tiled else "per batch chunk, on whole images"
             line = f"stage {k}: {len(names)} node{'s' * (len(names) != 1)} ({span}), {where}; {st.why}"
-            if st.tiles is not None:
+            if st.tiles is not None and not isinstance(st.tiles, TileRegions):
                 line += f"; {_window_note(st.tiles, self.layout)}"
             lines.append(line)
         return "\n".join(lines)
@@ -138,6 +141,15 @@ def _window_note(tiles, layout):
     return (
         f"{n} window{'s' * (n != 1)} aligned to {tiles.align[0]}x{tiles.align[1]}, reading "
         f"{read / image - 1:.0%} more input pixels than the image has (the halos' redundant work)"
+    )
+
+
+def _regions_note(regions, s):
+    """A training stage's tiles and the arithmetic they repeat, for :meth:`Plan.explain`."""
+    gi, gj = regions.grid
+    return (
+        f"{gi}x{gj} tiles aligned to {regions.align[0]}x{regions.align[1]}, holding "
+        f"{regions.redundancy(s):.0%} more pixels of what they read than it has (the halos' redundant work)"
     )
 
 
@@ -176,39 +188,30 @@ def _last_articulation(nodes, before):
     return None
 
 
-def stage_numbers(nodes, train):
-    """Per value (the input and each node of ``nodes``, ``(index, node)`` pairs), the stage
-    that computes it on batch chunks: a node whose layer needs more than its own chunk across
-    the batch (a BatchNorm's statistics in training mode) is one stage later than its latest
-    input, any other node in its latest input's stage.  Returns ``(stage by name, need by the
-    name of each node that starts a stage)``."""
-    stage, cuts = {INPUT: 0}, {}
-    for _, node in nodes:
-        s = max(stage[i] for i in node.inputs)
-        need = node.layer.needs("batch", train)
-        if need is not Need.LOCAL:
-            s += 1
-            cuts[node.name] = need
-        stage[node.name] = s
-    return stage, cuts
-
-
 def _train_plan(nodes, layout):
-    """The training stages on batch chunks (:func:`stage_numbers`), with why each begins."""
-    stage, cuts = stage_numbers(nodes, True)
+    """The training stages (:func:`stage_numbers`, :mod:`dask_pconv.stages.train_plan`), with
+    why each begins."""
+    tiles = layout.chunks[2:] if layout.blocks("spatial") > 1 else None
+    try:
+        steps = step_plan([n for _, n in nodes], tiles)
+    except ValueError as e:
+        return Plan("train", layout, (), f"the spatial tiles do not fit the network: {e}")
+    _, cuts = stage_numbers(nodes, True, tiles is not None)
     stages = []
-    for k in range(max(stage[n.name] for _, n in nodes) + 1):
-        members = tuple((i, n) for i, n in nodes if stage[n.name] == k)
-        if not members:  # stage 0 of a program that starts with a BatchNorm
+    for k, spec in enumerate(steps.specs):
+        if not spec.nodes:  # stage 0 of a program that starts with a BatchNorm
             continue
-        starts = [n for _, n in members if n.name in cuts]
+        starts = [n for _, n in spec.nodes if n.name in cuts]
         if not starts:
             why = "the layers before the first that needs the whole batch"
         else:
             names = ", ".join(f"{n.name!r} ({type(n.layer).__name__})" for n in starts)
             each = "it needs" if len(starts) == 1 else "each needs"
-            why = f"cut before {names}: {each} a {cuts[starts[0].name].value} over the whole batch"
-        stages.append(Stage(members, False, why))
+            what = "batch" if isinstance(starts[0].layer, BatchNorm) else "image"
+            why = f"cut before {names}: {each} a {cuts[starts[0].name].value} over the whole {what}"
+        if spec.tiled:
+            why += f"; {_regions_note(steps.regions, k)}"
+        stages.append(Stage(spec.nodes, spec.tiled, why, steps.regions if spec.tiled else None))
     return Plan("train", layout, tuple(stages))
 
 
@@ -216,8 +219,6 @@ def _refusal(nodes, layout, mode):
     if mode not in MODES:
         return f"mode {mode!r} is not planned (the modes are {MODES})"
     train = mode != "predict"
-    if train and layout.blocks("spatial") > 1:
-        return "training on spatial tiles is not planned here yet (the step's chain stages, or fine-grained)"
     for axis in ("in_channel", "out_channel"):
         if layout.blocks(axis) > 1:
             return f"a split of the {axis.replace('_', ' ')}s is not staged yet"

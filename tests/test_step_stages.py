@@ -1,5 +1,6 @@
-"""The fused training step (dask_pconv/fused.py): the same step as the fine-grained graph to
-rounding, gradients equal to PyTorch's, which steps it takes, and its graph's shape."""
+"""The staged training step (dask_pconv/stages/step.py) of chains: the same step as the
+fine-grained graph to rounding, gradients equal to PyTorch's, which steps it takes, and its
+graph's shape."""
 
 import dask
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 import dask_pconv as dp
 from dask_pconv.data import chunk_batch
-from dask_pconv.fused import fusable
+from dask_pconv.stages.step import unstaged
 from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import (
     INPUT,
@@ -83,13 +84,13 @@ def _split(x, t, chunks):
     return xd.rechunk((xd.chunks[0], x.shape[1], rows, cols)), td
 
 
-def _step(model, x, t, chunks, fused, dropout, opt=None):
+def _step(model, x, t, chunks, staged, dropout, opt=None):
     opt = opt or MomentumSGD(0.05, 0.9, 5e-4)
     xd, td = _split(x, t, chunks)
     params = model.dask_params(like=xd)
     vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in model.params.items()}  # not zeros: used
-    with dask.config.set({"pconv.fused": fused}):
-        assert (fusable(model, opt, params, xd) is None) == fused
+    with dask.config.set({"pconv.staged": staged}):
+        assert (unstaged(model, opt, params, xd) is None) == staged
         out = training_step(model, opt, params, dict(model.state), vel, xd, td, step=3, dropout=dropout)
     return dask.compute(out)[0]
 
@@ -106,8 +107,8 @@ CASES = {
 
 def _compare(make, shape, k, chunks, dropout):
     x, t = RNG.standard_normal(shape), RNG.integers(0, k, shape[0])
-    want = _step(make(), x, t, chunks, fused=False, dropout=dropout)
-    got = _step(make(), x, t, chunks, fused=True, dropout=dropout)
+    want = _step(make(), x, t, chunks, staged=False, dropout=dropout)
+    got = _step(make(), x, t, chunks, staged=True, dropout=dropout)
     assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
     for g, w in zip(got[:3], want[:3]):
         assert g.keys() == w.keys()
@@ -119,7 +120,7 @@ def _compare(make, shape, k, chunks, dropout):
 @pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
 @pytest.mark.parametrize("chunks", [1, 2, 3])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_step_is_the_fine_grained_step(case, chunks, dropout):
+def test_staged_step_is_the_fine_grained_step(case, chunks, dropout):
     """Loss, accuracy, parameters, velocities and running statistics after a step, float64,
     with uneven chunks (9 images in 2), dropout masks included."""
     _compare(*CASES[case], chunks, dropout)
@@ -141,6 +142,8 @@ TILED = {
         3,
         (1, (8, 4, 12), (8,)),
     ),
+    # tiles not aligned with the pools: rounded to the stages' alignment (16)
+    "vgg16, unaligned tiles": (CASES["vgg16"][0], (3, 3, 32, 32), 4, (1, (10, 22), (20, 12))),
     "small, 3 chunks of 2x2 tiles": (
         lambda: Model(_tiled_program(), seed=4, dtype=np.float64),
         (7, 3, 24, 8),
@@ -152,14 +155,14 @@ TILED = {
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
 @pytest.mark.parametrize("case", list(TILED))
-def test_fused_step_on_tiles_is_the_fine_grained_step(case, dropout):
+def test_staged_step_on_tiles_is_the_fine_grained_step(case, dropout):
     """The same on spatial tiles (and batch chunks of tiles): halos exchanged between tiles'
     stages forward and backward, dropout masks of each tile's window at its global place."""
     make, shape, k, split = TILED[case]
     _compare(make, shape, k, split, dropout)
 
 
-def test_fused_gradients_match_pytorch():
+def test_staged_gradients_match_pytorch():
     """With lr 1, no momentum and no decay, a step's velocities are minus the gradients."""
     optional.need_torch()
     from torch_vgg import torch_loss_and_grads
@@ -169,7 +172,7 @@ def test_fused_gradients_match_pytorch():
     lt, gt = torch_loss_and_grads(m, x, t)
     xd, td = chunk_batch(x, t, {"batch": 3})
     params, opt = m.dask_params(like=xd), MomentumSGD(1.0, 0.0, 0.0)
-    assert fusable(m, opt, params, xd) is None
+    assert unstaged(m, opt, params, xd) is None
     out = training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, step=0, dropout=False)
     loss, vel = dask.compute(out.loss, out.velocities)
     assert abs(loss - lt) <= 1e-10 * abs(lt)
@@ -177,69 +180,44 @@ def test_fused_gradients_match_pytorch():
         assert_close(-vel[name], g, np.float64)
 
 
-def test_which_steps_are_fused():
+def test_which_steps_are_staged():
     m, opt = VGG16(n_classes=4, width=1 / 16), MomentumSGD()
     x = RNG.random((4, 3, 32, 32))
     batch = dp.split(x, batch=2)
-    assert fusable(m, opt, m.dask_params(), batch) is None
-    assert fusable(m, opt, m.dask_params(), dp.split(x, spatial=(2, 2))) is None
-    assert fusable(m, opt, m.dask_params(), dp.split(x, batch=2, spatial=(2, 1))) is None
-    assert "split along its channels" in fusable(m, opt, m.dask_params(), dp.split(x, channel=3))
-    # tiles of 10 and 22 rows: pool2 (4 rows per output row at the input) would cross a tile
-    misaligned = dp.split(x).rechunk((4, 3, (10, 22), 32))
-    assert "not aligned with the pooling" in fusable(m, opt, m.dask_params(), misaligned)
-    odd = Model(_odd_program())  # conv2 has no padding: its output tiles are not the input's
-    assert "not a 'same' convolution" in fusable(
-        odd, opt, odd.dask_params(), dp.split(RNG.random((4, 3, 8, 8)), spatial=2)
+    assert unstaged(m, opt, m.dask_params(), batch) is None
+    assert unstaged(m, opt, m.dask_params(), dp.split(x, spatial=(2, 2))) is None
+    assert unstaged(m, opt, m.dask_params(), dp.split(x, batch=2, spatial=(2, 1))) is None
+    # tiles of 10 and 22 rows: rounded to the stages' alignment (16: pool4), 16 and 16
+    assert unstaged(m, opt, m.dask_params(), dp.split(x).rechunk((4, 3, (10, 22), 32))) is None
+    assert "split along its channels" in unstaged(m, opt, m.dask_params(), dp.split(x, channel=3))
+    assert "smaller than the network's alignment 16" in unstaged(
+        m, opt, m.dask_params(), dp.split(x).rechunk((4, 3, (4, 28), 32))
     )
-    small = Model(_tiled_program())  # a halo of 4 input rows, wider than a tile of 2
-    narrow = dp.split(RNG.random((4, 3, 24, 8))).rechunk((4, 3, (10, 2, 12), 8))
-    assert "wider than a neighbouring tile" in fusable(small, opt, small.dask_params(), narrow)
-    assert "parameters are split" in fusable(m, opt, m.dask_params(channel_split=2), batch)
-    assert "not MomentumSGD" in fusable(m, object(), m.dask_params(), batch)
-    with dask.config.set({"pconv.fused": False}):
-        assert fusable(m, opt, m.dask_params(), batch) == "pconv.fused is off"
-    residual = Model(
-        Program(
-            (
-                Node("a", Conv2d(3, 3, 3, padding=1), (INPUT,)),
-                Node("sum", Add(), ("a", INPUT)),
-                Node("bn", BatchNorm(3), ("sum",)),
-                Node("flatten", Flatten(), ("bn",)),
-                Node("fc", Linear(3 * 32 * 32, 2), ("flatten",)),
-            )
-        )
+    odd = Model(_odd_program())  # 7x7 -> pool 3x3 -> conv2 1x1: a tile would hold no pixel
+    assert "holds no pixel of node 'conv2'" in unstaged(
+        odd, opt, odd.dask_params(), dp.split(RNG.random((4, 3, 7, 7))).rechunk((4, 3, (3, 4), 7))
     )
-    # branches and strides fuse on batch chunks (dask_pconv._fused_dag), not on tiles
-    assert fusable(residual, opt, residual.dask_params(), batch) is None
+    assert "parameters are split" in unstaged(m, opt, m.dask_params(channel_split=2), batch)
+    assert "not MomentumSGD" in unstaged(m, object(), m.dask_params(), batch)
+    with dask.config.set({"pconv.staged": False}):
+        assert unstaged(m, opt, m.dask_params(), batch) == "pconv.staged is off"
+    no_bn = Model(sequential(("c", Conv2d(3, 2, 3, padding=1)), ("f", Flatten()), ("l", Linear(2048, 2))))
+    assert "no BatchNorm" in unstaged(no_bn, opt, no_bn.dask_params(), batch)
+    # strided, dilated, grouped, "same" and unpadded convolutions, on batch chunks and tiles
     tiles = dp.split(x, spatial=(2, 2))
-    assert "not a chain" in fusable(residual, opt, residual.dask_params(), tiles)
-    strided = Model(
-        sequential(
-            ("c", Conv2d(3, 2, 3, stride=2)), ("bn", BatchNorm(2)), ("f", Flatten()), ("l", Linear(450, 2))
-        )
-    )
-    assert fusable(strided, opt, strided.dask_params(), batch) is None
-    assert "stride 2" in fusable(strided, opt, strided.dask_params(), tiles)
     for conv in (
+        Conv2d(3, 2, 3, stride=2),
         Conv2d(3, 3, 3, padding=2, dilation=2),
         Conv2d(3, 3, 3, padding=1, groups=3),
         Conv2d(3, 2, 3, padding="same"),
         Conv2d(3, 2, (3, 3), padding=1),
     ):
-        m2 = Model(
-            sequential(
-                ("c", conv),
-                ("bn", BatchNorm(conv.out_channels)),
-                ("f", Flatten()),
-                ("l", Linear(conv.out_channels * 1024, 2)),
-            )
-        )
-        assert fusable(m2, opt, m2.dask_params(), batch) is None  # the stages of _fused_dag
-        assert "is dilated, grouped" in fusable(m2, opt, m2.dask_params(), tiles)
+        m2 = Model(sequential(("c", conv), ("bn", BatchNorm(conv.out_channels)), ("f", Flatten()), ("l", Linear(1, 2))))
+        assert unstaged(m2, opt, m2.dask_params(), batch) is None
+        assert unstaged(m2, opt, m2.dask_params(), tiles) is None
 
 
-def test_a_fused_step_graph_is_a_few_tasks_per_chunk_and_batch_norm():
+def test_a_staged_step_graph_is_a_few_tasks_per_chunk_and_batch_norm():
     """Per BatchNorm on batch chunks: a stage forward and one backward (the stage results are
     small enough to be read whole: ``pconv.read-whole-below``), so the critical path is about
     two tasks per BatchNorm; with a pick of the statistics and sums (tiles, or larger results)
@@ -277,7 +255,7 @@ def test_a_tiled_step_is_the_same_bits_whatever_the_order_of_its_tasks():
     xd, td = _split(x, t, (2, (8, 4, 12), (4, 4)))
     opt = MomentumSGD(0.05, 0.9, 5e-4)
     params = m.dask_params(like=xd)
-    assert fusable(m, opt, params, xd) is None
+    assert unstaged(m, opt, params, xd) is None
     out = training_step(m, opt, params, dict(m.state), opt.init_state(params), xd, td, step=1)
     a = dask.compute(out, scheduler="sync")[0]
     b = dask.compute(out, scheduler="threads")[0]

@@ -1,4 +1,4 @@
-"""The fused step of programs with branches (dask_pconv/_fused_dag.py): the fine-grained step
+"""The staged step of programs with branches (dask_pconv/stages/step.py): the fine-grained step
 to rounding in every batch split, PyTorch's gradients, the chain's stages bit for bit, and the
 shape of its graph."""
 
@@ -7,9 +7,9 @@ import numpy as np
 import optional
 import pytest
 
-from dask_pconv._fused_dag import DagPlan, DagStepGraph
+from dask_pconv.stages.train_plan import step_plan
 from dask_pconv.data import chunk_batch
-from dask_pconv.fused import fusable
+from dask_pconv.stages.step import unstaged
 from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import (
     INPUT,
@@ -144,13 +144,23 @@ NETS = {
 }
 
 
-def _step(model, x, t, chunks, fused, dropout):
+def _split(x, t, chunks):
+    """The batch in ``chunks`` pieces (an int) or as ``(batch chunks, row chunks, column
+    chunks)``."""
+    if isinstance(chunks, int):
+        return chunk_batch(x, t, {"batch": chunks} if chunks > 1 else {})
+    batch, rows, cols = chunks
+    xd, td = chunk_batch(x, t, {"batch": batch} if batch > 1 else {})
+    return xd.rechunk((xd.chunks[0], x.shape[1], rows, cols)), td
+
+
+def _step(model, x, t, chunks, staged, dropout):
     opt = MomentumSGD(0.05, 0.9, 5e-4)
-    xd, td = chunk_batch(x, t, {"batch": chunks} if chunks > 1 else {})
+    xd, td = _split(x, t, chunks)
     params = model.dask_params(like=xd)
     vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in model.params.items()}
-    with dask.config.set({"pconv.fused": fused}):
-        assert (fusable(model, opt, params, xd) is None) == fused
+    with dask.config.set({"pconv.staged": staged}):
+        assert (unstaged(model, opt, params, xd) is None) == staged
         out = training_step(model, opt, params, dict(model.state), vel, xd, td, step=3, dropout=dropout)
     return dask.compute(out)[0]
 
@@ -158,7 +168,7 @@ def _step(model, x, t, chunks, fused, dropout):
 @pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
 @pytest.mark.parametrize("chunks", [1, 2, 3])
 @pytest.mark.parametrize("net", list(NETS))
-def test_fused_step_of_a_program_with_branches_is_the_fine_grained_step(net, chunks, dropout):
+def test_staged_step_of_a_program_with_branches_is_the_fine_grained_step(net, chunks, dropout):
     make, shape = NETS[net]
     x, t = RNG.standard_normal(shape), RNG.integers(0, 5, shape[0])
     want = _step(Model(make(), seed=4, dtype=np.float64), x, t, chunks, False, dropout)
@@ -171,24 +181,32 @@ def test_fused_step_of_a_program_with_branches_is_the_fine_grained_step(net, chu
             np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
 
 
-def test_a_chain_through_the_branch_stages_is_the_chain_stages_bit_for_bit():
-    """VGG16 (a chain) through DagStepGraph gives the chain's fused step exactly: the same
-    kernels in the same order."""
-    m = VGG16(n_classes=4, width=1 / 16, seed=2)
-    x, t = RNG.random((6, 3, 32, 32), dtype=np.float32), RNG.integers(0, 4, 6)
-    xd, td = chunk_batch(x, t, {"batch": 2})
-    params, vel = m.dask_params(like=xd), {k: np.full(v.shape, 0.01, v.dtype) for k, v in m.params.items()}
-    opt = MomentumSGD(0.05, 0.9, 5e-4)
-    chain = training_step(m, opt, params, dict(m.state), vel, xd, td, step=1, dropout=True)
-    dag = DagStepGraph(m, opt, params, dict(m.state), vel, xd, td, 1, True).outputs()
-    chain, dag = dask.compute(tuple(chain), dag)
-    assert chain[3] == dag[3] and chain[4] == dag[4]
-    for a, b in zip(chain[:3], dag[:3]):
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+#: tiles per net: not aligned with the strides, uneven, a halo wider than a tile, and batch
+#: chunks of tiles
+TILES = {
+    "encoder-decoder": [(1, (4, 4), (4, 4)), (2, (3, 5), (5, 3))],
+    "residual": [(1, (4, 4), (4, 4)), (2, (2, 3, 3), (5, 3))],
+    "skip": [(1, (3, 4), (4, 3)), (3, (2, 5), (7,))],
+    "convolutions": [(1, (5, 5), (3, 5)), (2, (1, 9), (4, 4))],
+}
 
 
-def test_fused_branch_gradients_match_pytorch():
+@pytest.mark.parametrize("dropout", [False, True], ids=["no dropout", "dropout"])
+@pytest.mark.parametrize("net, tiles", [(n, t) for n, ts in TILES.items() for t in ts])
+def test_staged_step_of_a_program_with_branches_on_tiles_is_the_fine_grained_step(net, tiles, dropout):
+    """Each tile's stages read the windows of the values before them from their own and their
+    neighbours' regions, forward and backward, whatever the tiles' sizes."""
+    make, shape = NETS[net]
+    x, t = RNG.standard_normal(shape), RNG.integers(0, 5, shape[0])
+    want = _step(Model(make(), seed=4, dtype=np.float64), x, t, tiles, False, dropout)
+    got = _step(Model(make(), seed=4, dtype=np.float64), x, t, tiles, True, dropout)
+    assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
+    for g, w in zip(got[:3], want[:3]):
+        for name in g:
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
+
+
+def test_staged_branch_gradients_match_pytorch():
     torch = optional.need_torch()
     F = torch.nn.functional
     model = Model(skip_net(), seed=3, dtype=np.float64)
@@ -219,7 +237,7 @@ def test_parallel_branches_share_a_synchronisation_and_the_graph_stays_small():
     """The residual net has 7 BatchNorms but 6 synchronisations (the projection's BatchNorm
     syncs with the main path's first): per chunk a task per stage forward and backward plus
     their small picks, and a critical path of a few tasks per stage."""
-    plan = DagPlan(residual_net().nodes)
+    plan = step_plan(residual_net().nodes)
     assert plan.last == 6 and plan.stage["short_bn"] == plan.stage["b1_bn"] == 5
     m = Model(residual_net(), seed=0)
     x, t = RNG.random((4, 3, 8, 8), dtype=np.float32), RNG.integers(0, 5, 4)
@@ -236,23 +254,25 @@ def test_parallel_branches_share_a_synchronisation_and_the_graph_stays_small():
     assert stats.critical_path <= 4 * plan.last + 3
 
 
-def test_fused_resnet18_step_is_the_fine_grained_step():
+@pytest.mark.parametrize("chunks", [2, (2, (8, 8), (8, 8))])
+def test_staged_resnet18_step_is_the_fine_grained_step(chunks):
     make = lambda: ResNet18(n_classes=5, width=1 / 16, seed=1, dtype=np.float64)  # noqa: E731
     x, t = RNG.standard_normal((4, 3, 16, 16)), RNG.integers(0, 5, 4)
-    want = _step(make(), x, t, 2, False, True)
-    got = _step(make(), x, t, 2, True, True)
+    want = _step(make(), x, t, chunks, False, True)
+    got = _step(make(), x, t, chunks, True, True)
     assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
     for g, w in zip(got[:3], want[:3]):
         for name in g:
             np.testing.assert_allclose(g[name], w[name], rtol=1e-10, atol=1e-13, err_msg=name)
 
 
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_fused_unet_step_with_per_pixel_labels_is_the_fine_grained_step(chunks):
+@pytest.mark.parametrize("chunks", [1, 2, (1, (8, 8), (6, 6)), (2, (5, 11), (7, 5))])
+def test_staged_unet_step_with_per_pixel_labels_is_the_fine_grained_step(chunks):
     """Per-pixel logits and labels: the loss is the mean over every pixel of the batch, its
-    gradient spread over the chunks' pixels."""
+    gradient spread over the chunks' pixels (on tiles: each tile's own pixels; tiles of 5 and
+    7 rows are not aligned with the network's 4)."""
     make = lambda: UNet(in_channels=2, n_classes=3, width=2, depth=2, seed=1, dtype=np.float64)  # noqa: E731
-    x, t = RNG.standard_normal((4, 2, 8, 8)), RNG.integers(0, 3, (4, 8, 8))
+    x, t = RNG.standard_normal((4, 2, 16, 12)), RNG.integers(0, 3, (4, 16, 12))
     want = _step(make(), x, t, chunks, False, False)
     got = _step(make(), x, t, chunks, True, False)
     assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss) and got.accuracy == want.accuracy
@@ -261,7 +281,7 @@ def test_fused_unet_step_with_per_pixel_labels_is_the_fine_grained_step(chunks):
             np.testing.assert_allclose(g[name], w[name], rtol=1e-11, atol=1e-13, err_msg=name)
 
 
-def test_a_fused_unet_step_checks_the_image_size_first():
+def test_a_staged_unet_step_checks_the_image_size_first():
     m = UNet(in_channels=1, n_classes=2, width=2, depth=2)
     xd, td = chunk_batch(RNG.random((2, 1, 10, 8)), RNG.integers(0, 2, (2, 10, 8)), {"batch": 2})
     vel = {k: np.zeros_like(v) for k, v in m.params.items()}
@@ -287,10 +307,10 @@ def test_steps_the_branch_stages_cannot_run_say_why():
         )
 
     m = program(Node("cat", Concat(axis=0), ("bn", INPUT)))
-    assert "concatenates along axis 0" in fusable(m, opt, m.dask_params(), batch)
+    assert "concatenates along axis 0" in unstaged(m, opt, m.dask_params(), batch)
     # a layer with no block rule runs through the fine-grained reference inside its stage
     m = program(Node("p", AvgPool2d(3, 1, padding=1, ceil_mode=True), ("bn",)))
-    assert fusable(m, opt, m.dask_params(), batch) is None
+    assert unstaged(m, opt, m.dask_params(), batch) is None
     dead = Model(
         Program(
             (
@@ -302,4 +322,4 @@ def test_steps_the_branch_stages_cannot_run_say_why():
             )
         )
     )
-    assert "do not lead to the program's output" in fusable(dead, opt, dead.dask_params(), batch)
+    assert "do not lead to the program's output" in unstaged(dead, opt, dead.dask_params(), batch)

@@ -1,7 +1,6 @@
-"""What the fused step graphs (:mod:`dask_pconv.fused` for chains, :mod:`dask_pconv._fused_dag`
-for programs with branches) share: the optimizer's and the running statistics' tasks, and how
-the tasks of a step become its output Dask arrays.  The per-block math of each layer kind is
-the block interpreter's (:mod:`dask_pconv.stages.block`).
+"""The training step's outputs: the optimizer's and the running statistics' tasks that follow
+the stages (:mod:`dask_pconv.stages.step`), and how the tasks of a step become its output Dask
+arrays.
 """
 
 from __future__ import annotations
@@ -13,60 +12,15 @@ from dask.base import tokenize
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from .backend import array_namespace, to_dask_array
-from .kernels import bn_running, combine_stats
-from .models.layers import (
-    AdaptiveAvgPool2d,
-    AvgPool2d,
-    BatchNorm,
-    Conv2d,
-    ConvTranspose2d,
-    Dropout,
-    Flatten,
-    Identity,
-    LeakyReLU,
-    Linear,
-    MaxPool2d,
-    ReLU,
-    Upsample,
-)
-from .optim import apply_velocity, velocity
-from .stages.block import Ctx, conv_geometry, layer_backward, layer_forward, loss_block
-from .stages.block import sum_parts as _sum_parts
-from .stages.lower import node_bytes
-from .stages.plan import read_whole
+from ..backend import array_namespace, to_dask_array
+from ..kernels import bn_running, combine_stats
+from ..optim import apply_velocity, velocity
+from .block import Ctx
+from .block import sum_parts as _sum_parts
+from .lower import node_bytes
+from .plan import read_whole
 
-__all__ = [
-    "BLOCK_LAYERS",
-    "CHAIN_LAYERS",
-    "Ctx",
-    "StageGraph",
-    "apply_velocity",
-    "conv_geometry",
-    "first_key",
-    "layer_backward",
-    "layer_forward",
-    "loss_block",
-    "mean_of",
-    "pick",
-    "running",
-    "sgd_velocity",
-]
-
-#: The layer kinds of the chain's stages (:mod:`dask_pconv.fused`; on tiles too).
-CHAIN_LAYERS = (Conv2d, BatchNorm, ReLU, MaxPool2d, Dropout, Flatten, Linear)
-#: The layer kinds :func:`layer_forward` and :func:`layer_backward` run on a block of whole
-#: images.
-BLOCK_LAYERS = (
-    *CHAIN_LAYERS,
-    ConvTranspose2d,
-    AvgPool2d,
-    AdaptiveAvgPool2d,
-    Upsample,
-    LeakyReLU,
-    Identity,
-)
-
+__all__ = ["StageGraph", "first_key", "mean_of", "pick", "running", "sgd_velocity"]
 
 def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
     """Momentum SGD's new velocity (:func:`dask_pconv.optim.velocity`) from the gradient's
@@ -106,7 +60,7 @@ def first_key(a):
 
 
 class StageGraph:
-    """The tasks of one fused step, built into ``self.dsk``, and its output arrays.
+    """The tasks of one staged step, built into ``self.dsk``, and its output arrays.
 
     Subclasses add the stage tasks; :meth:`updates` adds momentum SGD per parameter and the
     running statistics per BatchNorm from where the stages left each gradient's parts."""
@@ -151,7 +105,7 @@ class StageGraph:
         return (self.t.name, c) + (0, 0) * (self.t.ndim == 3)
 
     def task(self, kind, *index, value):
-        k = (f"fused-{kind}-{self.tok}", *index)
+        k = (f"step-{kind}-{self.tok}", *index)
         self.dsk[k] = value
         return k
 
@@ -223,7 +177,7 @@ class StageGraph:
     def output(self, kind, name, like_shape, dtype, value, after=()):
         """An output array's one task, in a layer of its own (the array's name; ``after``: the
         keys of other outputs it reads); returns its key."""
-        out = f"fused-{kind}-{name}-{self.tok}"
+        out = f"step-{kind}-{name}-{self.tok}"
         key = (out,) + (0,) * len(like_shape)
         meta = meta_from_array(self.x._meta, ndim=len(like_shape), dtype=dtype)
         self.outs[out] = ({key: value}, tuple((n,) for n in like_shape), meta, {k[0] for k in after})
@@ -232,7 +186,7 @@ class StageGraph:
     def arrays(self, keys):
         """The Dask arrays of output keys, over one graph: the stage tasks in one layer, each
         output in its own, every layer depending on the stage layer and the inputs."""
-        main = f"fused-stages-{self.tok}"
+        main = f"step-stages-{self.tok}"
         deps = [self.x, self.t, *self.inputs.values()]
         graph = HighLevelGraph.from_collections(main, self.dsk, dependencies=deps)
         layers, dependencies = dict(graph.layers), dict(graph.dependencies)

@@ -1,0 +1,317 @@
+"""The training step's stages (a pure pass over the program and the layout: nothing is built or
+computed): which nodes each stage runs, which values cross between stages, and on spatial tiles
+which region of every value each tile computes and which window of each value it reads.
+
+*Stages.*  Every node gets a stage number (:func:`stage_numbers`): a BatchNorm's is one more
+than its latest input's (it needs every block's statistics of that input), any other node's is
+its latest input's, so parallel branches share their synchronisations.  On tiles, the stage of
+the first node that needs every tile (a global pooling, Flatten) and every later stage run on
+whole images of each batch chunk: the tiles of the values they read are put together (the
+stage's own nodes before that one run on whole images too: no extra synchronisation).
+
+*Tiles.*  The tile boundaries are the input's chunk boundaries rounded to the nearest multiple
+of the network's alignment ``F`` (:mod:`dask_pconv.models.tiling`); every value ``v`` of a tiled stage is cut
+into the same tiles at its own scale: tile ``k`` *owns* ``[b_k s_v, b_{k+1} s_v)`` of it (the
+last tile runs to the value's end).  A tile's stage task computes the values of its stage that
+later stages read on the tile's own region, exactly, from a window of every value it reads (the
+input, earlier stages' values): the window is the one the network would read for an input
+window ``[a, b)`` on multiples of ``F`` (or the image's edges), grown until propagating the own
+regions back through the stage's nodes reads nothing a window edge inside the image spoils
+(the check of :func:`~dask_pconv.models.tiling.plan_tiles`, stopped at the stage's reads).  So
+the halos a stage's layers need are read once, from the tiles' own regions of the values
+before it, and no value is exchanged inside a stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.layers import BatchNorm, Need
+from ..models.program import INPUT
+from ..models.tiling import _lengths, _scales
+
+__all__ = ["StageSpec", "StepPlan", "TileRegions", "stage_numbers", "step_plan"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage's tasks run: its nodes ``(index, node)`` in program order, the values of
+    earlier stages they read, the values whose partial statistics it computes (a BatchNorm of a
+    later stage reads them) and the values later stages read."""
+
+    nodes: tuple
+    reads: tuple
+    stats_of: tuple
+    carried: tuple
+    tiled: bool = False
+
+    @property
+    def names(self):
+        return tuple(n.name for _, n in self.nodes)
+
+
+def stage_numbers(nodes, train, tiles=False):
+    """Per value (the input and each node of ``nodes``, ``(index, node)`` pairs), the stage
+    that computes it: a node whose layer needs more than its own chunk across the batch (a
+    BatchNorm's statistics in training mode) is one stage later than its latest input, any
+    other node in its latest input's stage.  With ``tiles``, the stage of the first node that
+    needs every tile (a global pooling, Flatten) runs on whole images, and so does every later
+    stage: no node after that one is in an earlier stage.  Returns ``(stage by name, need by
+    the name of each node that starts a stage or, on tiles, the whole images)``."""
+    stage, cuts, whole = {INPUT: 0}, {}, None
+    for _, node in nodes:
+        s = max(stage[i] for i in node.inputs)
+        need = node.layer.needs("batch", train)
+        if need is not Need.LOCAL:
+            s += 1
+            cuts[node.name] = need
+        elif tiles and whole is None and node.layer.needs("spatial", train) in (Need.GATHER, Need.STATISTIC):
+            whole = s
+            cuts[node.name] = node.layer.needs("spatial", train)
+        stage[node.name] = s if whole is None else max(s, whole)
+    return stage, cuts
+
+
+def _first_whole(nodes, stage, cuts):
+    """The first stage on whole images of a tiled step (its first node needs every tile)."""
+    for node in nodes:
+        if node.name in cuts and not isinstance(node.layer, BatchNorm):
+            return stage[node.name]
+    return None
+
+
+class StepPlan:
+    """The stages of a training step (see the module docstring) and who reads what across
+    them.  ``regions`` is a :class:`TileRegions` on tiles, else None."""
+
+    def __init__(self, nodes, chunks_hw=None):
+        self.nodes = tuple(nodes)
+        self.position = {INPUT: -1, **{n.name: i for i, n in enumerate(nodes)}}
+        tiles = chunks_hw is not None and any(len(c) > 1 for c in chunks_hw)
+        stage, cuts = stage_numbers(tuple(enumerate(nodes)), True, tiles)
+        self.whole = _first_whole(nodes, stage, cuts) if tiles else None
+        self.stage, self.last = stage, stage[nodes[-1].name]
+        self.readers = {name: [n for n in nodes if name in n.inputs] for name in stage}
+        self.specs = []
+        for s in range(self.last + 1):
+            members = tuple((i, n) for i, n in enumerate(nodes) if stage[n.name] == s)
+            names = [INPUT] * (s == 0) + [n.name for _, n in members]
+            reads = {i for _, n in members for i in n.inputs if stage[i] < s} | ({INPUT} if s == 0 else set())
+            bn_read = [v for v in names if any(isinstance(r.layer, BatchNorm) for r in self.readers[v])]
+            later = [v for v in names if v != INPUT and any(stage[r.name] > s for r in self.readers[v])]
+            tiled = tiles and (self.whole is None or s < self.whole)
+            self.specs.append(StageSpec(members, tuple(sorted(reads, key=self.order)), tuple(bn_read), tuple(later), tiled))
+        self.regions = TileRegions(self, chunks_hw) if tiles else None
+
+    def order(self, name):
+        return self.position[name]
+
+    def unreached(self):
+        """Nodes whose output does not reach the program's output (no gradient flows there)."""
+        reach, todo = set(), [self.nodes[-1].name]
+        by_name = {n.name: n for n in self.nodes}
+        while todo:
+            name = todo.pop()
+            if name not in reach and name != INPUT:
+                reach.add(name)
+                todo.extend(by_name[name].inputs)
+        return [n.name for n in self.nodes if n.name not in reach]
+
+    def finishes(self, s):
+        """The BatchNorms whose input stage ``s`` produced: the backward task of stage ``s``
+        finishes their backward (every block's sums are known by then)."""
+        return tuple(
+            n
+            for n in self.nodes
+            if isinstance(n.layer, BatchNorm) and n.inputs[0] != INPUT and self.stage[n.inputs[0]] == s
+        )
+
+    def contributors(self, s):
+        """``(value, stage)`` pairs: the later stages whose nodes (not BatchNorms) read a value of
+        stage ``s``, in stage order; their backward tasks hand back a gradient contribution."""
+        out = []
+        for later in range(s + 1, self.last + 1):
+            for v in self.specs[later].reads:
+                readers = [r for r in self.readers[v] if self.stage[r.name] == later]
+                if v != INPUT and self.stage[v] == s and any(not isinstance(r.layer, BatchNorm) for r in readers):
+                    out.append((v, later))
+        return out
+
+
+def step_plan(nodes, chunks_hw=None):
+    """A :class:`StepPlan` of ``nodes`` (a program's, in order) on batch chunks, or on the
+    spatial tiles ``chunks_hw`` (the input's row and column chunks); ``ValueError`` saying why
+    the tiles cannot run the program."""
+    return StepPlan(nodes, chunks_hw)
+
+
+def _interval_overlap(a, b):
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo < hi else None
+
+
+class TileRegions:
+    """Where every tile of a tiled training step works (see the module docstring).
+
+    ``grid`` is the tiles per axis, ``bounds`` the tile boundaries in input pixels per axis;
+    ``full[a][v]`` the length of value ``v`` along axis ``a`` (0: rows, 1: columns)."""
+
+    def __init__(self, plan, chunks_hw):
+        self.plan = plan
+        tiled_nodes = [n for n in plan.nodes if plan.specs[plan.stage[n.name]].tiled]
+        spans = []
+        for n in tiled_nodes:
+            reach = n.layer.reach()
+            if reach is None:
+                raise ValueError(f"node {n.name!r} ({type(n.layer).__name__}) reads its whole input on a tile")
+            spans.append((n.name, n.inputs, reach))
+        self.bounds, self.full, self.scale, self.align = [], [], [], []
+        self.own, self.windows, self.origin = [], [], []
+        for a, chunks in enumerate(chunks_hw):
+            self._axis(a, spans, chunks)
+        self.grid = tuple(len(b) - 1 for b in self.bounds)
+
+    def _axis(self, a, spans, chunks):
+        plan, L = self.plan, sum(chunks)
+        scale, F = _scales(spans, a)
+        full = _lengths(spans, a, L)
+        if full is None:
+            raise ValueError(f"an image {L} pixels long on axis {a + 2} is too small for the network")
+        bounds, at = [0], 0
+        for c in chunks[:-1]:
+            at += c
+            b = (at + F // 2) // F * F  # the nearest multiple of F
+            if bounds[-1] < b < L:
+                bounds.append(b)
+        bounds.append(L)
+        if len(bounds) == 2 and len(chunks) > 1:
+            raise ValueError(f"tiles of {chunks} pixels on axis {a + 2} are smaller than the network's alignment {F}")
+        n = len(bounds) - 1
+        own = {INPUT: tuple((bounds[k], bounds[k + 1]) for k in range(n))}
+        for v in scale:
+            if v == INPUT:
+                continue
+            cuts = [min(full[v], int(b * scale[v])) for b in bounds[:-1]] + [full[v]]
+            own[v] = tuple((cuts[k], cuts[k + 1]) for k in range(n))
+            if any(lo >= hi for lo, hi in own[v]):
+                raise ValueError(f"a tile of {chunks} pixels on axis {a + 2} holds no pixel of node {v!r}: use larger tiles")
+        windows, origin = {}, {}
+        for s, spec in enumerate(plan.specs):
+            if not spec.tiled:
+                continue
+            upto = [sp for sp in spans if plan.stage[sp[0]] <= s]
+            members = [sp for sp in spans if plan.stage[sp[0]] == s]
+            outs = [v for v in spec.carried] + [v for v in spec.names if v == plan.nodes[-1].name]
+            for k in range(n):
+                w = self._window(upto, members, outs, scale, L, F, own, bounds[k], bounds[k + 1], k, a)
+                windows[s, k] = w
+                lw = _lengths(upto, a, w[1] - w[0])
+                origin[s, k] = {
+                    v: (int(w[0] * scale[v]), lw[v]) for v in (*spec.reads, *spec.names)
+                }
+                for v, (o, m) in origin[s, k].items():
+                    limit = L if v == INPUT else full[v]
+                    assert 0 <= o and o + m <= limit, (v, o, m, limit)
+        self.bounds.append(tuple(bounds))
+        self.full.append(full)
+        self.scale.append(scale)
+        self.align.append(F)
+        self.own.append(own)
+        self.windows.append(windows)
+        self.origin.append(origin)
+
+    @staticmethod
+    def _window(upto, members, outs, scale, L, F, own, lo, hi, k, axis):
+        a, b = lo, hi
+        while True:
+            left, right = _stage_ok(upto, members, outs, scale, L, own, a, b, k, axis)
+            if left and right:
+                return a, b
+            if a == 0 and b == L:
+                raise AssertionError(f"the whole axis does not compute tile {k} of {outs}")
+            if not left or b == L:
+                a = max(0, a - F)
+            if not right or a == 0:
+                b = min(L, b + F)
+
+    # -- what the lowering asks ------------------------------------------------------------------
+    def tiles(self):
+        """Every tile ``(i, j)``, row by row."""
+        return [(i, j) for i in range(self.grid[0]) for j in range(self.grid[1])]
+
+    def own_region(self, v, ij):
+        """Tile ``ij``'s own region of value ``v`` (``((y0, y1), (x0, x1))``); ``ij`` None: the
+        whole value."""
+        if ij is None:
+            return tuple((0, self.full[a][v]) for a in range(2))
+        return tuple(self.own[a][v][ij[a]] for a in range(2))
+
+    def read_region(self, s, ij, v):
+        """The region of value ``v`` that tile ``ij``'s stage ``s`` task holds (a value it reads
+        or computes: its window run's extent); ``ij`` None: the whole value."""
+        if ij is None:
+            return self.own_region(v, None) if v != INPUT else None
+        return tuple((o, o + m) for o, m in (self.origin[a][s, ij[a]][v] for a in range(2)))
+
+    def full_hw(self, v):
+        return tuple(self.full[a][v] for a in range(2))
+
+    def pieces(self, src_region, dst_region, units):
+        """``[(unit, source slices, destination slices)]``: the parts of ``src_region(unit)``
+        for each unit that fall in ``dst_region``, in ``units``' order."""
+        out = []
+        for u in units:
+            src = src_region(u)
+            ov = [_interval_overlap(src[a], dst_region[a]) for a in range(2)]
+            if None in ov:
+                continue
+            out.append(
+                (
+                    u,
+                    tuple(slice(o[0] - s[0], o[1] - s[0]) for o, s in zip(ov, src)),
+                    tuple(slice(o[0] - d[0], o[1] - d[0]) for o, d in zip(ov, dst_region)),
+                )
+            )
+        return out
+
+    def redundancy(self, s):
+        """How many more pixels of its reads stage ``s``'s tiles hold than the values have (the
+        halos' redundant work), as a fraction."""
+        spec = self.plan.specs[s]
+        held = whole = 0
+        for v in spec.reads:
+            if v == INPUT:
+                L = [self.bounds[a][-1] for a in range(2)]
+            else:
+                L = self.full_hw(v)
+            whole += L[0] * L[1]
+            for ij in self.tiles():
+                (y0, y1), (x0, x1) = self.read_region(s, ij, v)
+                held += (y1 - y0) * (x1 - x0)
+        return held / whole - 1 if whole else 0.0
+
+
+def _stage_ok(upto, members, outs, scale, L, own, a, b, k, axis):
+    """Whether stage nodes ``members`` run on the window ``[a, b)`` of the input compute the
+    values ``outs`` on tile ``k``'s own regions exactly: ``(left_ok, right_ok)``."""
+    lw = _lengths(upto, axis, b - a)
+    if lw is None:
+        return False, False
+    need = {}
+    for u in outs:
+        off = int(a * scale[u])
+        o0, o1 = own[u][k][0] - off, own[u][k][1] - off
+        if not (0 <= o0 and o1 <= lw[u]):
+            return False, False
+        need[u] = (o0, o1)
+    for name, inputs, reach in reversed(members):
+        if name not in need:
+            continue
+        lo, hi = reach[axis].needs(*need[name])
+        for i in inputs:
+            need[i] = (min(lo, need[i][0]), max(hi, need[i][1])) if i in need else (lo, hi)
+    left = right = True
+    for name, (lo, hi) in need.items():
+        left &= a == 0 or lo >= 0
+        right &= b == L or hi <= lw[name]
+    return left, right
