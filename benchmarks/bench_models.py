@@ -61,7 +61,7 @@ RESNET_COLUMNS = [
     "ratio",
     "tasks per step",
     "critical path",
-    "fused",
+    "step graph",
 ]
 UNET_COLUMNS = [
     "case",
@@ -177,7 +177,7 @@ def run_resnet(cases, steps, torch_ok):
             "tasks per step": tr.tasks_per_step,
             "critical path": stats.critical_path,
             "graph": stats._asdict(),
-            "fused": tr.step_graph,
+            "step graph": tr.step_graph,
         }
         if torch_ok:
             row["torch step s"] = torch_resnet_step(torch_model, x, t, steps)

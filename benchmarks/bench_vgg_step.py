@@ -136,7 +136,7 @@ def _profiled_share(width, size, x, t, split):
     return share
 
 
-def _is_fused(outputs):
+def _is_staged(outputs):
     """Whether a step's graph is the stages (dask_pconv.stages.step) or the fine-grained one."""
     loss = outputs[3] if isinstance(outputs, tuple) else outputs.loss
     return loss.name.startswith("step-")
@@ -199,7 +199,7 @@ def run(steps=3, width=1.0, cases=CASES, floor_cases=FLOOR_CASES, floor_width=FL
                 "graph": stats._asdict(),
                 "client build s": float(np.median(built.build_seconds)),
                 "client submit s": float(np.median(submits)),
-                "fused": _is_fused(built.latest),
+                "staged": _is_staged(built.latest),
                 "non-conv share": share,
                 "non-conv share, profiled": _profiled_share(w, size, x, t, split),
                 "overhead s": float(np.median(overheads)),

@@ -1,4 +1,4 @@
-"""``benchmarks/bench_models.py``: its quick run times a fused ResNet-18 step and a tiled U-Net
+"""``benchmarks/bench_models.py``: its quick run times a staged ResNet-18 step and a tiled U-Net
 prediction on a real cluster, and reports every column; without PyTorch it runs the same cases
 and leaves the PyTorch baselines out."""
 
@@ -31,7 +31,7 @@ def _check_rows(rows):
     unet = [r for r in rows if r["case"].startswith("U-Net")]
     assert len(resnet) == 1 and len(unet) == 1 and len(rows) == 2
     (step,) = resnet
-    assert step["fused"] == "fused stages"
+    assert step["step graph"] == "stages"
     assert step["dask_pconv step s"] > 0
     # the Trainer's count is the optimised graph's keys: tasks, aliases and persisted inputs
     g = step["graph"]

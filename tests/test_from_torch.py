@@ -375,7 +375,7 @@ def test_converted_resnet18_steps_as_the_native_one():
     outs = []
     for model in (native, converted):
         vel = {k: np.full(v.shape, 0.01) for k, v in model.params.items()}
-        assert unstaged(model, opt, model.dask_params(like=xd), xd) is None  # both run the fused stages
+        assert unstaged(model, opt, model.dask_params(like=xd), xd) is None  # both run the staged step
         step = training_step(model, opt, model.dask_params(like=xd), dict(model.state), vel, xd, td, 1)
         outs.append(dask.compute(step)[0])
     want, got = outs
@@ -458,7 +458,7 @@ def test_every_spelling_of_the_new_layers():
 def test_convolution_attributes_convert_exactly(conv, options):
     """Per-pixel logits straight from one convolution, split into batch chunks, channel
     chunks and tiles: predictions and gradients equal PyTorch's.  An equal pair becomes an
-    int and 'same' a symmetric padding where there is one (what the fused chain runs)."""
+    int and 'same' a symmetric padding where there is one."""
     torch.manual_seed(0)
     module = nn.Sequential(conv).double()
     layer = dp.from_torch(module).program.nodes[0].layer
@@ -479,7 +479,8 @@ def test_convolution_attributes_convert_exactly(conv, options):
 
 def test_max_pooling_with_padding_dilation_and_ceil_mode_converts_exactly():
     """-inf padding, dilated windows and a last window started in ceil mode, in every split of
-    the batch (the fused stages do not pool so: the step is the fine-grained graph)."""
+    the batch and tiles (the block interpreter has no rule for these pools: they run through
+    the fine-grained reference inside their stage)."""
     module = nn.Sequential(
         nn.Conv2d(3, 4, 3, bias=False),
         nn.BatchNorm2d(4),
@@ -505,12 +506,10 @@ def test_max_pooling_with_padding_dilation_and_ceil_mode_converts_exactly():
         assert_close(loss, np.array(want_loss), np.float64)
         for name in want_grads:
             assert_close(grads[name], want_grads[name], np.float64)
-    # on batch chunks the step runs as coarse stages, the pools through the fine-grained
-    # reference inside them (no block rule); on tiles a chain with them does not fuse
-    batch = dp.split(x, batch=2)
-    assert unstaged(model, MomentumSGD(), model.dask_params(), batch) is None
-    tiles = model.check_input(dp.split(x, spatial=(2, 1)))
-    assert "pools with padding" in unstaged(model, MomentumSGD(), model.dask_params(), tiles)
+    # the step runs as coarse stages on batch chunks and tiles alike
+    for pieces in (dict(batch=2), dict(spatial=(2, 1))):
+        xd = model.check_input(dp.split(x, **pieces))
+        assert unstaged(model, MomentumSGD(), model.dask_params(), xd) is None
 
 
 def test_cat_dims_and_a_lone_tensor():
@@ -532,8 +531,8 @@ def test_cat_dims_and_a_lone_tensor():
 
 
 # -- training ----------------------------------------------------------------------------------------
-def test_the_fused_step_of_a_converted_model_is_the_fine_grained_one():
-    """A converted chain (Linear biases, PyTorch names) takes the fused path, with the same
+def test_the_staged_step_of_a_converted_model_is_the_fine_grained_one():
+    """A converted chain (Linear biases, PyTorch names) takes the staged path, with the same
     parameters, velocities and running statistics after a step as the fine-grained graph."""
     model = dp.from_torch(make("sequential"), input_shape=(3, 8, 8))
     x, t = data("sequential", n=7)
@@ -541,10 +540,10 @@ def test_the_fused_step_of_a_converted_model_is_the_fine_grained_one():
     opt = MomentumSGD(0.05, 0.9, 5e-4)
     vel = {k: np.full(v.shape, 0.01, v.dtype) for k, v in model.params.items()}
     outs = []
-    for fused in (False, True):
+    for staged in (False, True):
         params = model.dask_params(like=xd)
-        with dask.config.set({"pconv.staged": fused}):
-            assert (unstaged(model, opt, params, xd) is None) == fused
+        with dask.config.set({"pconv.staged": staged}):
+            assert (unstaged(model, opt, params, xd) is None) == staged
             outs.append(dask.compute(training_step(model, opt, params, dict(model.state), vel, xd, td, 1))[0])
     want, got = outs
     assert abs(got.loss - want.loss) <= 1e-12 * abs(want.loss)
@@ -570,7 +569,7 @@ def test_trainer_runs_steps_on_a_converted_model(tmp_path):
     kw = dict(batch_size=10, split={"batch": 2}, progress=False, stream=io.StringIO(), out=tmp_path)
     tr = Trainer(model, train, val, **kw)
     losses = [float(tr.train_step(train.x[:10], train.t[:10])[0]) for _ in range(2)]
-    assert tr.step_graph.startswith("fused stages")
+    assert tr.step_graph == "stages"
     assert all(np.isfinite(losses)) and list(model.params) == list(before)
     after = dask.compute(model.params)[0]
     assert not np.array_equal(after["0.weight"], before["0.weight"])

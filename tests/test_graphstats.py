@@ -90,10 +90,11 @@ def test_collections_nested_in_dicts_lists_and_tuples_share_one_graph():
 #: costs milliseconds on a cluster, issue 12), never raise them without a reason.
 VGG_STEP_CEILINGS = {
     # split: (tasks, critical path)
-    # fused stages (dask_pconv.fused) for a batch split or none: 521 and 155 for batch:2
+    # staged steps (dask_pconv.stages.step) for a batch split or none: 521 and 155 for batch:2
     # before them; 118 of these tasks are the inputs' from-array tasks (persisted on a cluster)
     "batch:2": (358, 61),
-    # fused stages on tiles (halo strips between tiles' stages): 945 and 185 before them
+    # staged steps on tiles (each stage's windows read from the tiles before): 945 and 185
+    # before any stages
     "spatial:2x2": (575, 61),
     "unsplit": (284, 61),
 }

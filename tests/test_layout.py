@@ -162,7 +162,7 @@ FLOORS = [
     ("ops", ["ops"]),
     ("autodiff", ["autodiff", "optim"]),
     ("models: the IR", ["models.layers", "models.program", "models.tiling"]),
-    ("stages", ["stages", "fused", "_fused_common", "_fused_dag", "_fused_tiles"]),
+    ("stages", ["stages"]),
     ("models: the Model", ["models"]),
     (
         "training, storage and the command line",

@@ -43,8 +43,8 @@ def small_data():
 
 
 def residual(seed):
-    """A residual block with a strided projection shortcut: the fused step of a program with
-    branches (dask_pconv/_fused_dag.py)."""
+    """A residual block with a strided projection shortcut: the staged step of a program with
+    branches (dask_pconv/stages/step.py)."""
     nodes = (
         Node("a", Conv2d(3, 4, 3, padding=1), (INPUT,)),
         Node("a_bn", BatchNorm(4, relu=True), ("a",)),

@@ -161,9 +161,9 @@ def test_vgg16_training_step_on_the_device_in_other_splits(split):
 
 
 def test_resnet18_training_steps_stay_on_the_device():
-    """The fused stages of a program with branches (dask_pconv._fused_dag) on device blocks."""
+    """The staged step of a program with branches (dask_pconv.stages.step) on device blocks."""
     _, tr, _ = _run({"batch": 2}, steps=2, model="resnet18")
-    assert tr.step_graph.startswith("fused")
+    assert tr.step_graph == "stages"
 
 
 @pytest.mark.parametrize("choice", ["auto", "torch"])

@@ -124,7 +124,7 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "validation/main/accuracy" in out and "tasks per step" in out
-    assert "step graph: fused stages;" in out  # the CLI's default split, batch:2, fuses
+    assert "step graph: stages;" in out  # the CLI's default split, batch:2, runs stages
     files = ("report.html", "report-summary.json", "report-summary.png")
     written = ", ".join(str(tmp_path / f) for f in files)
     assert f"performance report and per-operator summary: {written}\n" in out
@@ -132,7 +132,7 @@ def test_cli_trains_and_writes_outputs(tmp_path, capsys):
     html = (tmp_path / "report.html").read_text()
     assert "<html" in html.lower() and "Task Stream" in html
     summary = json.loads((tmp_path / "report-summary.json").read_text())
-    # the CLI's default split (batch:2) runs fused stages (dask_pconv.fused)
+    # the CLI's default split (batch:2) runs stages (dask_pconv.stages.step)
     assert {"forward stages", "backward stages", "exchange", "optimizer"} <= set(summary["seconds"])
     assert (tmp_path / "report-summary.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -195,9 +195,10 @@ def test_task_names_map_to_operators():
     assert categorize("conv2d-gw-part") == "conv grad-w"
     assert categorize("conv2d-halo-slice") == "halo slicing"
     assert categorize("sgd-velocity") == categorize("sgd-update") == "optimizer"
-    assert categorize("fused-fwd-1f") == categorize("fused-last-1f") == "forward stages"
-    assert categorize("fused-bwd-1f") == "backward stages" and categorize("fused-sums-1f") == "exchange"
-    assert categorize("fused-velocity-fc1.W-1f") == categorize("fused-param-fc1.W-1f") == "optimizer"
+    assert categorize("step-fwd-1f") == categorize("step-last-1f") == "forward stages"
+    assert categorize("step-bwd-1f") == "backward stages" and categorize("step-sums-1f") == "exchange"
+    assert categorize("step-borders-1f") == categorize("step-strips-1f") == "exchange"
+    assert categorize("step-velocity-fc1.W-1f") == categorize("step-param-fc1.W-1f") == "optimizer"
     assert categorize("from-array") == "other"
 
 
