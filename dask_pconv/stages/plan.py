@@ -205,10 +205,11 @@ def _train_plan(nodes, layout):
         if not starts:
             why = "the layers before the first that needs the whole batch"
         else:
-            names = ", ".join(f"{n.name!r} ({type(n.layer).__name__})" for n in starts)
-            each = "it needs" if len(starts) == 1 else "each needs"
-            what = "batch" if isinstance(starts[0].layer, BatchNorm) else "image"
-            why = f"cut before {names}: {each} a {cuts[starts[0].name].value} over the whole {what}"
+            why = "cut before " + ", ".join(
+                f"{n.name!r} ({type(n.layer).__name__}: a {cuts[n.name].value} over the whole "
+                f"{'batch' if isinstance(n.layer, BatchNorm) else 'image, so whole images from here on'})"
+                for n in starts
+            )
         if spec.tiled:
             why += f"; {_regions_note(steps.regions, k)}"
         stages.append(Stage(spec.nodes, spec.tiled, why, steps.regions if spec.tiled else None))
