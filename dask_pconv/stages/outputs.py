@@ -18,7 +18,7 @@ from ..optim import apply_velocity, velocity
 from .block import Ctx
 from .block import sum_parts as _sum_parts
 from .lower import node_bytes
-from .plan import read_whole
+from .plan import read_whole, read_whole_below
 
 __all__ = ["StageGraph", "first_key", "mean_of", "pick", "running", "sgd_velocity"]
 
@@ -78,6 +78,7 @@ class StageGraph:
                 self.inputs[group, k] = v if v.npartitions == 1 else v.rechunk(v.shape)
         opt = None if optimizer is None else vars(optimizer)
         self.tok = tokenize(model.program, self.inputs, x, self.t, step, dropout, model.seed, opt)
+        self._keys, self._metas, self.below = {}, {}, read_whole_below()
         offsets = np.cumsum((0,) + x.chunks[0][:-1])
         self.ctxs = [Ctx(model.seed, step, dropout, self.n, int(o)) for o in offsets]
         self.dsk, self.outs = {}, {}
@@ -95,10 +96,14 @@ class StageGraph:
         (:func:`~dask_pconv.stages.plan.read_whole` of ``nbytes``), picked inside each
         reading task from the whole result (one hop)."""
         value = (pick, key, *path)
-        return value if read_whole(nbytes) else self.task(kind, *index, value=value)
+        return value if read_whole(nbytes, self.below) else self.task(kind, *index, value=value)
 
     def key(self, group, name):
-        return first_key(self.inputs[group, name])
+        """The key of input array ``name`` of ``group`` (one chunk)."""
+        k = self._keys.get((group, name))
+        if k is None:
+            k = self._keys[group, name] = first_key(self.inputs[group, name])
+        return k
 
     def label_block(self, c):
         """The key of chunk ``c``'s labels."""
@@ -179,7 +184,9 @@ class StageGraph:
         keys of other outputs it reads); returns its key."""
         out = f"step-{kind}-{name}-{self.tok}"
         key = (out,) + (0,) * len(like_shape)
-        meta = meta_from_array(self.x._meta, ndim=len(like_shape), dtype=dtype)
+        meta = self._metas.get((len(like_shape), dtype))
+        if meta is None:
+            meta = self._metas[len(like_shape), dtype] = meta_from_array(self.x._meta, ndim=len(like_shape), dtype=dtype)
         self.outs[out] = ({key: value}, tuple((n,) for n in like_shape), meta, {k[0] for k in after})
         return key
 

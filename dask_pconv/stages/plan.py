@@ -38,7 +38,7 @@ from ..models.program import INPUT
 from ..models.tiling import plan_tiles
 from .train_plan import TileRegions, stage_numbers, step_plan
 
-__all__ = ["MODES", "Layout", "Plan", "Stage", "nodes_upto", "plan", "read_whole", "stage_numbers"]
+__all__ = ["MODES", "Layout", "Plan", "Stage", "nodes_upto", "plan", "read_whole", "read_whole_below", "stage_numbers"]
 
 #: The modes a plan is made for: ``"predict"`` (evaluation mode forward: ``predict``,
 #: ``features``, evaluation, ``predict_to_zarr``) and ``"train"`` (a training step and
@@ -53,12 +53,17 @@ MODES = ("predict", "train")
 READ_WHOLE_BELOW = "2 MiB"
 
 
-def read_whole(nbytes):
+def read_whole(nbytes, below=None):
     """Whether a block should read another block's whole stage result (``nbytes``: one hop,
     and the transfer of all of it) rather than a small piece picked out by a task of its own
     (two hops): the stage result is smaller than the config key ``pconv.read-whole-below``
     (default :data:`READ_WHOLE_BELOW`; ``0`` always picks)."""
-    return nbytes < parse_bytes(str(dask.config.get("pconv.read-whole-below", READ_WHOLE_BELOW)))
+    return nbytes < (read_whole_below() if below is None else below)
+
+
+def read_whole_below():
+    """The config key ``pconv.read-whole-below`` in bytes (:func:`read_whole`)."""
+    return parse_bytes(str(dask.config.get("pconv.read-whole-below", READ_WHOLE_BELOW)))
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,31 @@ def _slices(region, base):
     return tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(region, base))
 
 
+def _geometry(g, s, t, n_total):
+    """Where block ``t`` (a tile, or None: whole images) of stage ``s`` of step graph ``g``
+    works on tiles: :class:`UnitCtx`'s arguments, but for the pieces the graph adds."""
+    spec, r = g.plan.specs[s], g.regions
+    kw = {}
+    held = {v: g.held(s, t, v) for v in (*spec.reads, *spec.names) if v == INPUT or v in r.full[0]}
+    kw["shapes"] = {v: tuple(hi - lo for lo, hi in reg) for v, reg in held.items()}
+    if t is not None:
+        kw["crops"] = {v: _slices(g.own(v, t), held[v]) for v in (*spec.carried, *spec.stats_of, *spec.names[-1:])}
+        kw["where"] = {
+            i: (tuple(lo for lo, _ in held[n.name]), r.full_hw(n.name))
+            for i, n in spec.nodes
+            if isinstance(n.layer, Dropout)
+        }
+    kw["counts"] = {
+        n.name: n_total * int(np.prod(r.full_hw(n.inputs[0]))) for n in g.plan.finishes(s) if n.inputs[0] in r.full[0]
+    }
+    last = g.plan.nodes[-1].name
+    if s == g.plan.last and g.t.ndim == 3 and last in r.full[0]:
+        kw["pixels"] = int(np.prod(r.full_hw(last)))
+        if t is not None:
+            kw["label"] = tuple(slice(lo, hi) for lo, hi in g.own(last, t))
+    return kw
+
+
 class StepGraph(StageGraph):
     """The tasks of one staged step, built stage by stage into ``self.dsk``."""
 
@@ -116,7 +141,7 @@ class StepGraph(StageGraph):
         self.plan = _plan_for(self.model, self.x)
         self.regions = self.plan.regions
         self.fwd, self.stats, self.borders, self.bwd, self.sums, self.strips, self.pgrads = ({} for _ in range(7))
-        self.uctx = {}
+        self.uctx, self._params = {}, {}
 
     # -- where the blocks are ------------------------------------------------------------------
     def tiles(self, s):
@@ -146,38 +171,18 @@ class StepGraph(StageGraph):
         return (s, c) if t is None else (s, c, *t)
 
     def params(self, spec):
-        return [self.key("param", n.full_name(k)) for _, n in spec.nodes for k in n.layer.params()]
+        keys = self._params.get(id(spec))
+        if keys is None:
+            keys = self._params[id(spec)] = [self.key("param", n.full_name(k)) for _, n in spec.nodes for k in n.layer.params()]
+        return keys
 
     def ctx(self, s, c, t):
         """The :class:`UnitCtx` of block ``(c, t)`` of stage ``s``."""
-        if (s, c, t) in self.uctx:
-            return self.uctx[s, c, t]
-        base, spec, r = self.ctxs[c], self.plan.specs[s], self.regions
-        kw = {}
-        if r is not None:
-            tiled_values = [v for v in (*spec.reads, *spec.names) if v == INPUT or v in r.full[0]]
-            held = {v: self.held(s, t, v) for v in tiled_values}
-            kw["shapes"] = {v: tuple(hi - lo for lo, hi in reg) for v, reg in held.items()}
-            if t is not None:
-                kw["crops"] = {
-                    v: _slices(self.own(v, t), held[v]) for v in (*spec.carried, *spec.stats_of, *spec.names[-1:])
-                }
-                kw["where"] = {
-                    i: (tuple(lo for lo, _ in held[n.name]), r.full_hw(n.name))
-                    for i, n in spec.nodes
-                    if isinstance(n.layer, Dropout)
-                }
-            kw["counts"] = {
-                n.name: base.n_total * int(np.prod(r.full_hw(n.inputs[0])))
-                for n in self.plan.finishes(s)
-                if n.inputs[0] in r.full[0]
-            }
-            last = self.plan.nodes[-1].name
-            if s == self.plan.last and self.t.ndim == 3 and last in r.full[0]:
-                kw["pixels"] = int(np.prod(r.full_hw(last)))
-                if t is not None:
-                    kw["label"] = tuple(slice(lo, hi) for lo, hi in self.own(last, t))
-        ctx = self.uctx[s, c, t] = UnitCtx(base, base.offset, **kw)
+        ctx = self.uctx.get((s, c, t))
+        if ctx is None:
+            base = self.ctxs[c]
+            kw = {} if self.regions is None else _geometry(self, s, t, base.n_total)
+            ctx = self.uctx[s, c, t] = UnitCtx(base, base.offset, **kw)
         return ctx
 
     def border(self, s, c, u):
@@ -212,11 +217,10 @@ class StepGraph(StageGraph):
                 continue
             held, parts, places = self.held(s, t, v), [], []
             for u in self.tiles(sv):
-                own = self.own(v, u)
-                piece = self.regions.pieces(lambda _: own, held, [u])
-                if not piece:
+                piece = self.regions.overlap(self.own(v, u), held)
+                if piece is None:
                     continue
-                _, src, dst = piece[0]
+                src, dst = piece
                 if u == t:
                     parts.append((pick, self.fwd[sv, c, u], 0, v))
                     places.append((src, dst))
@@ -304,12 +308,10 @@ class StepGraph(StageGraph):
             if self.regions is None or (u is None and t is None):
                 parts, places = [(pick, self.bwd[later, c, u], element, name)], [(None, None)]
                 break
-            held = self.held(later, u, v if u is None else name)
-            own = self.own(v, t)
-            piece = self.regions.pieces(lambda _: held, own, [u])
-            if not piece:
+            piece = self.regions.overlap(self.held(later, u, v if u is None else name), self.own(v, t))
+            if piece is None:
                 continue
-            _, src, dst = piece[0]
+            src, dst = piece
             if u == t:
                 parts.append((pick, self.bwd[later, c, u], element, name))
                 places.append((src, dst))

@@ -157,7 +157,7 @@ class TileRegions:
     ``full[a][v]`` the length of value ``v`` along axis ``a`` (0: rows, 1: columns)."""
 
     def __init__(self, plan, chunks_hw):
-        self.plan = plan
+        self.plan, self._memo = plan, {}
         tiled_nodes = [n for n in plan.nodes if plan.specs[plan.stage[n.name]].tiled]
         spans = []
         for n in tiled_nodes:
@@ -242,16 +242,36 @@ class TileRegions:
     def own_region(self, v, ij):
         """Tile ``ij``'s own region of value ``v`` (``((y0, y1), (x0, x1))``); ``ij`` None: the
         whole value."""
-        if ij is None:
-            return tuple((0, self.full[a][v]) for a in range(2))
-        return tuple(self.own[a][v][ij[a]] for a in range(2))
+        key = ("own", v, ij)
+        if key not in self._memo:
+            if ij is None:
+                self._memo[key] = tuple((0, self.full[a][v]) for a in range(2))
+            else:
+                self._memo[key] = tuple(self.own[a][v][ij[a]] for a in range(2))
+        return self._memo[key]
 
     def read_region(self, s, ij, v):
         """The region of value ``v`` that tile ``ij``'s stage ``s`` task holds (a value it reads
         or computes: its window run's extent); ``ij`` None: the whole value."""
         if ij is None:
             return self.own_region(v, None) if v != INPUT else None
-        return tuple((o, o + m) for o, m in (self.origin[a][s, ij[a]][v] for a in range(2)))
+        key = ("read", s, ij, v)
+        if key not in self._memo:
+            self._memo[key] = tuple((o, o + m) for o, m in (self.origin[a][s, ij[a]][v] for a in range(2)))
+        return self._memo[key]
+
+    def overlap(self, src, dst):
+        """``(source slices, destination slices)`` of the part of region ``src`` in region
+        ``dst``, relative to each, or None where they do not meet (memoised: every step of a
+        layout asks the same)."""
+        key = ("overlap", src, dst)
+        if key not in self._memo:
+            ov = [_interval_overlap(src[a], dst[a]) for a in range(2)]
+            self._memo[key] = None if None in ov else (
+                tuple(slice(o[0] - s[0], o[1] - s[0]) for o, s in zip(ov, src)),
+                tuple(slice(o[0] - d[0], o[1] - d[0]) for o, d in zip(ov, dst)),
+            )
+        return self._memo[key]
 
     def full_hw(self, v):
         return tuple(self.full[a][v] for a in range(2))
