@@ -1,11 +1,13 @@
 """7. The shipped ResNet-18 and U-Net on a LocalCluster of 2 workers x 1 thread against
 PyTorch on the same network (2 threads) in the same run, float32.
 
-ResNet-18 training step (:class:`dask_pconv.models.ResNet18`, CIFAR-sized images, momentum
-SGD through :class:`~dask_pconv.train.Trainer`, batch split ``batch:2``): the step time
-(median of the timed steps, after a warm-up step), PyTorch's step of
-:class:`dask_pconv.models.torch_reference.ResNet18` with ``torch.optim.SGD`` (momentum 0.9,
-weight decay 5e-4) on the same batch, their ratio, the step graph's tasks
+Training steps (``--only steps``): ResNet-18 (:class:`dask_pconv.models.ResNet18`,
+CIFAR-sized images, batch split ``batch:2``) and the U-Net (:class:`dask_pconv.models.UNet`,
+depth 3, per-pixel labels, 2x2 spatial tiles), momentum SGD through
+:class:`~dask_pconv.train.Trainer`: the step time (median of the timed steps, after a warm-up
+step), PyTorch's step of the same network (:mod:`dask_pconv.models.torch_reference`) with
+``torch.optim.SGD`` (momentum 0.9, weight decay 5e-4) on the whole batch, their ratio, the
+step graph's tasks
 (``Trainer.tasks_per_step``) and critical path (:func:`dask_pconv.graphstats.graph_stats`),
 and which graph the step is (``Trainer.step_graph``: stages or fine-grained).
 
@@ -46,9 +48,15 @@ from _common import interleaved, step_graphs, table, write_json
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
-#: (label, width, batch, image size, split)
-RESNET_CASES = [("ResNet-18 width 1, batch 64, 32x32, batch:2", 1.0, 64, 32, {"batch": 2})]
-RESNET_QUICK = [("ResNet-18 width 1/16, batch 8, 32x32, batch:2", 1 / 16, 8, 32, {"batch": 2})]
+#: (label, network, width, batch, image size, split); the U-Net (depth 3) with per-pixel labels
+RESNET_CASES = [
+    ("ResNet-18 width 1, batch 64, 32x32, batch:2", "resnet", 1.0, 64, 32, {"batch": 2}),
+    ("U-Net width 16 depth 3, batch 4, 256x256, spatial:2x2", "unet", 16, 4, 256, {"spatial": (2, 2)}),
+]
+RESNET_QUICK = [
+    ("ResNet-18 width 1/16, batch 8, 32x32, batch:2", "resnet", 1 / 16, 8, 32, {"batch": 2}),
+    ("U-Net width 4 depth 3, batch 2, 32x32, spatial:2x2", "unet", 4, 2, 32, {"spatial": (2, 2)}),
+]
 #: (width, depth, image size, spatial tiles per axis); PyTorch takes about 2.4 s on 2 threads
 #: for the 2048x2048 image on the machine of docs/benchmarks.md
 UNET_CASES = [(8, 2, 2048, (2, 2)), (8, 2, 2048, (4, 4)), (16, 3, 2048, (4, 4))]
@@ -120,16 +128,21 @@ def _torch_module(cls, model, *args):
     return module
 
 
-def torch_resnet_step(model, x, t, steps):
+def torch_step(model, x, t, steps):
     """Median seconds of a PyTorch training step (forward, backward, momentum SGD) of
-    ``model``'s ResNet-18 on the batch ``(x, t)``, 2 threads."""
+    ``model``'s network (ResNet-18 or the U-Net) on the whole batch ``(x, t)``, 2 threads."""
     import torch
     import torch.nn.functional as F
 
     from dask_pconv.models.torch_reference import ResNet18 as TorchResNet18
+    from dask_pconv.models.torch_reference import UNet as TorchUNet
 
     torch.set_num_threads(2)
-    module = _torch_module(TorchResNet18, model, model.n_classes, model.in_channels, model.width).train()
+    if isinstance(model, UNet):
+        args = (TorchUNet, model, model.in_channels, model.n_classes, model.width, model.depth)
+    else:
+        args = (TorchResNet18, model, model.n_classes, model.in_channels, model.width)
+    module = _torch_module(*args).train()
     opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     tx, tt = torch.from_numpy(x), torch.from_numpy(t)
 
@@ -143,15 +156,21 @@ def torch_resnet_step(model, x, t, steps):
     return interleaved({"torch": step}, repeat=steps)["torch"]  # the median after a warm-up step
 
 
-def run_resnet(cases, steps, torch_ok):
+def run_steps(cases, steps, torch_ok):
     rows, rng = [], np.random.default_rng(0)
-    for label, width, n, size, split in cases:
+    for label, kind, width, n, size, split in cases:
         x = rng.random((n, 3, size, size), dtype=np.float32)
-        t = rng.integers(0, 10, n)
-        data = Dataset(x, t, 10, "random")
-        model = ResNet18(n_classes=10, in_channels=3, width=width)
+        if kind == "unet":  # per-pixel labels
+            t = rng.integers(0, 2, (n, size, size))
+            data = Dataset(x, t, 2, "random")
+            make = lambda: UNet(in_channels=3, n_classes=2, width=width, depth=3)  # noqa: E731
+        else:
+            t = rng.integers(0, 10, n)
+            data = Dataset(x, t, 10, "random")
+            make = lambda: ResNet18(n_classes=10, in_channels=3, width=width)  # noqa: E731
+        model = make()
         # the torch network starts from the same parameters as ours (the trainer replaces them)
-        torch_model = ResNet18(n_classes=10, in_channels=3, width=width)
+        torch_model = make()
         tr = Trainer(
             model,
             data,
@@ -180,7 +199,7 @@ def run_resnet(cases, steps, torch_ok):
             "step graph": tr.step_graph,
         }
         if torch_ok:
-            row["torch step s"] = torch_resnet_step(torch_model, x, t, steps)
+            row["torch step s"] = torch_step(torch_model, x, t, steps)
             row["ratio"] = row["dask_pconv step s"] / row["torch step s"]
         print(row, flush=True)
         rows.append(row)
@@ -251,7 +270,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="timed steps (ResNet) and runs (U-Net)")
     ap.add_argument("--quick", action="store_true", help="small widths and images: a dry run")
-    ap.add_argument("--only", choices=["resnet", "unet"], help="run one of the two benchmarks")
+    ap.add_argument(
+        "--only", choices=["steps", "unet"], help="run one of the two benchmarks: training steps or U-Net inference"
+    )
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch_ok = _have_torch()
@@ -267,8 +288,8 @@ def main(argv=None):
         ),
         connect(n_workers=2, threads_per_worker=1, dashboard_address=None),
     ):
-        resnet = [] if args.only == "unet" else run_resnet(resnet_cases, args.steps, torch_ok)
-        unet = [] if args.only == "resnet" else run_unet(unet_cases, args.steps, torch_ok)
+        resnet = [] if args.only == "unet" else run_steps(resnet_cases, args.steps, torch_ok)
+        unet = [] if args.only == "steps" else run_unet(unet_cases, args.steps, torch_ok)
     load.append(os.getloadavg()[0])
     table(resnet, RESNET_COLUMNS)
     print()
