@@ -24,6 +24,7 @@ before it, and no value is exchanged inside a stage.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..models.layers import BatchNorm, Need
@@ -196,22 +197,20 @@ class TileRegions:
             if any(lo >= hi for lo, hi in own[v]):
                 raise ValueError(f"a tile of {chunks} pixels on axis {a + 2} holds no pixel of node {v!r}: use larger tiles")
         windows, origin = {}, {}
+        full = {INPUT: L, **full}
         for s, spec in enumerate(plan.specs):
             if not spec.tiled:
                 continue
-            upto = [sp for sp in spans if plan.stage[sp[0]] <= s]
             members = [sp for sp in spans if plan.stage[sp[0]] == s]
+            stage = _Stage(members, spec.reads, scale, full, a)
             outs = [v for v in spec.carried] + [v for v in spec.names if v == plan.nodes[-1].name]
             for k in range(n):
-                w = self._window(upto, members, outs, scale, L, F, own, bounds[k], bounds[k + 1], k, a)
+                w, lw = stage.window(outs, own, k, bounds[k], bounds[k + 1])
                 windows[s, k] = w
-                lw = _lengths(upto, a, w[1] - w[0])
-                origin[s, k] = {
-                    v: (int(w[0] * scale[v]), lw[v]) for v in (*spec.reads, *spec.names)
-                }
+                origin[s, k] = {v: (int(w[0] * scale[v]), lw[v]) for v in (*spec.reads, *spec.names)}
                 for v, (o, m) in origin[s, k].items():
-                    limit = L if v == INPUT else full[v]
-                    assert 0 <= o and o + m <= limit, (v, o, m, limit)
+                    assert 0 <= o and o + m <= full[v], (v, o, m, full[v])
+        del full[INPUT]
         self.bounds.append(tuple(bounds))
         self.full.append(full)
         self.scale.append(scale)
@@ -219,20 +218,6 @@ class TileRegions:
         self.own.append(own)
         self.windows.append(windows)
         self.origin.append(origin)
-
-    @staticmethod
-    def _window(upto, members, outs, scale, L, F, own, lo, hi, k, axis):
-        a, b = lo, hi
-        while True:
-            left, right = _stage_ok(upto, members, outs, scale, L, own, a, b, k, axis)
-            if left and right:
-                return a, b
-            if a == 0 and b == L:
-                raise AssertionError(f"the whole axis does not compute tile {k} of {outs}")
-            if not left or b == L:
-                a = max(0, a - F)
-            if not right or a == 0:
-                b = min(L, b + F)
 
     # -- what the lowering asks ------------------------------------------------------------------
     def tiles(self):
@@ -311,27 +296,77 @@ class TileRegions:
         return held / whole - 1 if whole else 0.0
 
 
-def _stage_ok(upto, members, outs, scale, L, own, a, b, k, axis):
-    """Whether stage nodes ``members`` run on the window ``[a, b)`` of the input compute the
-    values ``outs`` on tile ``k``'s own regions exactly: ``(left_ok, right_ok)``."""
-    lw = _lengths(upto, axis, b - a)
-    if lw is None:
-        return False, False
-    need = {}
-    for u in outs:
-        off = int(a * scale[u])
-        o0, o1 = own[u][k][0] - off, own[u][k][1] - off
-        if not (0 <= o0 and o1 <= lw[u]):
-            return False, False
-        need[u] = (o0, o1)
-    for name, inputs, reach in reversed(members):
-        if name not in need:
-            continue
-        lo, hi = reach[axis].needs(*need[name])
-        for i in inputs:
-            need[i] = (min(lo, need[i][0]), max(hi, need[i][1])) if i in need else (lo, hi)
-    left = right = True
-    for name, (lo, hi) in need.items():
-        left &= a == 0 or lo >= 0
-        right &= b == L or hi <= lw[name]
-    return left, right
+class _Stage:
+    """One tiled stage's nodes along one axis, for the search of a tile's window: its own
+    alignment (what its nodes' strides and its values' scales need, not the whole network's,
+    so a stage at full resolution reads a halo of a pixel or two, not of the network's
+    alignment) and its nodes' lengths on a window of the values it reads."""
+
+    def __init__(self, members, reads, scale, full, axis):
+        self.members, self.reads, self.scale, self.full, self.axis = members, reads, scale, full, axis
+        align = 1
+        for v in (*reads, *(m[0] for m in members)):
+            align = math.lcm(align, scale[v].denominator)
+        for name, inputs, reach in members:
+            r = reach[axis]
+            if r.kind == "window":
+                align = math.lcm(align, (scale[inputs[0]] / r.stride).denominator)
+        self.align = align
+
+    def lengths(self, a, b):
+        """Each value's length (the reads' and the stage's nodes') on the input window
+        ``[a, b)``, or None where a node would be empty or meet inputs of different lengths."""
+        L = self.full[INPUT]
+        length = {}
+        for v in self.reads:
+            hi = self.full[v] if b == L else min(self.full[v], int(b * self.scale[v]))
+            length[v] = hi - int(a * self.scale[v])
+        for name, inputs, reach in self.members:
+            ins = {length[i] for i in inputs}
+            if len(ins) != 1:
+                return None
+            length[name] = reach[self.axis].length(ins.pop())
+            if length[name] < 1:
+                return None
+        return length
+
+    def window(self, outs, own, k, lo, hi):
+        """Tile ``k``'s input window ``(a, b)`` (grown from ``[lo, hi)`` by the stage's
+        alignment until the stage computes ``outs`` on the tile's own regions exactly) and the
+        values' lengths on it."""
+        L, F = self.full[INPUT], self.align
+        a, b = lo, hi
+        while True:
+            lw = self.lengths(a, b)
+            left, right = (False, False) if lw is None else self.exact(lw, outs, own, k, a)
+            if left and right:
+                return (a, b), lw
+            if a == 0 and b == L:
+                raise AssertionError(f"the whole axis does not compute tile {k} of {outs}")
+            if not left or b == L:
+                a = max(0, a - F)
+            if not right or a == 0:
+                b = min(L, b + F)
+
+    def exact(self, lw, outs, own, k, a):
+        """Whether the stage's run on the window starting at ``a`` (values' lengths ``lw``)
+        computes ``outs`` on tile ``k``'s own regions exactly: ``(left_ok, right_ok)``.  A
+        window edge is a true edge where the value's window starts at 0 or ends at the value's
+        end; a node may read past a true edge only (its padding is then the image's)."""
+        need, off = {}, {v: int(a * self.scale[v]) for v in lw}
+        for u in outs:
+            o0, o1 = own[u][k][0] - off[u], own[u][k][1] - off[u]
+            if not (0 <= o0 and o1 <= lw[u]):
+                return False, False
+            need[u] = (o0, o1)
+        for name, inputs, reach in reversed(self.members):
+            if name not in need:
+                continue
+            lo, hi = reach[self.axis].needs(*need[name])
+            for i in inputs:
+                need[i] = (min(lo, need[i][0]), max(hi, need[i][1])) if i in need else (lo, hi)
+        left = right = True
+        for name, (lo, hi) in need.items():
+            left &= off[name] == 0 or lo >= 0
+            right &= off[name] + lw[name] == self.full[name] or hi <= lw[name]
+        return left, right
