@@ -100,6 +100,7 @@ SPLITS = [
     ({"batch": 2, "spatial": (2, 2)}, "vgg16"),
     ({"batch": 2, "channel": 2}, "vgg16"),
     ({"batch": 2}, "residual"),
+    ({"batch": 2, "spatial": (2, 2)}, "residual"),
 ]
 _REFERENCE = {}
 
@@ -124,6 +125,7 @@ def test_step_bits_do_not_depend_on_the_layout_of_any_block(small_data, split, m
         (2, 5, {"batch": 2, "spatial": (2, 2)}, "vgg16"),
         (3, 3, {"batch": 3, "channel": 2}, "vgg16"),
         (2, 5, {"batch": 2}, "residual"),
+        (3, 3, {"spatial": (2, 2)}, "residual"),
     ],
     ids=str,
 )
@@ -133,3 +135,14 @@ def test_repeated_runs_on_a_cluster_are_bitwise_equal(small_data, n_workers, run
         results = [_steps(small_data, split, 2, model=model) for _ in range(runs)]
     for i, r in enumerate(results[1:], 2):
         _assert_same(results[0], r, f"run {i} of {runs} on {n_workers} workers, {split}")
+
+
+@pytest.mark.cluster
+def test_a_tiled_step_has_the_same_bits_on_one_and_three_workers(small_data):
+    """A program with branches on tiles: every sum over tiles and contributions runs in a fixed
+    order in one task, wherever the tiles' tasks ran."""
+    split, out = {"batch": 2, "spatial": (2, 2)}, []
+    for n in (1, 3):
+        with local_cluster(n_workers=n) as c, Client(c):
+            out.append(_steps(small_data, split, 2, model="residual"))
+    _assert_same(out[0], out[1], f"1 vs 3 workers, {split}")
