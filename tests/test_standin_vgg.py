@@ -160,9 +160,11 @@ def test_vgg16_training_step_on_the_device_in_other_splits(split):
     _run(SPLITS[split], steps=1)
 
 
-def test_resnet18_training_steps_stay_on_the_device():
-    """The staged step of a program with branches (dask_pconv.stages.step) on device blocks."""
-    _, tr, _ = _run({"batch": 2}, steps=2, model="resnet18")
+@pytest.mark.parametrize("split", [{"batch": 2}, {"spatial": (2, 2)}], ids=str)
+def test_resnet18_training_steps_stay_on_the_device(split):
+    """The staged step of a program with branches (dask_pconv.stages.step) on device blocks,
+    on batch chunks and on tiles (windows put together and contributions summed there)."""
+    _, tr, _ = _run(split, steps=2, model="resnet18")
     assert tr.step_graph == "stages"
 
 
