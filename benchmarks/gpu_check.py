@@ -22,7 +22,8 @@ the cuDNN block kernel and the baseline):
 
     The U-Net's ``predict`` on spatial tiles (the stages: one task per tile, each on its
     receptive field's window) against PyTorch's module on the whole image, on the same device;
-    and (in (a)) the staged predict on device blocks against NumPy blocks, float64.
+    and (in (a)) the staged predict and the staged training-mode forward_backward on tiles of
+    device blocks against NumPy blocks, float64.
 
 (c) On a cluster: a VGG16 training step, an evaluation and a checkpoint through
     ``connect(cuda=True)`` (dask-cuda's LocalCUDACluster), against the same on NumPy blocks.
@@ -260,6 +261,24 @@ def check_staged_predict(be, quick):
     ]
 
 
+def check_staged_tiled_step(be, quick):
+    """The U-Net's training-mode ``forward_backward`` as stages on tiles of device blocks
+    against the same on NumPy blocks (float64): loss and every gradient equal to 1e-8, the
+    gradients on the device."""
+    model = UNet(in_channels=1, n_classes=2, width=4, depth=2, dtype=np.float64, seed=1)
+    side = 32 if quick else 256
+    rng = np.random.default_rng(6)
+    x, t = rng.standard_normal((2, 1, side, side)), rng.integers(0, 2, (2, side, side))
+    chunks = (1, 1, side // 2 - 3, side // 2 + 5)  # tiles not aligned with the pools
+    want_loss, want = dask.compute(*model.forward_backward(da.from_array(x, chunks=chunks), t))
+    loss, grads = dask.compute(*model.forward_backward(be.blocks(x, chunks), t))
+    err = max([_rel_err(be.host(loss), want_loss)] + [_rel_err(be.host(grads[k]), want[k]) for k in want])
+    on_device = all(isinstance(g, be.array_type) for g in grads.values())
+    return [
+        {"check": f"U-Net forward_backward on tiles ({side}x{side})", "rel err": err, "ok": err <= TOL and on_device}
+    ]
+
+
 def time_unet_predict(be, quick, steps):
     """Seconds of the U-Net's staged ``predict`` on 2x2 tiles and PyTorch's module on the whole
     image, float32, on the blocks' device."""
@@ -480,6 +499,7 @@ def main(argv=None):
     print(f"blocks: {be.name} {be.info}; conv kernels: {', '.join(be.kernels())}", flush=True)
     with dask.config.set(scheduler="synchronous"):
         checks = check_ops(be, args.quick) + check_vgg(be, args.quick) + check_staged_predict(be, args.quick)
+        checks += check_staged_tiled_step(be, args.quick)
     checks += check_cluster(be, args.quick, out / "cluster-checkpoint")
     table(checks, ["check", "rel err", "ok"])
     with dask.config.set(scheduler="synchronous"):

@@ -25,7 +25,8 @@ def test_dry_run_with_numpy_blocks(tmp_path):
     ops = {"conv2d", "conv2d_vjp g_x", "conv2d_vjp g_w", "max_pool2d", "max_pool2d_vjp"}
     vgg = {"VGG16 step 1 loss", "VGG16 step 2 loss", "VGG16 parameters after 2 steps"}
     cluster = {"cluster: VGG16 step loss", "cluster: evaluate", "cluster: checkpoint parameters"}
-    assert ops | vgg | cluster | {"U-Net predict on tiles (64x64)"} == checks
+    unet_checks = {"U-Net predict on tiles (64x64)", "U-Net forward_backward on tiles (32x32)"}
+    assert ops | vgg | cluster | unet_checks == checks
     assert all(c["ok"] for c in out["checks"])
     assert {r["op"] for r in out["rows"] if "op" in r} == {"fwd", "fwd+bwd"}
     assert all(r["ours[numpy] s"] > 0 for r in out["rows"] if "op" in r)
