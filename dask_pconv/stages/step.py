@@ -181,9 +181,17 @@ class StepGraph(StageGraph):
         ctx = self.uctx.get((s, c, t))
         if ctx is None:
             base = self.ctxs[c]
-            kw = {} if self.regions is None else _geometry(self, s, t, base.n_total)
+            kw = {} if self.regions is None else self.geometry(s, t, base.n_total)
             ctx = self.uctx[s, c, t] = UnitCtx(base, base.offset, **kw)
         return ctx
+
+    def geometry(self, s, t, n_total):
+        """:func:`_geometry`, once per layout (the plan's regions keep it)."""
+        key = ("geometry", s, t, n_total, self.t.ndim)
+        memo = self.regions._memo
+        if key not in memo:
+            memo[key] = _geometry(self, s, t, n_total)
+        return memo[key]
 
     def border(self, s, c, u):
         """What the other blocks read of block ``(c, u)``'s stage ``s`` forward task: its
