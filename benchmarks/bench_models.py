@@ -271,7 +271,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps (ResNet) and runs (U-Net)")
     ap.add_argument("--quick", action="store_true", help="small widths and images: a dry run")
     ap.add_argument(
-        "--only", choices=["steps", "unet"], help="run one of the two benchmarks: training steps or U-Net inference"
+        "--only",
+        choices=["steps", "unet"],
+        help="run one of the two benchmarks: training steps or U-Net inference",
     )
     ap.add_argument("--json")
     args = ap.parse_args(argv)

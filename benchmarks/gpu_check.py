@@ -275,7 +275,11 @@ def check_staged_tiled_step(be, quick):
     err = max([_rel_err(be.host(loss), want_loss)] + [_rel_err(be.host(grads[k]), want[k]) for k in want])
     on_device = all(isinstance(g, be.array_type) for g in grads.values())
     return [
-        {"check": f"U-Net forward_backward on tiles ({side}x{side})", "rel err": err, "ok": err <= TOL and on_device}
+        {
+            "check": f"U-Net forward_backward on tiles ({side}x{side})",
+            "rel err": err,
+            "ok": err <= TOL and on_device,
+        }
     ]
 
 

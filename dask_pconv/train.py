@@ -18,11 +18,11 @@ import dask
 from .batching import check_split, chunk_batch
 from .checkpoint import Snapshot, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
-from .stages.step import unstaged
 from .loop import WorkerLossError, run_epochs
 from .optim import MomentumSGD
 from .placement import StepInputs
 from .report import LOG_KEYS, write_log
+from .stages.step import unstaged
 from .step import training_step
 
 __all__ = ["LOG_KEYS", "Trainer", "WorkerLossError", "load_checkpoint", "save_checkpoint"]

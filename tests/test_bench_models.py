@@ -1,6 +1,6 @@
 """``benchmarks/bench_models.py``: its quick run times staged ResNet-18 and tiled U-Net steps
-and a tiled U-Net prediction on a real cluster, and reports every column; without PyTorch it runs the same cases
-and leaves the PyTorch baselines out."""
+and a tiled U-Net prediction on a real cluster, and reports every column; without PyTorch it
+runs the same cases and leaves the PyTorch baselines out."""
 
 import json
 import os

@@ -16,8 +16,8 @@ import pytest
 
 import dask_pconv as dp
 from dask_pconv.data import chunk_batch, synthetic
-from dask_pconv.stages.step import unstaged
 from dask_pconv.optim import MomentumSGD
+from dask_pconv.stages.step import unstaged
 from dask_pconv.step import training_step
 from dask_pconv.train import Trainer
 

@@ -152,7 +152,10 @@ def test_training_on_batch_chunks_is_cut_before_each_batch_norm():
     assert "cut before 'block1_1.bn' (BatchNorm: a statistic over the whole batch)" in p.explain()
     r = plan(ResNet18(width=1 / 8).program, _layout((8, 3, 32, 32), (4, 3, 32, 32)), mode="train")
     text = r.explain()
-    assert "'layer2.0.bn1' (BatchNorm: a statistic over the whole batch), 'layer2.0.shortcut.1' (BatchNorm" in text
+    assert (
+        "'layer2.0.bn1' (BatchNorm: a statistic over the whole batch), 'layer2.0.shortcut.1' (BatchNorm"
+        in text
+    )
     starts_with_bn = Program(
         (Node("bn", layers_module.BatchNorm(2), ("input",)), Node("c", Conv2d(2, 2, 1), ("bn",)))
     )
@@ -168,9 +171,16 @@ def test_training_on_tiles_runs_tiled_stages_up_to_the_first_layer_that_needs_ev
     assert all(s.tiled for s in r.stages[:-1]) and not r.stages[-1].tiled
     assert [n.name for _, n in r.stages[-1].nodes][-2:] == ["flatten", "linear"]
     text = r.explain()
-    assert "'avgpool' (AdaptiveAvgPool2d: a statistic over the whole image, so whole images from here on)" in text
+    assert (
+        "'avgpool' (AdaptiveAvgPool2d: a statistic over the whole image, so whole images from here on)"
+        in text
+    )
     assert "2x2 tiles aligned to 8x8, holding" in text and "the halos' redundant work" in text
-    u = plan(UNet(in_channels=1, n_classes=2, width=2, depth=2).program, _layout((2, 1, 32, 32), (2, 1, 16, 16)), "train")
+    u = plan(
+        UNet(in_channels=1, n_classes=2, width=2, depth=2).program,
+        _layout((2, 1, 32, 32), (2, 1, 16, 16)),
+        "train",
+    )
     assert all(s.tiled for s in u.stages) and len(u.stages) == 11
 
 
@@ -326,7 +336,11 @@ def test_forward_backward_on_batch_chunks_is_the_steps_graph_without_the_update(
 
 TRAIN_ON_TILES = {
     # the issue's rows (fine-grained critical path before: 129 and 223)
-    "U-Net spatial 2x2": (lambda: UNet(in_channels=3, n_classes=3, width=4, depth=2), (4, 3, 64, 64), (4, 64, 64)),
+    "U-Net spatial 2x2": (
+        lambda: UNet(in_channels=3, n_classes=3, width=4, depth=2),
+        (4, 3, 64, 64),
+        (4, 64, 64),
+    ),
     "ResNet-18 spatial 2x2": (lambda: ResNet18(n_classes=10, width=1 / 8), (8, 3, 32, 32), (8,)),
     "VGG16 spatial 2x2": (lambda: VGG16(n_classes=10, width=1 / 16), (8, 3, 32, 32), (8,)),
 }

@@ -9,12 +9,9 @@ import pytest
 
 import dask_pconv as dp
 from dask_pconv.data import chunk_batch
-from dask_pconv.stages.step import unstaged
 from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import (
-    INPUT,
     VGG16,
-    Add,
     BatchNorm,
     Conv2d,
     Dropout,
@@ -22,12 +19,11 @@ from dask_pconv.models import (
     Linear,
     MaxPool2d,
     Model,
-    Node,
-    Program,
     ReLU,
     sequential,
 )
 from dask_pconv.optim import MomentumSGD
+from dask_pconv.stages.step import unstaged
 from dask_pconv.step import training_step
 
 from strategies import assert_close
@@ -212,7 +208,11 @@ def test_which_steps_are_staged():
         Conv2d(3, 2, 3, padding="same"),
         Conv2d(3, 2, (3, 3), padding=1),
     ):
-        m2 = Model(sequential(("c", conv), ("bn", BatchNorm(conv.out_channels)), ("f", Flatten()), ("l", Linear(1, 2))))
+        m2 = Model(
+            sequential(
+                ("c", conv), ("bn", BatchNorm(conv.out_channels)), ("f", Flatten()), ("l", Linear(1, 2))
+            )
+        )
         assert unstaged(m2, opt, m2.dask_params(), batch) is None
         assert unstaged(m2, opt, m2.dask_params(), tiles) is None
 

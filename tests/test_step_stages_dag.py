@@ -7,13 +7,10 @@ import numpy as np
 import optional
 import pytest
 
-from dask_pconv.stages.train_plan import step_plan
 from dask_pconv.data import chunk_batch
-from dask_pconv.stages.step import unstaged
 from dask_pconv.graphstats import graph_stats
 from dask_pconv.models import (
     INPUT,
-    VGG16,
     AdaptiveAvgPool2d,
     Add,
     AvgPool2d,
@@ -36,6 +33,8 @@ from dask_pconv.models import (
     Upsample,
 )
 from dask_pconv.optim import MomentumSGD
+from dask_pconv.stages.step import unstaged
+from dask_pconv.stages.train_plan import step_plan
 from dask_pconv.step import training_step
 
 RNG = np.random.default_rng(21)

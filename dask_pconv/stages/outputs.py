@@ -22,6 +22,7 @@ from .plan import read_whole, read_whole_below
 
 __all__ = ["StageGraph", "first_key", "mean_of", "pick", "running", "sgd_velocity"]
 
+
 def sgd_velocity(v, p, parts, momentum, lr, weight_decay, row=None):
     """Momentum SGD's new velocity (:func:`dask_pconv.optim.velocity`) from the gradient's
     per-chunk parts, summed in chunk order (``row`` of the sum: a BatchNorm's gradient sums
@@ -186,7 +187,9 @@ class StageGraph:
         key = (out,) + (0,) * len(like_shape)
         meta = self._metas.get((len(like_shape), dtype))
         if meta is None:
-            meta = self._metas[len(like_shape), dtype] = meta_from_array(self.x._meta, ndim=len(like_shape), dtype=dtype)
+            meta = self._metas[len(like_shape), dtype] = meta_from_array(
+                self.x._meta, ndim=len(like_shape), dtype=dtype
+            )
         self.outs[out] = ({key: value}, tuple((n,) for n in like_shape), meta, {k[0] for k in after})
         return key
 

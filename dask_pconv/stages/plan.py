@@ -38,7 +38,17 @@ from ..models.program import INPUT
 from ..models.tiling import plan_tiles
 from .train_plan import TileRegions, stage_numbers, step_plan
 
-__all__ = ["MODES", "Layout", "Plan", "Stage", "nodes_upto", "plan", "read_whole", "read_whole_below", "stage_numbers"]
+__all__ = [
+    "MODES",
+    "Layout",
+    "Plan",
+    "Stage",
+    "nodes_upto",
+    "plan",
+    "read_whole",
+    "read_whole_below",
+    "stage_numbers",
+]
 
 #: The modes a plan is made for: ``"predict"`` (evaluation mode forward: ``predict``,
 #: ``features``, evaluation, ``predict_to_zarr``) and ``"train"`` (a training step and

@@ -116,14 +116,18 @@ def _geometry(g, s, t, n_total):
     held = {v: g.held(s, t, v) for v in (*spec.reads, *spec.names) if v == INPUT or v in r.full[0]}
     kw["shapes"] = {v: tuple(hi - lo for lo, hi in reg) for v, reg in held.items()}
     if t is not None:
-        kw["crops"] = {v: _slices(g.own(v, t), held[v]) for v in (*spec.carried, *spec.stats_of, *spec.names[-1:])}
+        kw["crops"] = {
+            v: _slices(g.own(v, t), held[v]) for v in (*spec.carried, *spec.stats_of, *spec.names[-1:])
+        }
         kw["where"] = {
             i: (tuple(lo for lo, _ in held[n.name]), r.full_hw(n.name))
             for i, n in spec.nodes
             if isinstance(n.layer, Dropout)
         }
     kw["counts"] = {
-        n.name: n_total * int(np.prod(r.full_hw(n.inputs[0]))) for n in g.plan.finishes(s) if n.inputs[0] in r.full[0]
+        n.name: n_total * int(np.prod(r.full_hw(n.inputs[0])))
+        for n in g.plan.finishes(s)
+        if n.inputs[0] in r.full[0]
     }
     last = g.plan.nodes[-1].name
     if s == g.plan.last and g.t.ndim == 3 and last in r.full[0]:
@@ -140,7 +144,9 @@ class StepGraph(StageGraph):
         super().__init__(*args)
         self.plan = _plan_for(self.model, self.x)
         self.regions = self.plan.regions
-        self.fwd, self.stats, self.borders, self.bwd, self.sums, self.strips, self.pgrads = ({} for _ in range(7))
+        self.fwd, self.stats, self.borders, self.bwd, self.sums, self.strips, self.pgrads = (
+            {} for _ in range(7)
+        )
         self.uctx, self._params = {}, {}
 
     # -- where the blocks are ------------------------------------------------------------------
@@ -173,7 +179,9 @@ class StepGraph(StageGraph):
     def params(self, spec):
         keys = self._params.get(id(spec))
         if keys is None:
-            keys = self._params[id(spec)] = [self.key("param", n.full_name(k)) for _, n in spec.nodes for k in n.layer.params()]
+            keys = self._params[id(spec)] = [
+                self.key("param", n.full_name(k)) for _, n in spec.nodes for k in n.layer.params()
+            ]
         return keys
 
     def ctx(self, s, c, t):
@@ -198,7 +206,9 @@ class StepGraph(StageGraph):
         pieces for them (element 3)."""
         if (s, c, u) not in self.borders:
             nbytes = self.result_bytes_of(self.plan.specs[s], c, u)
-            self.borders[s, c, u] = self.shared("borders", self.ukey(s, c, u), self.fwd[s, c, u], (3,), nbytes)
+            self.borders[s, c, u] = self.shared(
+                "borders", self.ukey(s, c, u), self.fwd[s, c, u], (3,), nbytes
+            )
         return self.borders[s, c, u]
 
     def strip(self, s, c, u):
@@ -298,10 +308,19 @@ class StepGraph(StageGraph):
             for c, t in self.units(s):
                 ctx = self.ctx(s, c, t)
                 contributions = [
-                    [v, f"{later}/{v}", self.back_parts(ctx, s, c, t, v, later, v)] for v, later in contributors
+                    [v, f"{later}/{v}", self.back_parts(ctx, s, c, t, v, later, v)]
+                    for v, later in contributors
                 ]
                 finishes = [self.finish(ctx, s, c, t, n) for n in finishing]
-                value = (unit_backward, spec, self.fwd[s, c, t], contributions, finishes, self.params(spec), ctx)
+                value = (
+                    unit_backward,
+                    spec,
+                    self.fwd[s, c, t],
+                    contributions,
+                    finishes,
+                    self.params(spec),
+                    ctx,
+                )
                 self.bwd[s, c, t] = self.task("bwd", *self.ukey(s, c, t), value=value)
                 self.exchange(s, c, t)
 

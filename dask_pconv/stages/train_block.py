@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_namespace
-from ..kernels import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, combine_stats, canonical
+from ..kernels import bn_backward, bn_backward_partial, bn_forward, bn_partial_stats, canonical, combine_stats
 from ..models.layers import BatchNorm
 from ..models.program import INPUT
 from .block import Ctx, loss_block, named, node_backward, node_forward, sum_parts
@@ -103,7 +103,9 @@ def _forward(spec, reads, stats_parts, params, ctx):
 
 
 def _exports(own, ctx):
-    return {r: {v: canonical(own[v][(*_ALL, *src)]) for v, src in pieces} for r, pieces in ctx.exports.items()}
+    return {
+        r: {v: canonical(own[v][(*_ALL, *src)]) for v, src in pieces} for r, pieces in ctx.exports.items()
+    }
 
 
 def unit_forward(spec, reads, stats_parts, flat_params, ctx):
@@ -202,7 +204,11 @@ def unit_backward(spec, fwd, contributions, finishes, flat_params, ctx):
         stats = combine_stats(list(stats_parts))
         y = bn_forward(h, stats, gamma, beta, layer.eps, layer.relu)
         count = ctx.counts.get(node.name) or ctx.n_total * int(np.prod(h.shape[2:]))
-        _add(g_own, node.inputs[0], bn_backward(h, y, g, stats, sum_parts(sums_parts), gamma, count, layer.eps, layer.relu, True))
+        _add(
+            g_own,
+            node.inputs[0],
+            bn_backward(h, y, g, stats, sum_parts(sums_parts), gamma, count, layer.eps, layer.relu, True),
+        )
     saved = {k: list(v) for k, v in saved_fwd.items()}  # popped here: the task's input stays whole
     g_out = {}
     for v, g in g_own.items():

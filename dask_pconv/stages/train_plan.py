@@ -101,7 +101,9 @@ class StepPlan:
             bn_read = [v for v in names if any(isinstance(r.layer, BatchNorm) for r in self.readers[v])]
             later = [v for v in names if v != INPUT and any(stage[r.name] > s for r in self.readers[v])]
             tiled = tiles and (self.whole is None or s < self.whole)
-            self.specs.append(StageSpec(members, tuple(sorted(reads, key=self.order)), tuple(bn_read), tuple(later), tiled))
+            self.specs.append(
+                StageSpec(members, tuple(sorted(reads, key=self.order)), tuple(bn_read), tuple(later), tiled)
+            )
         self.regions = TileRegions(self, chunks_hw) if tiles else None
 
     def order(self, name):
@@ -134,7 +136,11 @@ class StepPlan:
         for later in range(s + 1, self.last + 1):
             for v in self.specs[later].reads:
                 readers = [r for r in self.readers[v] if self.stage[r.name] == later]
-                if v != INPUT and self.stage[v] == s and any(not isinstance(r.layer, BatchNorm) for r in readers):
+                if (
+                    v != INPUT
+                    and self.stage[v] == s
+                    and any(not isinstance(r.layer, BatchNorm) for r in readers)
+                ):
                     out.append((v, later))
         return out
 
@@ -164,7 +170,9 @@ class TileRegions:
         for n in tiled_nodes:
             reach = n.layer.reach()
             if reach is None:
-                raise ValueError(f"node {n.name!r} ({type(n.layer).__name__}) reads its whole input on a tile")
+                raise ValueError(
+                    f"node {n.name!r} ({type(n.layer).__name__}) reads its whole input on a tile"
+                )
             spans.append((n.name, n.inputs, reach))
         self.bounds, self.full, self.scale, self.align = [], [], [], []
         self.own, self.windows, self.origin = [], [], []
@@ -186,7 +194,9 @@ class TileRegions:
                 bounds.append(b)
         bounds.append(L)
         if len(bounds) == 2 and len(chunks) > 1:
-            raise ValueError(f"tiles of {chunks} pixels on axis {a + 2} are smaller than the network's alignment {F}")
+            raise ValueError(
+                f"tiles of {chunks} pixels on axis {a + 2} are smaller than the network's alignment {F}"
+            )
         n = len(bounds) - 1
         own = {INPUT: tuple((bounds[k], bounds[k + 1]) for k in range(n))}
         for v in scale:
@@ -195,7 +205,10 @@ class TileRegions:
             cuts = [min(full[v], int(b * scale[v])) for b in bounds[:-1]] + [full[v]]
             own[v] = tuple((cuts[k], cuts[k + 1]) for k in range(n))
             if any(lo >= hi for lo, hi in own[v]):
-                raise ValueError(f"a tile of {chunks} pixels on axis {a + 2} holds no pixel of node {v!r}: use larger tiles")
+                raise ValueError(
+                    f"a tile of {chunks} pixels on axis {a + 2} holds no pixel of node {v!r}: "
+                    "use larger tiles"
+                )
         windows, origin = {}, {}
         full = {INPUT: L, **full}
         for s, spec in enumerate(plan.specs):
@@ -252,9 +265,13 @@ class TileRegions:
         key = ("overlap", src, dst)
         if key not in self._memo:
             ov = [_interval_overlap(src[a], dst[a]) for a in range(2)]
-            self._memo[key] = None if None in ov else (
-                tuple(slice(o[0] - s[0], o[1] - s[0]) for o, s in zip(ov, src)),
-                tuple(slice(o[0] - d[0], o[1] - d[0]) for o, d in zip(ov, dst)),
+            self._memo[key] = (
+                None
+                if None in ov
+                else (
+                    tuple(slice(o[0] - s[0], o[1] - s[0]) for o, s in zip(ov, src)),
+                    tuple(slice(o[0] - d[0], o[1] - d[0]) for o, d in zip(ov, dst)),
+                )
             )
         return self._memo[key]
 
@@ -307,7 +324,7 @@ class _Stage:
         align = 1
         for v in (*reads, *(m[0] for m in members)):
             align = math.lcm(align, scale[v].denominator)
-        for name, inputs, reach in members:
+        for _, inputs, reach in members:
             r = reach[axis]
             if r.kind == "window":
                 align = math.lcm(align, (scale[inputs[0]] / r.stride).denominator)
