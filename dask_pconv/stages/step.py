@@ -137,6 +137,21 @@ def _geometry(g, s, t, n_total):
     return kw
 
 
+def _input_parts(x, ctx, c, held):
+    """The keys of batch chunk ``c``'s blocks of ``x`` that the region ``held`` of the input
+    overlaps (None: the chunk's one block); their placements go into ``ctx``."""
+    if held is None or (x.numblocks[2:] == (1, 1) and held == tuple((0, sum(ch)) for ch in x.chunks[2:])):
+        ctx.placements[INPUT] = [(None, None)]
+        return [(x.name, c, 0, 0, 0)]
+    parts, places = [], []
+    for bi, rs, rd in _pieces(held[0], x.chunks[2]):
+        for bj, cs, cd in _pieces(held[1], x.chunks[3]):
+            parts.append((x.name, c, 0, bi, bj))
+            places.append(((rs, cs), (rd, cd)))
+    ctx.placements[INPUT] = places
+    return parts
+
+
 class StepGraph(StageGraph):
     """The tasks of one staged step, built stage by stage into ``self.dsk``."""
 
@@ -226,7 +241,7 @@ class StepGraph(StageGraph):
         spec, ctx, out = self.plan.specs[s], self.ctx(s, c, t), []
         for v in spec.reads:
             if v == INPUT:
-                out.append(self.input_parts(ctx, c, self.held(s, t, v)))
+                out.append(_input_parts(self.x, ctx, c, self.held(s, t, v)))
                 continue
             sv = self.plan.stage[v]
             if not self.plan.specs[sv].tiled:  # whole images: the block's own value
@@ -249,19 +264,6 @@ class StepGraph(StageGraph):
             ctx.placements[v] = places
             out.append(parts)
         return out
-
-    def input_parts(self, ctx, c, held):
-        x = self.x
-        if held is None or (x.numblocks[2:] == (1, 1) and held == self._image()):
-            ctx.placements[INPUT] = [(None, None)]
-            return [(x.name, c, 0, 0, 0)]
-        parts, places = [], []
-        for bi, rs, rd in _pieces(held[0], x.chunks[2]):
-            for bj, cs, cd in _pieces(held[1], x.chunks[3]):
-                parts.append((x.name, c, 0, bi, bj))
-                places.append(((rs, cs), (rd, cd)))
-        ctx.placements[INPUT] = places
-        return parts
 
     def stats_parts(self, spec):
         """Per node of the stage, for BatchNorms: every block's partial statistics of its input."""
