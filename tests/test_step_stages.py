@@ -49,9 +49,9 @@ def _odd_program():
 
 
 def _tiled_program():
-    """Tiles fit: "same" convolutions, two in one stage (a halo of two convolutions), bias, a
-    ReLU of its own, dropout before and after pooling, a pool in the stage that gathers the
-    tiles, a 2-D BatchNorm."""
+    """For tiles: two convolutions in one stage (a halo of two convolutions), bias, a ReLU of
+    its own, dropout before and after pooling, a pool in the stage that puts the tiles
+    together, a 2-D BatchNorm."""
     return sequential(
         ("conv", Conv2d(3, 5, 3, padding=1, bias=True)),
         ("relu", ReLU()),
