@@ -18,6 +18,7 @@ import dask
 from .batching import check_split, chunk_batch
 from .checkpoint import Snapshot, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate
+from .graphstats import optimized_graph
 from .loop import WorkerLossError, run_epochs
 from .optim import MomentumSGD
 from .placement import StepInputs
@@ -254,9 +255,4 @@ def _count_tasks(collections):
     task chains is left out: which chains it fuses changes from graph to graph of the same
     structure (seen with channel splits: 4 tasks in 1,500 up or down from step to step), and the
     aliases it leaves for staged keys are no tasks."""
-    from dask.highlevelgraph import HighLevelGraph
-
-    flat = [c for group in collections for c in (group.values() if isinstance(group, dict) else [group])]
-    with dask.config.set({"optimization.fuse.active": False}):
-        graphs = [c.__dask_graph__() for c in dask.optimize(*flat)]
-    return len(HighLevelGraph.merge(*graphs).to_dict()) if graphs else 0
+    return len(optimized_graph(collections))
