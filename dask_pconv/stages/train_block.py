@@ -29,6 +29,7 @@ from ..kernels import bn_backward, bn_backward_partial, bn_forward, bn_partial_s
 from ..models.layers import BatchNorm
 from ..models.program import INPUT
 from .block import Ctx, loss_block, named, node_backward, node_forward, sum_parts
+from .lower import _window
 
 __all__ = ["UnitCtx", "unit_backward", "unit_forward", "unit_last"]
 
@@ -85,11 +86,7 @@ def _assemble(v, parts, ctx):
     places = ctx.placements[v]
     if places[0][0] is None:
         return parts[0]
-    first = parts[0]
-    out = array_namespace(first).empty((*first.shape[:2], *ctx.shapes[v]), dtype=first.dtype)
-    for block, (src, dst) in zip(parts, places):
-        out[(*_ALL, *dst)] = block[(*_ALL, *src)]
-    return out
+    return _window(parts, places, (*parts[0].shape[:2], *ctx.shapes[v]))
 
 
 def _forward(spec, reads, stats_parts, params, ctx):

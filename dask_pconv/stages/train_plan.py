@@ -278,24 +278,6 @@ class TileRegions:
     def full_hw(self, v):
         return tuple(self.full[a][v] for a in range(2))
 
-    def pieces(self, src_region, dst_region, units):
-        """``[(unit, source slices, destination slices)]``: the parts of ``src_region(unit)``
-        for each unit that fall in ``dst_region``, in ``units``' order."""
-        out = []
-        for u in units:
-            src = src_region(u)
-            ov = [_interval_overlap(src[a], dst_region[a]) for a in range(2)]
-            if None in ov:
-                continue
-            out.append(
-                (
-                    u,
-                    tuple(slice(o[0] - s[0], o[1] - s[0]) for o, s in zip(ov, src)),
-                    tuple(slice(o[0] - d[0], o[1] - d[0]) for o, d in zip(ov, dst_region)),
-                )
-            )
-        return out
-
     def redundancy(self, s):
         """How many more pixels of its reads stage ``s``'s tiles hold than the values have (the
         halos' redundant work), as a fraction."""
