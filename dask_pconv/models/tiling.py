@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from .program import INPUT
 
-__all__ = ["AxisTiles", "TilePlan", "plan_tiles"]
+__all__ = ["AxisTiles", "TilePlan", "grow_window", "plan_tiles"]
 
 
 class AxisTiles(NamedTuple):
@@ -147,6 +147,23 @@ def _window_ok(nodes, axis, out, scale_out, length, a, b, o0, o1):
     return left, right
 
 
+def grow_window(exact, a, b, length, align, what):
+    """The window ``[a, b)`` grown by ``align`` on the side(s) ``exact(a, b)`` (``(left_ok,
+    right_ok)``) says are spoilt, until both are exact; at the axis's end a side can grow no
+    more and the other grows instead.  ``what`` names what the window computes, for the error
+    if even the whole axis does not."""
+    while True:
+        left, right = exact(a, b)
+        if left and right:
+            return a, b
+        if a == 0 and b == length:
+            raise AssertionError(f"the whole axis does not compute {what}")
+        if not left or b == length:
+            a = max(0, a - align)
+        if not right or a == 0:
+            b = min(length, b + align)
+
+
 def _plan_axis(nodes, axis, out, length, tile):
     scale, align = _scales(nodes, axis)
     full = _lengths(nodes, axis, length)
@@ -160,16 +177,14 @@ def _plan_axis(nodes, axis, out, length, tile):
         r0, r1 = _needs(nodes, axis, out, o0, o1)[INPUT]
         a = max(0, r0 // align * align)
         b = min(length, a + -(-(r1 - a) // align) * align)
-        while True:
-            left, right = _window_ok(nodes, axis, out, scale[out], length, a, b, o0, o1)
-            if left and right:
-                break
-            if a == 0 and b == length:
-                raise AssertionError(f"the whole axis does not compute outputs [{o0}, {o1}) of node {out!r}")
-            if not left or b == length:
-                a = max(0, a - align)
-            if not right or a == 0:
-                b = min(length, b + align)
+        a, b = grow_window(
+            lambda a, b, o0=o0, o1=o1: _window_ok(nodes, axis, out, scale[out], length, a, b, o0, o1),
+            a,
+            b,
+            length,
+            align,
+            f"outputs [{o0}, {o1}) of node {out!r}",
+        )
         off = int(a * scale[out])
         outputs.append((o0, o1))
         windows.append((a, b))

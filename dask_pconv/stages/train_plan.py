@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..models.layers import BatchNorm, Need
 from ..models.program import INPUT
-from ..models.tiling import _lengths, _scales
+from ..models.tiling import _lengths, _scales, grow_window
 
 __all__ = ["StageSpec", "StepPlan", "TileRegions", "stage_numbers", "step_plan"]
 
@@ -333,19 +333,13 @@ class _Stage:
         """Tile ``k``'s input window ``(a, b)`` (grown from ``[lo, hi)`` by the stage's
         alignment until the stage computes ``outs`` on the tile's own regions exactly) and the
         values' lengths on it."""
-        L, F = self.full[INPUT], self.align
-        a, b = lo, hi
-        while True:
+
+        def exact(a, b):
             lw = self.lengths(a, b)
-            left, right = (False, False) if lw is None else self.exact(lw, outs, own, k, a)
-            if left and right:
-                return (a, b), lw
-            if a == 0 and b == L:
-                raise AssertionError(f"the whole axis does not compute tile {k} of {outs}")
-            if not left or b == L:
-                a = max(0, a - F)
-            if not right or a == 0:
-                b = min(L, b + F)
+            return (False, False) if lw is None else self.exact(lw, outs, own, k, a)
+
+        a, b = grow_window(exact, lo, hi, self.full[INPUT], self.align, f"tile {k} of {outs}")
+        return (a, b), self.lengths(a, b)
 
     def exact(self, lw, outs, own, k, a):
         """Whether the stage's run on the window starting at ``a`` (values' lengths ``lw``)
